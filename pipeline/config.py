@@ -1,0 +1,242 @@
+"""Job configuration: one pydantic model per stage, composed into ``JobConfig``.
+
+Every model forbids unknown keys, so a typo fails before any work starts with a message that
+names the key path (torchtune ``_parse.py`` habit: YAML + ``a.b=c`` overrides, validated up front).
+Stage builders take only their own sub-config.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+STAGES = ("extract", "train", "evaluate", "export")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(_Strict):
+    """Where everything is written: an fsspec URL (local path, file://, s3://...)."""
+    url: str = "runs/default"
+    options: dict[str, Any] = Field(default_factory=dict,
+                                    description="fsspec storage options, e.g. endpoint_url/key/secret for s3")
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(None, description="None: $RAY_ADDRESS if set, else start a local cluster")
+    num_cpus: int | None = None
+    num_gpus: int | None = None
+    object_store_memory: int | None = Field(None, description="bytes; only for a local cluster")
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+
+
+class SourcesConfig(_Strict):
+    """Which videos: a directory/prefix listed through fsspec, or a manifest file."""
+    uri: str = Field("samples", description="directory or fsspec prefix; 'samples' = bundled sample videos")
+    manifest: str | None = Field(None, description="CSV/JSONL/Parquet with path,label[,split]")
+    extensions: list[str] = Field(default_factory=lambda: ["mp4", "webm", "mkv", "avi", "mov"])
+    labels: Literal["parent", "none", "manifest"] = "parent"
+    val_fraction: float = Field(0.25, ge=0.0, lt=1.0)
+    seed: int = 0
+    limit: int | None = Field(None, ge=1)
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class DecodeConfig(_Strict):
+    """One decode per clip serves all four models: a window of ``window`` frames taken every
+    ``stride`` source frames, resized so the short side is ``short_side``."""
+    window: int = Field(32, ge=1)
+    stride: int = Field(2, ge=1)
+    clips_per_video: int = Field(2, ge=1)
+    short_side: int = Field(256, ge=16)
+    short_video: Literal["fail", "pad", "loop"] = Field(
+        "fail", description="a video shorter than one window: fail it (recorded), pad with the last frame, or loop")
+    num_threads: int = Field(1, ge=1, description="decord threads per reader; parallelism comes from Ray")
+
+
+class ModelSpec(_Strict):
+    """One backbone. ``source``: a hub id, a local or s3 directory from save_pretrained."""
+    source: str
+    revision: str | None = None
+
+
+class ModelsConfig(_Strict):
+    weights: Literal["pretrained", "random", "tiny"] = Field(
+        "pretrained", description="pretrained: from_pretrained(source); random: full-size config, random init; "
+        "tiny: tiny configs of the same classes (tests, smoke)")
+    student: ModelSpec = ModelSpec(source="facebook/vjepa2-vitl-fpc64-256")
+    videomae: ModelSpec = ModelSpec(source="MCG-NJU/videomae-base")
+    timesformer: ModelSpec = ModelSpec(source="facebook/timesformer-base-finetuned-k400")
+    vivit: ModelSpec = ModelSpec(source="google/vivit-b-16x2-kinetics400")
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    compile: list[str] = Field(default_factory=list, description="model names to torch.compile")
+    seed: int = 0
+
+
+class ExtractConfig(_Strict):
+    store: str = Field("features", description="feature store name under <storage>/features/")
+    batch_size: int = Field(32, ge=1)
+    model_actors: int | None = Field(None, ge=1, description="None: one per GPU (one on CPU)")
+    gpus_per_actor: float = Field(1.0, ge=0.0)
+    cpus_per_actor: float = Field(1.0, ge=0.0)
+    cpus_per_decoder: float = Field(1.0, gt=0.0)
+    decoders: int | None = Field(None, ge=1, description="None: sized to the cluster's CPUs")
+    shard_clips: int = Field(256, ge=1, description="clips per Parquet shard")
+    out_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    grad_clip: float | None = 1.0
+
+
+class LossConfig(_Strict):
+    w_cos: float = Field(1.0, ge=0)
+    w_sl1: float = Field(1.0, ge=0)
+    target_weights: dict[str, float] = Field(default_factory=dict, description="default 1.0 per target")
+    w_head: float = Field(1.0, ge=0)
+
+
+class DeficiencyConfig(_Strict):
+    """Representation-deficiency regularisers; each weight warms up from 0 over warmup_steps."""
+    rank: int | None = Field(None, ge=1, description="low-rank bottleneck rank of the input projection")
+    w_nuclear: float = Field(0.0, ge=0)
+    mask_ratio: float = Field(0.0, ge=0, lt=1)
+    w_selection: float = Field(0.0, ge=0)
+    w_jacobian: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+
+
+class HeadConfig(_Strict):
+    enabled: bool = True
+    hidden: int = Field(256, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class TrainConfig(_Strict):
+    converter: str = "baseline_interp_linear"
+    converter_kwargs: dict[str, Any] = Field(default_factory=dict)
+    head: HeadConfig = HeadConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    deficiency: DeficiencyConfig = DeficiencyConfig()
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(8, ge=1, description="per worker")
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0)
+    max_failures: int = Field(1, ge=0)
+    seed: int = 0
+    warm_start: bool = Field(True, description="start from the current `latest` export when one exists")
+
+
+class EvaluateConfig(_Strict):
+    split: str = "val"
+    batch_size: int = Field(8, ge=1)
+    report_html: bool = True
+
+
+class ExportConfig(_Strict):
+    model_name: str = "tokconv"
+    version: str | None = Field(None, description="None: a UTC timestamp")
+    metric: str = Field("mean_cosine", description="evaluation metric that decides promotion to `latest`")
+    higher_is_better: bool = True
+    torchscript: bool = False
+
+
+class JobConfig(_Strict):
+    name: str = "job"
+    stages: list[Literal["extract", "train", "evaluate", "export"]] = Field(default_factory=lambda: list(STAGES))
+    storage: StorageConfig = StorageConfig()
+    ray: RayConfig = RayConfig()
+    sources: SourcesConfig = SourcesConfig()
+    decode: DecodeConfig = DecodeConfig()
+    models: ModelsConfig = ModelsConfig()
+    extract: ExtractConfig = ExtractConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
+
+    @field_validator("stages")
+    @classmethod
+    def _stages_in_order(cls, v: list[str]) -> list[str]:
+        return [s for s in STAGES if s in v]
+
+    @model_validator(mode="after")
+    def _check_train_converter(self):
+        from tokconv.registry import is_converter, list_converters
+        if not is_converter(self.train.converter):
+            raise ValueError(f"train.converter: unknown converter {self.train.converter!r}; "
+                             f"known: {', '.join(list_converters())}")
+        return self
+
+
+class ConfigError(ValueError):
+    """A job file or override that does not validate; the message names the key path."""
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        key, _, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key segment")
+        node = data
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {key}: {p!r} is not a mapping")
+            node = nxt
+        node[parts[-1]] = _parse_scalar(raw)
+    return data
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid job config ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {loc}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden"
+                                          and not isinstance(e.get("input"), dict) else ""))
+    return "\n".join(lines)
+
+
+def validate(data: dict, source: str = "<dict>") -> JobConfig:
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_job(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
+    """Read a job YAML (its shebang line is a YAML comment), apply overrides, validate."""
+    data: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"job file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"job file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"job file {path}: top level must be a mapping, got {type(data).__name__}")
+    apply_overrides(data, list(overrides))
+    return validate(data, source)

@@ -1,0 +1,1 @@
+"""Converter designs; importing this package registers every preset."""
