@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 STAGES = ("extract", "train", "evaluate", "export")
 
@@ -136,6 +136,14 @@ class TrainConfig(_Strict):
     seed: int = 0
     warm_start: bool = Field(True, description="start from the current `latest` export when one exists")
 
+    @field_validator("converter")
+    @classmethod
+    def _known_converter(cls, v: str) -> str:
+        from tokconv.registry import is_converter, list_converters
+        if not is_converter(v):
+            raise ValueError(f"unknown converter {v!r}; known: {', '.join(list_converters())}")
+        return v
+
 
 class EvaluateConfig(_Strict):
     split: str = "val"
@@ -169,13 +177,6 @@ class JobConfig(_Strict):
     def _stages_in_order(cls, v: list[str]) -> list[str]:
         return [s for s in STAGES if s in v]
 
-    @model_validator(mode="after")
-    def _check_train_converter(self):
-        from tokconv.registry import is_converter, list_converters
-        if not is_converter(self.train.converter):
-            raise ValueError(f"train.converter: unknown converter {self.train.converter!r}; "
-                             f"known: {', '.join(list_converters())}")
-        return self
 
 
 class ConfigError(ValueError):
