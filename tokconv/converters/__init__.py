@@ -1,1 +1,2 @@
 """Converter designs; importing this package registers every preset."""
+from .base import Converter, build_preset, count_params, param_budget  # noqa: F401
