@@ -1,0 +1,211 @@
+"""Evaluate stage: fidelity of the trained converter per teacher target, head accuracy, and cost.
+
+Reads the checkpoint named by ``runs/<job>/train.json`` and the held-out split of the feature
+store (plain pyarrow reader, no Ray). Writes under the storage root::
+
+    runs/<job>/eval/metrics.json          metrics (below)
+    runs/<job>/eval/sample.safetensors    reference I/O: "student" (k, N, Ds) input, "out.<target>"
+                                          outputs and "logits" of the evaluated model on k clips
+    runs/<job>/eval/report.html           plots (optional; needs matplotlib)
+
+Fidelity is measured in the standardised teacher space the converter learns (store mean/std):
+mean per-token cosine, MSE, and pooled R^2 = 1 - SSE / SST with SST about the split's own
+per-channel mean.
+"""
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import statistics
+import tempfile
+import time
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import JobConfig
+from .featurestore import FeatureStore
+from .storage import Storage
+from .train import load_trained, stats_tensors
+
+SAMPLE_CLIPS = 2
+
+
+class FidelityMeter:
+    """Streaming cosine / MSE / R^2 of predictions vs. targets for one token layout.
+
+    update(pred (B, N, D), target (B, N, D)); compute() -> {"cosine", "mse", "r2"}.
+    Accumulates in float64 so the result does not depend on batch boundaries beyond rounding.
+    """
+
+    def __init__(self, dim: int):
+        self.dim = dim
+        self.clips = 0
+        self.cos_sum = 0.0
+        self.sse = 0.0
+        self.n = 0  # token count (per channel)
+        self.sum_y = torch.zeros(dim, dtype=torch.float64)
+        self.sum_y2 = torch.zeros(dim, dtype=torch.float64)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        if pred.shape != target.shape or pred.shape[-1] != self.dim:
+            raise ValueError(f"FidelityMeter: pred {tuple(pred.shape)} vs target {tuple(target.shape)} "
+                             f"(dim {self.dim})")
+        p, t = pred.detach().double().cpu(), target.detach().double().cpu()
+        self.cos_sum += F.cosine_similarity(p, t, dim=-1).mean(dim=1).sum().item()
+        self.clips += p.shape[0]
+        self.sse += (p - t).pow(2).sum().item()
+        flat = t.reshape(-1, self.dim)
+        self.n += flat.shape[0]
+        self.sum_y += flat.sum(0)
+        self.sum_y2 += flat.pow(2).sum(0)
+
+    def compute(self) -> dict[str, float]:
+        if self.clips == 0:
+            raise ValueError("FidelityMeter.compute: no clips seen")
+        sst = (self.sum_y2 - self.sum_y.pow(2) / self.n).sum().item()
+        return {"cosine": self.cos_sum / self.clips,
+                "mse": self.sse / (self.n * self.dim),
+                "r2": 1.0 - self.sse / sst if sst > 0 else float("nan")}
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
+    """Number of labelled rows (label >= 0) whose label is among the top-k logits, per k
+    (k is capped at the number of classes)."""
+    ok = labels >= 0
+    logits, labels = logits[ok], labels[ok]
+    out = {}
+    for k in ks:
+        kk = min(k, logits.shape[1])
+        top = logits.topk(kk, dim=1).indices
+        out[k] = int((top == labels[:, None]).any(dim=1).sum().item())
+    return out
+
+
+def gflops_per_clip(converter: nn.Module, student_shape: tuple[int, int]) -> float:
+    """FLOPs (2 per multiply-add, torch.utils.flop_counter) of forward_all on one clip, in GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.zeros(1, *student_shape)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        converter.forward_all(x)
+    return counter.get_total_flops() / 1e9
+
+
+def latency_ms(converter: nn.Module, student_shape: tuple[int, int], repeats: int = 5) -> float:
+    """Median wall time of forward_all on one clip (after one warm-up run), in ms."""
+    x = torch.randn(1, *student_shape)
+    times = []
+    with torch.no_grad():
+        converter.forward_all(x)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            converter.forward_all(x)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def evaluate_model(converter: nn.Module, head: nn.Module | None, batches: Iterable[dict[str, torch.Tensor]],
+                   *, mean: dict[str, torch.Tensor], std: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """Run ``converter`` (+ ``head``) over ``batches`` ({"student": (B,N,Ds), <target>: (B,Nt,Dt),
+    "label_index": (B,)}); returns (metrics, sample) where sample holds the reference I/O of the
+    first ``SAMPLE_CLIPS`` clips."""
+    from tokconv.losses import standardize
+    converter.eval()
+    if head is not None:
+        head.eval()
+    targets = list(mean)
+    meters: dict[str, FidelityMeter] = {}
+    correct = {1: 0, 5: 0}
+    labelled = clips = 0
+    sample: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for batch in batches:
+            x = batch["student"].float()
+            out = converter.forward_all(x)
+            for t in targets:
+                teach = standardize(batch[t].float(), mean[t], std[t])
+                meters.setdefault(t, FidelityMeter(teach.shape[-1])).update(out[t], teach)
+            labels = batch["label_index"].long()
+            if head is not None:
+                for k, v in topk_correct(head(x, out), labels).items():
+                    correct[k] += v
+            labelled += int((labels >= 0).sum())
+            clips += x.shape[0]
+            if not sample:  # its own forward on exactly these inputs, so a consumer can redo it
+                xs = x[:SAMPLE_CLIPS].contiguous()
+                outs = converter.forward_all(xs)
+                sample = {"student": xs, **{f"out.{t}": outs[t].contiguous() for t in targets}}
+                if head is not None:
+                    sample["logits"] = head(xs, outs).contiguous()
+    if clips == 0:
+        raise ValueError("evaluate: the split has no clips")
+    per_target = {t: m.compute() for t, m in meters.items()}
+    metrics: dict[str, Any] = {
+        "clips": clips, "targets": per_target,
+        "mean_cosine": statistics.fmean(v["cosine"] for v in per_target.values()),
+        "mean_mse": statistics.fmean(v["mse"] for v in per_target.values()),
+        "mean_r2": statistics.fmean(v["r2"] for v in per_target.values()),
+        "labelled_clips": labelled,
+        "top1": correct[1] / labelled if head is not None and labelled else None,
+        "top5": correct[5] / labelled if head is not None and labelled else None,
+    }
+    return metrics, sample
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and raw bytes (bit-exact comparison key)."""
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_evaluate(job: JobConfig, storage: Storage) -> dict[str, Any]:
+    """Evaluate the trained converter + head on ``job.evaluate.split``; writes metrics.json."""
+    from safetensors.torch import save
+
+    store = FeatureStore(storage, job.extract.store)
+    with tempfile.TemporaryDirectory() as tmp:
+        converter, head, info = load_trained(job, storage, tmp)
+    targets = list(converter.config["targets"])
+    mean, std = stats_tensors(store.stats(), targets)
+    split = job.evaluate.split
+    batches = store.iter_torch(split=split, batch_size=job.evaluate.batch_size)
+    print(f"[evaluate] {info['converter']} on split {split!r} of store {job.extract.store!r}", flush=True)
+    metrics, sample = evaluate_model(converter, head, batches, mean=mean, std=std)
+
+    student_shape = tuple(sample["student"].shape[1:])
+    metrics["converter"] = {
+        "name": converter.config["name"],
+        "params": sum(p.numel() for p in converter.parameters()),
+        "head_params": sum(p.numel() for p in head.parameters()) if head is not None else 0,
+        "gflops_per_clip": gflops_per_clip(converter, student_shape),
+        "latency_ms_per_clip": latency_ms(converter, student_shape),
+        "latency_device": "cpu",
+    }
+    metrics["split"] = split
+    metrics["checkpoint"] = info["checkpoint"]
+    metrics["train"] = info.get("metrics", {})
+
+    base = posixpath.join("runs", job.name, "eval")
+    storage.write_bytes(f"{base}/sample.safetensors", save(sample))
+    metrics["sample"] = {"uri": storage.url(base, "sample.safetensors"),
+                         "sha256": {k: tensor_digest(v) for k, v in sample.items()}}
+    storage.write_json(f"{base}/metrics.json", metrics)
+    summary = {"metrics_url": storage.url(base, "metrics.json"), "mean_cosine": metrics["mean_cosine"],
+               "mean_r2": metrics["mean_r2"], "top1": metrics["top1"], "top5": metrics["top5"],
+               "clips": metrics["clips"]}
+    if job.evaluate.report_html:
+        from .report import write_report
+        html = write_report(metrics)
+        if html is not None:
+            storage.write_bytes(f"{base}/report.html", html.encode())
+            summary["report_url"] = storage.url(base, "report.html")
+    print(f"[evaluate] mean cosine {metrics['mean_cosine']:.4f}  mean R2 {metrics['mean_r2']:.4f}  "
+          f"top1 {metrics['top1']}  -> {summary['metrics_url']}", flush=True)
+    return summary
+
+
+__all__ = ["FidelityMeter", "topk_correct", "evaluate_model", "gflops_per_clip", "latency_ms",
+           "tensor_digest", "run_evaluate"]
