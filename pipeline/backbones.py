@@ -1,0 +1,352 @@
+"""The four video backbones: student (V-JEPA 2 ViT-L) and three teachers (VideoMAE-B, TimeSformer-B, ViViT-B).
+
+Real ``transformers`` classes, loaded three ways (``ModelsConfig.weights``): ``pretrained``
+(``from_pretrained`` of a hub id, a local directory or an ``s3://``/fsspec directory), ``random``
+(the hub architectures written out in :func:`full_configs`, seeded random init: benchmarks on hosts
+without hub access) and ``tiny`` (:func:`tiny_configs`: same classes, hidden 48-64, 1-2 layers, but
+the FULL input sizes, so tiny models emit exactly the full-size token layouts).
+
+One decoded window (B, 32, S, S, 3) uint8 serves all four models: :func:`derive_inputs` takes each
+model's frames and geometry from :data:`INPUT_SPECS` (the hub preprocessor settings) on the tensor's
+device. Token layouts (:func:`layout_spec`) are derived from the configs; every grid output is
+flattened row-major over (T, H, W): token ``t*H*W + h*W + w``.
+
+Layout notes (transformers 5.x):
+* V-JEPA 2 uses 3D RoPE whose row length is ``crop_size // patch_size``: inputs must be ``crop_size``
+  square; any frame count works (``skip_predictor=True``: encoder output only).
+* VideoMAE and ViViT have fixed position tables: exactly ``config.num_frames`` frames at ``image_size``.
+* TimeSformer interpolates its time embeddings to the frame count, but its divided space-time layers
+  reshape with ``config.num_frames``; we set ``config.num_frames`` to the frames fed (16) after
+  loading the k400 checkpoint (8), else temporal attention silently groups the wrong tokens. Its
+  tokens come out patch-major ((H, W, T) order) and are reordered to (T, H, W). It has no SDPA
+  support in transformers, so :func:`use_sdpa_timesformer` swaps in an SDPA attention forward.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+import types
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (PreTrainedConfig, TimesformerConfig, TimesformerModel, VideoMAEConfig, VideoMAEModel,
+                          VivitConfig, VivitModel, VJEPA2Config, VJEPA2Model)
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from transformers.models.timesformer.modeling_timesformer import TimesformerSelfAttention
+
+from pipeline.config import ModelsConfig
+from tokconv.targets import TargetSpec
+
+MODEL_NAMES = ("student", "videomae", "timesformer", "vivit")
+MODEL_CLASSES = {"student": VJEPA2Model, "videomae": VideoMAEModel,
+                 "timesformer": TimesformerModel, "vivit": VivitModel}
+INIT_KWARGS = {"vivit": {"add_pooling_layer": False}}  # the k400 checkpoint has no pooler; CLS is read raw
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How one model's input is derived from the decoded window (hub preprocessor settings).
+
+    frames: frames fed to the model, taken every ``frame_step``-th frame of the window from index 0.
+    resize: shortest edge after the (antialiased bilinear) resize; crop: square center crop after it.
+    mean/std: per-channel normalisation of [0, 1] pixels.
+    """
+    frames: int
+    frame_step: int
+    resize: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def window(self) -> int:
+        """Decoded frames needed."""
+        return (self.frames - 1) * self.frame_step + 1
+
+    @property
+    def frame_indices(self) -> range:
+        return range(0, self.window, self.frame_step)
+
+
+# Hub preprocessors: VJEPA2VideoProcessor (crop 256, shortest_edge int(256*256/224)=292, ImageNet);
+# MCG-NJU/videomae-base (224/224, ImageNet); facebook/timesformer-base-finetuned-k400 (224/224,
+# mean 0.45 std 0.225); google/vivit-b-16x2-kinetics400 (224/224, pixels scaled to [-1, 1]: the
+# checkpoint's JAX training input. Its hub preprocessor_config also sets do_normalize with mean=std=0.5
+# on top of offset rescaling, which would give [-3, 1]; we do not reproduce that double normalisation).
+INPUT_SPECS: dict[str, InputSpec] = {
+    "student": InputSpec(16, 2, 292, 256, tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)),
+    "videomae": InputSpec(16, 2, 224, 224, tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)),
+    "timesformer": InputSpec(16, 2, 224, 224, (0.45, 0.45, 0.45), (0.225, 0.225, 0.225)),
+    "vivit": InputSpec(32, 1, 224, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
+def full_configs() -> dict[str, PreTrainedConfig]:
+    """The hub checkpoints' architectures written out (values from their config.json)."""
+    return {
+        # facebook/vjepa2-vitl-fpc64-256
+        "student": VJEPA2Config(crop_size=256, patch_size=16, tubelet_size=2, frames_per_clip=64, hidden_size=1024,
+                                num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4.0, layer_norm_eps=1e-6,
+                                pred_hidden_size=384, pred_num_hidden_layers=12, pred_num_attention_heads=12,
+                                pred_num_mask_tokens=10, num_pooler_layers=3),
+        # MCG-NJU/videomae-base (its config has use_mean_pooling=false: final LayerNorm applied)
+        "videomae": VideoMAEConfig(image_size=224, patch_size=16, num_frames=16, tubelet_size=2, hidden_size=768,
+                                   num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                                   layer_norm_eps=1e-12, use_mean_pooling=False),
+        # facebook/timesformer-base-finetuned-k400 (trained on 8 frames; fed 16)
+        "timesformer": TimesformerConfig(image_size=224, patch_size=16, num_frames=8, hidden_size=768,
+                                         num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                                         layer_norm_eps=1e-6, attention_type="divided_space_time"),
+        # google/vivit-b-16x2-kinetics400
+        "vivit": VivitConfig(image_size=224, num_frames=32, tubelet_size=[2, 16, 16], hidden_size=768,
+                             num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                             hidden_act="gelu_fast", layer_norm_eps=1e-6),
+    }
+
+
+def tiny_configs() -> dict[str, PreTrainedConfig]:
+    """Tiny configs of the same classes: full input sizes and patching, so full-size token layouts.
+
+    Widths follow the smoke job: student 64, teachers 48.
+    """
+    return {
+        "student": VJEPA2Config(crop_size=256, patch_size=16, tubelet_size=2, frames_per_clip=64, hidden_size=64,
+                                num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2.0, layer_norm_eps=1e-6,
+                                pred_hidden_size=32, pred_num_hidden_layers=1, pred_num_attention_heads=2,
+                                pred_num_mask_tokens=2, num_pooler_layers=1),
+        "videomae": VideoMAEConfig(image_size=224, patch_size=16, num_frames=16, tubelet_size=2, hidden_size=48,
+                                   num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
+                                   use_mean_pooling=False, decoder_hidden_size=32, decoder_num_hidden_layers=1,
+                                   decoder_num_attention_heads=2, decoder_intermediate_size=64),
+        "timesformer": TimesformerConfig(image_size=224, patch_size=16, num_frames=8, hidden_size=48,
+                                         num_hidden_layers=2, num_attention_heads=2, intermediate_size=96),
+        "vivit": VivitConfig(image_size=224, num_frames=32, tubelet_size=[2, 16, 16], hidden_size=48,
+                             num_hidden_layers=2, num_attention_heads=2, intermediate_size=96, hidden_act="gelu_fast"),
+    }
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def layout_spec(name: str, config: PreTrainedConfig, inputs: InputSpec | None = None) -> TargetSpec:
+    """The token layout a model emits for its :data:`INPUT_SPECS` input (the layout rules).
+
+    Raises ValueError when the input does not fit a model with a fixed position table.
+    """
+    inputs = inputs or INPUT_SPECS[name]
+    if name == "student":
+        ph, pw = _pair(config.patch_size)
+        if inputs.crop != config.crop_size:
+            raise ValueError(f"student: input {inputs.crop}px but RoPE rows assume crop_size {config.crop_size}")
+        grid = (inputs.frames // config.tubelet_size, inputs.crop // ph, inputs.crop // pw)
+    elif name == "videomae":
+        ph, pw = _pair(config.patch_size)
+        if (inputs.frames, inputs.crop) != (config.num_frames, _pair(config.image_size)[0]):
+            raise ValueError(f"videomae: fixed position table needs {config.num_frames} frames at "
+                             f"{config.image_size}px, got {inputs.frames} at {inputs.crop}px")
+        grid = (inputs.frames // config.tubelet_size, inputs.crop // ph, inputs.crop // pw)
+    elif name == "timesformer":
+        ph, pw = _pair(config.patch_size)
+        grid = (inputs.frames, inputs.crop // ph, inputs.crop // pw)  # CLS dropped, one token per frame patch
+    elif name == "vivit":
+        if (inputs.frames, inputs.crop) != (config.num_frames, _pair(config.image_size)[0]):
+            raise ValueError(f"vivit: fixed position table needs {config.num_frames} frames at "
+                             f"{config.image_size}px, got {inputs.frames} at {inputs.crop}px")
+        return TargetSpec(name, 1, config.hidden_size, None)  # CLS token only
+    else:
+        raise ValueError(f"unknown model name {name!r}; known: {', '.join(MODEL_NAMES)}")
+    return TargetSpec(name, math.prod(grid), config.hidden_size, grid)
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+def _resize_crop(x: torch.Tensor, resize: int, crop: int) -> torch.Tensor:
+    """(N, 3, H, W) float -> (N, 3, crop, crop): shortest edge to ``resize`` (antialiased bilinear), center crop.
+
+    Same geometry as the transformers processors (``shortest_edge`` resize, then ``center_crop``).
+    """
+    h, w = x.shape[-2:]
+    short, long = (h, w) if h <= w else (w, h)
+    new_long = int(resize * long / short)
+    size = (resize, new_long) if h <= w else (new_long, resize)
+    if size != (h, w):
+        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    if crop > min(size):
+        raise ValueError(f"center crop {crop} larger than the resized frame {size}")
+    top, left = int(round((size[0] - crop) / 2.0)), int(round((size[1] - crop) / 2.0))
+    return x[..., top:top + crop, left:left + crop]
+
+
+def derive_inputs(frames: torch.Tensor, *, dtype: torch.dtype = torch.float32,
+                  specs: dict[str, InputSpec] | None = None) -> dict[str, torch.Tensor]:
+    """One decoded window -> every model's ``pixel_values`` on the window's device.
+
+    frames: uint8 (B, window, S, S', 3) (a numpy array is accepted). Returns {name: (B, T, 3, H, W)}
+    in ``dtype``. Models sharing a geometry share one resize of the union of their frames.
+    """
+    specs = specs or INPUT_SPECS
+    frames = torch.as_tensor(frames)
+    if frames.ndim != 5 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
+        raise ValueError(f"frames must be uint8 (B, window, H, W, 3), got {tuple(frames.shape)} {frames.dtype}")
+    b, window = frames.shape[:2]
+    out: dict[str, torch.Tensor] = {}
+    by_geometry: dict[tuple[int, int], list[str]] = {}
+    for name, spec in specs.items():
+        if spec.window > window:
+            raise ValueError(f"{name}: needs a window of {spec.window} frames, got {window}")
+        by_geometry.setdefault((spec.resize, spec.crop), []).append(name)
+    for (resize, crop), names in by_geometry.items():
+        idx = sorted({i for n in names for i in specs[n].frame_indices})
+        x = frames[:, idx].permute(0, 1, 4, 2, 3).reshape(b * len(idx), 3, *frames.shape[2:4]).float()
+        x = _resize_crop(x, resize, crop).reshape(b, len(idx), 3, crop, crop)
+        pos = {i: k for k, i in enumerate(idx)}
+        for n in names:
+            spec = specs[n]
+            sel = x[:, [pos[i] for i in spec.frame_indices]]
+            std = torch.tensor(spec.std, device=x.device).view(1, 1, 3, 1, 1)
+            mean = torch.tensor(spec.mean, device=x.device).view(1, 1, 3, 1, 1)
+            # (x/255 - mean)/std as one multiply-add
+            out[n] = torch.addcmul(-mean / std, sel, 1.0 / (255.0 * std)).to(dtype).contiguous()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+def _sdpa_self_attention(self, hidden_states, output_attentions: bool = False):
+    """TimesformerSelfAttention.forward through F.scaled_dot_product_attention (same math)."""
+    if output_attentions:
+        return type(self).forward(self, hidden_states, output_attentions)
+    b, n, c = hidden_states.shape
+    q, k, v = self.qkv(hidden_states).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+    p = self.attn_drop.p if self.training else 0.0
+    ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.scale)
+    return (ctx.transpose(1, 2).reshape(b, n, c),)
+
+
+def use_sdpa_timesformer(model: TimesformerModel) -> TimesformerModel:
+    """Route every TimeSformer self-attention through SDPA (transformers has no SDPA path for it)."""
+    for m in model.modules():
+        if isinstance(m, TimesformerSelfAttention):
+            m.forward = types.MethodType(_sdpa_self_attention, m)
+    return model
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _local_copy(source: str, storage_options: dict | None = None) -> str:
+    """fsspec URL (s3://...) -> a local directory holding its files (cached per URL)."""
+    import fsspec
+    fs, path = fsspec.core.url_to_fs(source, **(storage_options or {}))
+    root = Path(os.environ.get("TOKCONV_MODEL_CACHE", Path(tempfile.gettempdir()) / "tokconv-models"))
+    dest = root / hashlib.sha1(source.encode()).hexdigest()[:16]
+    if not (dest / "config.json").exists():
+        src = path.rstrip("/")
+        if not fs.exists(f"{src}/config.json"):
+            raise FileNotFoundError(f"model source {source!r}: no config.json there")
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root))  # copy aside, then rename: concurrent actors never see half a copy
+        fs.get(f"{src}/", f"{tmp}/", recursive=True)
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process finished first
+            pass
+    return str(dest)
+
+
+def _finish(name: str, model: nn.Module) -> nn.Module:
+    if name == "timesformer":
+        model.config.num_frames = INPUT_SPECS[name].frames  # the layers reshape with it (see module doc)
+        use_sdpa_timesformer(model)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def build_models(cfg: ModelsConfig, *, device: str | torch.device | None = None,
+                 storage_options: dict | None = None) -> dict[str, nn.Module]:
+    """Load the four backbones per ``cfg.weights``; eval mode, no grads, on ``device``.
+
+    Weights are ``cfg.dtype`` on CUDA and float32 on CPU. Random/tiny inits are seeded per model
+    (``cfg.seed + index``) without touching the global RNG.
+    """
+    device = resolve_device(cfg.device if device is None else device)
+    dtype = DTYPES[cfg.dtype] if device.type == "cuda" else torch.float32
+    configs = {"random": full_configs, "tiny": tiny_configs}.get(cfg.weights, lambda: None)()
+    models: dict[str, nn.Module] = {}
+    for i, name in enumerate(MODEL_NAMES):
+        cls, kw = MODEL_CLASSES[name], dict(INIT_KWARGS.get(name, {}))
+        if cls._supports_sdpa:
+            kw["attn_implementation"] = "sdpa"
+        if cfg.weights == "pretrained":
+            spec = getattr(cfg, name)
+            source = _local_copy(spec.source, storage_options) if "://" in spec.source and not \
+                spec.source.startswith("file://") else spec.source.removeprefix("file://")
+            model = cls.from_pretrained(source, revision=spec.revision, dtype=dtype, **kw).to(device)
+        else:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
+                torch.manual_seed(cfg.seed + i)
+                model = cls._from_config(configs[name], dtype=dtype, **kw)
+        models[name] = _finish(name, model)
+    return models
+
+
+def _tokens(name: str, hidden: torch.Tensor, spec: TargetSpec) -> torch.Tensor:
+    """last_hidden_state -> the tokens used, (B, spec.tokens, dim), grids in (T, H, W) order."""
+    if name == "vivit":
+        return hidden[:, :1]
+    if name == "timesformer":  # drop CLS; tokens come patch-major (H, W, T)
+        t, h, w = spec.grid
+        return hidden[:, 1:].unflatten(1, (h * w, t)).transpose(1, 2).flatten(1, 2)
+    return hidden
+
+
+class FeatureExtractor:
+    """The four backbones behind one call: decoded window -> {name: tokens (B, tokens, dim)}.
+
+    CUDA: weights in ``cfg.dtype`` under autocast; CPU: float32. ``cfg.compile`` names the models to
+    ``torch.compile`` (compile per model: it regresses some).
+    """
+
+    def __init__(self, cfg: ModelsConfig, device: str | torch.device | None = None, *,
+                 storage_options: dict | None = None):
+        unknown = set(cfg.compile) - set(MODEL_NAMES)
+        if unknown:
+            raise ValueError(f"models.compile: unknown model names {sorted(unknown)}; known: {MODEL_NAMES}")
+        self.device = resolve_device(cfg.device if device is None else device)
+        self.dtype = DTYPES[cfg.dtype] if self.device.type == "cuda" else torch.float32
+        self.models = build_models(cfg, device=self.device, storage_options=storage_options)
+        self.specs: dict[str, TargetSpec] = {n: layout_spec(n, m.config) for n, m in self.models.items()}
+        self._run = {n: (torch.compile(m) if n in cfg.compile else m) for n, m in self.models.items()}
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self.dtype)
+        return nullcontext()
+
+    @torch.inference_mode()
+    def run(self, name: str, pixel_values: torch.Tensor) -> torch.Tensor:
+        """One model on its own input (B, T, 3, H, W) -> (B, tokens, dim)."""
+        with self._autocast():
+            if name == "student":
+                out = self._run[name](pixel_values_videos=pixel_values, skip_predictor=True)
+            else:
+                out = self._run[name](pixel_values=pixel_values)
+        return _tokens(name, out.last_hidden_state, self.specs[name])
+
+    @torch.inference_mode()
+    def __call__(self, frames) -> dict[str, torch.Tensor]:
+        """frames: uint8 (B, window, S, S, 3) tensor/array (pinned CPU memory copies asynchronously)."""
+        frames = torch.as_tensor(frames).to(self.device, non_blocking=True)
+        inputs = derive_inputs(frames, dtype=self.dtype)
+        return {n: self.run(n, inputs[n]) for n in MODEL_NAMES}
