@@ -88,6 +88,12 @@ class ExtractConfig(_Strict):
     decoders: int | None = Field(None, ge=1, description="None: sized to the cluster's CPUs")
     shard_clips: int = Field(256, ge=1, description="clips per Parquet shard")
     out_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    writers: int = Field(1, ge=1, description="shard-writer actors (Parquet encode + upload)")
+    cpus_per_writer: float = Field(0.0, ge=0.0, description="I/O bound; 0 keeps it off the CPU budget")
+    actor_concurrency: int = Field(2, ge=1, description="batches in flight per model actor on CUDA (one CUDA "
+                                   "stream each: copies of one batch overlap compute of another)")
+    retry_failed: bool = Field(False, description="re-try videos in the failed manifest (default: skip them)")
+    limit_videos: int | None = Field(None, ge=1, description="process at most this many pending videos per run")
 
 
 class OptimConfig(_Strict):
