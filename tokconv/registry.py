@@ -38,6 +38,15 @@ def is_converter(name: str) -> bool:
     return name in _CONVERTERS
 
 
+def get_converter_fn(name: str) -> Callable[..., nn.Module]:
+    """The preset function registered as ``name`` (its ``param_budget`` attribute, when set,
+    documents the preset's parameter budget for the mission targets)."""
+    _ensure_builtin_converters_loaded()
+    if name not in _CONVERTERS:
+        raise ValueError(f"unknown converter {name!r}; known: {', '.join(sorted(_CONVERTERS))}")
+    return _CONVERTERS[name]
+
+
 def create_converter(
     name: str,
     *,

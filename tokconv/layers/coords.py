@@ -57,15 +57,18 @@ class CoordQueries(nn.Module):
     grids (a caller adds a per-target embedding when it needs target identity).
     """
 
-    def __init__(self, *, dim: int, hidden: int = 256, num_bands: int = 16, max_freq: float = 32.0):
+    def __init__(self, *, dim: int, hidden: int = 256, num_bands: int = 16, max_freq: float = 32.0,
+                 global_query: bool = True):
         super().__init__()
         self.fourier = FourierFeatures(num_bands=num_bands, max_freq=max_freq)
         self.mlp = Mlp(self.fourier.out_dim, hidden, dim)
-        self.global_query = nn.Parameter(torch.zeros(1, dim))
-        nn.init.trunc_normal_(self.global_query, std=0.02)
+        # Off for grids that are never global (e.g. the student's), so no parameter goes unused.
+        self.global_query = nn.Parameter(torch.randn(1, dim) * 0.02) if global_query else None
 
     def forward(self, grid: tuple[int, int, int] | None) -> torch.Tensor:
         if grid is None:
+            if self.global_query is None:
+                raise ValueError("CoordQueries was built without a global query (global_query=False)")
             return self.global_query
         w = self.mlp.fc1.weight
         return self.mlp(self.fourier(grid_coords(grid, device=w.device, dtype=w.dtype)))

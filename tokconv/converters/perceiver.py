@@ -1,0 +1,77 @@
+"""Design A: latent cross-attention resampler (Perceiver-IO style).
+
+    x (B, Ns, Ds) -> LayerNorm -> in_proj (Ds -> d_lat, low rank with ``rank``) + student coord embedding
+      -> encode: n_lat learned latents cross-attend to the tokens        (B, n_lat, d_lat)
+      -> depth x latent self-attention                                     (B, n_lat, d_lat)
+      -> decode: coordinate queries of the target grid (+ target embedding) cross-attend to
+         the latents                                                       (B, Nt, d_dec)
+      -> per-target output affine                                          (B, Nt, Dt)
+
+The output length is set by the number of queries only, so one trunk serves 1568, 3136 and 1
+tokens. In training the encode attention weights (latents over student tokens) are computed
+explicitly and their normalised entropy is recorded as the "selection" regulariser.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..deficiency import selection_penalty
+from ..layers import AttentionBlock, CoordQueries, make_projection
+from ..registry import register_converter
+from ..targets import STUDENT, TargetSpec
+from .base import Converter, build_preset, param_budget, target_embeddings, target_outputs
+
+
+class PerceiverConverter(Converter):
+    def __init__(self, *, student: TargetSpec, targets: dict[str, TargetSpec],
+                 rank: int | None = None, mask_ratio: float = 0.0, n_lat: int = 256,
+                 d_lat: int = 384, d_dec: int = 256, depth: int = 1, heads: int = 6,
+                 dec_heads: int = 4, mlp_ratio: float = 2.0, query_hidden: int = 256,
+                 pos_hidden: int = 128, drop_path: float = 0.0, track_attention: bool = True):
+        super().__init__(student=student, targets=targets, rank=rank, mask_ratio=mask_ratio)
+        self.track_attention = track_attention
+        self.in_norm = nn.LayerNorm(student.dim)
+        self.in_proj = make_projection(student.dim, d_lat, rank=rank)
+        self.in_pos = CoordQueries(dim=d_lat, hidden=pos_hidden, global_query=False)
+        self.latents = nn.Parameter(torch.randn(n_lat, d_lat) * 0.02)
+        self.encoder = AttentionBlock(dim=d_lat, kv_dim=d_lat, num_heads=heads, mlp_ratio=mlp_ratio)
+        self.blocks = nn.ModuleList([
+            AttentionBlock(dim=d_lat, num_heads=heads, mlp_ratio=mlp_ratio, drop_path=drop_path)
+            for _ in range(depth)])
+        self.queries = CoordQueries(dim=d_dec, hidden=query_hidden)
+        self.target_embed = target_embeddings(d_dec, self.targets)
+        self.decoder = AttentionBlock(dim=d_dec, kv_dim=d_lat, num_heads=dec_heads, mlp_ratio=mlp_ratio)
+        self.out = target_outputs(d_dec, self.targets)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.in_proj(self.in_norm(x)) + self.in_pos(self.student.grid)   # (B, Ns, d_lat)
+        if self.training and self.track_attention:
+            lat, w = self.encoder(self.latents, h, return_weights=True)       # w: (B, n_lat, Ns)
+            self.add_regulariser("selection", selection_penalty(w, "entropy"))
+        else:
+            lat = self.encoder(self.latents, h)
+        for blk in self.blocks:
+            lat = blk(lat)
+        return lat                                                           # (B, n_lat, d_lat)
+
+    def decode(self, lat: torch.Tensor, name: str) -> torch.Tensor:
+        q = self.queries(self.targets[name].grid) + self.target_embed[name]  # (Nt, d_dec)
+        return self.out[name](self.decoder(q, lat))                          # (B, Nt, Dt)
+
+
+@register_converter
+@param_budget(3.6e6, 4.5e6)
+def perceiver_base(*, student: TargetSpec = STUDENT, targets=None, **kwargs) -> Converter:
+    """~4.0M params: 256 latents x 384, one latent self-attention block, decode width 256."""
+    return build_preset(PerceiverConverter, "perceiver_base", student=student, targets=targets,
+                        defaults=dict(n_lat=256, d_lat=384, d_dec=256, depth=1), overrides=kwargs)
+
+
+@register_converter
+@param_budget(1.8e6, 3.0e6)
+def perceiver_small(*, student: TargetSpec = STUDENT, targets=None, **kwargs) -> Converter:
+    """~2.3M params: 128 latents x 256, two latent self-attention blocks, decode width 192."""
+    return build_preset(PerceiverConverter, "perceiver_small", student=student, targets=targets,
+                        defaults=dict(n_lat=128, d_lat=256, d_dec=192, depth=2, heads=4,
+                                      dec_heads=4), overrides=kwargs)

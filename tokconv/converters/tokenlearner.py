@@ -1,0 +1,77 @@
+"""Design D: TokenLearner selection of K token summaries + query cross-attention decode.
+
+    x (B, Ns, Ds) -> LayerNorm -> in_proj (Ds -> d, low rank with ``rank``) + student coord embedding
+      -> selection MLP (d -> hidden -> K), softmax over the Ns tokens  w: (B, Ns, K)
+      -> summaries z = w^T h                                            (B, K, d)
+      -> depth x self-attention over the summaries                      (B, K, d)
+      -> decode: coordinate queries of the target grid (+ target embedding) cross-attend
+         to the summaries                                               (B, Nt, d)
+      -> per-target output affine                                       (B, Nt, Dt)
+
+The normalised entropy of each summary's selection weights over the student tokens is recorded
+as the "selection" regulariser (low entropy = each summary picks few tokens).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..deficiency import selection_penalty
+from ..layers import AttentionBlock, CoordQueries, Mlp, make_projection
+from ..registry import register_converter
+from ..targets import STUDENT, TargetSpec
+from .base import Converter, build_preset, param_budget, target_embeddings, target_outputs
+
+
+class TokenLearnerConverter(Converter):
+    def __init__(self, *, student: TargetSpec, targets: dict[str, TargetSpec],
+                 rank: int | None = None, mask_ratio: float = 0.0, dim: int = 384,
+                 num_tokens: int = 256, select_hidden: int = 256, depth: int = 1,
+                 heads: int = 6, mlp_ratio: float = 2.0, dec_mlp_ratio: float = 1.0,
+                 query_hidden: int = 256, pos_hidden: int = 128, drop_path: float = 0.0):
+        super().__init__(student=student, targets=targets, rank=rank, mask_ratio=mask_ratio)
+        self.in_norm = nn.LayerNorm(student.dim)
+        self.in_proj = make_projection(student.dim, dim, rank=rank)
+        self.in_pos = CoordQueries(dim=dim, hidden=pos_hidden, global_query=False)
+        self.select_norm = nn.LayerNorm(dim)
+        self.select = Mlp(dim, select_hidden, num_tokens)
+        self.blocks = nn.ModuleList([
+            AttentionBlock(dim=dim, num_heads=heads, mlp_ratio=mlp_ratio, drop_path=drop_path)
+            for _ in range(depth)])
+        self.queries = CoordQueries(dim=dim, hidden=query_hidden)
+        self.target_embed = target_embeddings(dim, self.targets)
+        self.decoder = AttentionBlock(dim=dim, kv_dim=dim, num_heads=heads, mlp_ratio=dec_mlp_ratio)
+        self.out = target_outputs(dim, self.targets)
+        self.last_weights: torch.Tensor | None = None
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.in_proj(self.in_norm(x)) + self.in_pos(self.student.grid)   # (B, Ns, d)
+        w = self.select(self.select_norm(h)).softmax(dim=1)                  # (B, Ns, K)
+        self.last_weights = w.detach()
+        self.add_regulariser("selection", selection_penalty(w, "entropy", dim=1))
+        z = torch.einsum("bnk,bnd->bkd", w, h)                                # (B, K, d)
+        for blk in self.blocks:
+            z = blk(z)
+        return z
+
+    def decode(self, z: torch.Tensor, name: str) -> torch.Tensor:
+        q = self.queries(self.targets[name].grid) + self.target_embed[name]  # (Nt, d)
+        return self.out[name](self.decoder(q, z))                           # (B, Nt, Dt)
+
+
+@register_converter
+@param_budget(3.0e6, 4.0e6)
+def tokenlearner_base(*, student: TargetSpec = STUDENT, targets=None, **kwargs) -> Converter:
+    """~3.8M params: K=256 summaries of width 384, one summary self-attention block."""
+    return build_preset(TokenLearnerConverter, "tokenlearner_base", student=student,
+                        targets=targets, defaults=dict(dim=384, num_tokens=256, depth=1),
+                        overrides=kwargs)
+
+
+@register_converter
+@param_budget(1.5e6, 2.5e6)
+def tokenlearner_small(*, student: TargetSpec = STUDENT, targets=None, **kwargs) -> Converter:
+    """~2.0M params: K=128 summaries of width 256, one summary self-attention block."""
+    return build_preset(TokenLearnerConverter, "tokenlearner_small", student=student,
+                        targets=targets, defaults=dict(dim=256, num_tokens=128, depth=1, heads=4,
+                                                       select_hidden=192), overrides=kwargs)
