@@ -6,7 +6,7 @@ Video fixtures (session-scoped, real files):
   ``sample_files`` -> dict file name -> Path inside ``sample_videos``.
   ``bad_videos`` -> dict name -> Path (tests/data_tools.py says how each is made): broken ones
       (data_tools.BROKEN: truncated, truncated_midstream, corrupt_midstream, random_bytes, empty,
-      text, too_short) and valid ones in other codecs (data_tools.VALID_OTHER_CODECS: webm_vp9,
+      text, audio_only, too_short) and valid ones in other codecs (data_tools.VALID_OTHER_CODECS: webm_vp9,
       avi_mpeg4). Needs ffmpeg on PATH (fails with a clear message otherwise).
 S3 fixture:
   ``s3_server`` -> S3Endpoint: a real moto ThreadedMotoServer on 127.0.0.1 (free port) with

@@ -10,6 +10,7 @@ Broken inputs are derived from real videos so each one fails for one known reaso
   third of the way in: it opens, then the decoder fails on a damaged packet.
 * ``random_bytes``: 50 kB of random bytes named ``.mp4``; ``empty``: a 0-byte ``.mp4``;
   ``text``: a text file named ``.mp4``.
+* ``audio_only``: a valid mp4 holding 1 s of silent AAC audio and no video stream (zero frames).
 * ``too_short``: a valid h264 mp4 of 10 frames (272x640, 25 fps) -- shorter than any
   window of >= 6 frames at stride 2.
 
@@ -23,7 +24,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-BROKEN = ("truncated", "truncated_midstream", "corrupt_midstream", "random_bytes", "empty", "text", "too_short")
+BROKEN = ("truncated", "truncated_midstream", "corrupt_midstream", "random_bytes", "empty", "text",
+          "audio_only", "too_short")
 VALID_OTHER_CODECS = ("webm_vp9", "avi_mpeg4")
 TOO_SHORT_FRAMES = 10
 
@@ -73,6 +75,8 @@ def make_test_videos(samples: dict[str, Path], dest: Path) -> dict[str, Path]:
     out["text"] = dest / "text.mp4"
     out["text"].write_text("this is a text file, not a video\n")
 
+    out["audio_only"] = dest / "audio_only.mp4"
+    ffmpeg("-f", "lavfi", "-i", "anullsrc=r=8000:cl=mono", "-t", "1", "-c:a", "aac", str(out["audio_only"]))
     out["too_short"] = dest / "too_short.mp4"
     ffmpeg("-i", str(bikes), "-frames:v", str(TOO_SHORT_FRAMES), "-an", "-c:v", "libx264",
            "-pix_fmt", "yuv420p", str(out["too_short"]))
