@@ -25,7 +25,8 @@ from __future__ import annotations
 import io
 import os
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -79,7 +80,7 @@ def resized_shape(height: int, width: int, short_side: int) -> tuple[int, int]:
 
 def resize_center_crop(frames: np.ndarray, short_side: int) -> np.ndarray:
     """uint8 ``(T, H, W, 3)`` -> ``(T, S, S, 3)``: resize the short side to S (only if needed), center crop."""
-    t, h, w, _ = frames.shape
+    _, h, w, _ = frames.shape
     if min(h, w) != short_side:
         import torch
         import torch.nn.functional as F
@@ -93,8 +94,7 @@ def resize_center_crop(frames: np.ndarray, short_side: int) -> np.ndarray:
 
 def _source(path: str, storage_options: dict[str, Any] | None) -> str | bytes:
     """A local path for decord, or the file's bytes for remote URLs (decord buffers file objects anyway)."""
-    if path.startswith("file://"):
-        path = path[len("file://"):]
+    path = path.removeprefix("file://")
     if "://" not in path:
         if not os.path.exists(path):
             raise VideoError("file not found", path)
@@ -110,7 +110,7 @@ def _source(path: str, storage_options: dict[str, Any] | None) -> str | bytes:
             data = f.read()
     except FileNotFoundError:
         raise VideoError("file not found", path) from None
-    except Exception as e:  # network / permission errors: the reason names the storage error
+    except Exception as e:  # noqa: BLE001 -- network/permission errors: the reason names them
         raise VideoError(f"cannot read from storage: {type(e).__name__}: {e}", path) from None
     if not data:
         raise VideoError("empty file (0 bytes)", path)

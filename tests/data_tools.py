@@ -41,7 +41,7 @@ def require_ffmpeg() -> str:
 def ffmpeg(*args: str) -> None:
     """Run ffmpeg quietly; raise with its stderr on failure."""
     cmd = [require_ffmpeg(), "-v", "error", "-nostdin", "-y", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"ffmpeg failed ({' '.join(cmd)}):\n{proc.stderr}")
 
