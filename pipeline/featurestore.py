@@ -215,8 +215,11 @@ class FeatureStore:
         layout = {k.removeprefix("tensor:"): json.loads(v) for k, v in
                   ((k.decode(), v.decode()) for k, v in (table.schema.metadata or {}).items())
                   if k.startswith("tensor:")}
+        if not layout:  # Ray may drop schema metadata when it re-batches: fall back to meta.json
+            tensors = self.read_meta()["tensors"] if self.storage.exists("meta.json") or self._meta else {}
+            layout = {k: v for k, v in tensors.items() if k in table.column_names}
         if not layout:
-            raise ValueError("write_shard: batch has no tensor columns")
+            raise ValueError(f"write_shard: no tensor columns (and no meta.json layout) in {table.column_names}")
         splits = table.column("split").to_numpy(zero_copy_only=False).astype(str)
         sums: dict[str, dict[str, Any]] = {}
         for name, lay in layout.items():

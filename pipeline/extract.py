@@ -1,0 +1,297 @@
+"""Extract stage: videos -> decode (CPU) -> four backbones (GPU actors) -> feature store shards.
+
+A streaming Ray Data pipeline that reads top to bottom (cosmos-curate ``splitting_pipeline.py``)::
+
+    from_items(video records)                       one block per video
+      .map_batches(decode fn, CPU tasks)            video -> clips uint8 (window, S, S, 3); bad video -> failed/
+      .map_batches(ModelActor, GPU actor pool)      clips -> raw-bytes Arrow table (+ float64 channel sums)
+      .map_batches(ShardWriter, actor pool)         ~shard_clips rows -> one committed Parquet shard
+    driver iterates the small commit rows           progress + summary
+
+Resumable and idempotent: the driver first deletes orphaned shards (``FeatureStore.cleanup``), then
+queues only videos whose clips are not all committed (``clip_indices`` = the missing ones).
+Videos in the failed manifest are skipped unless ``extract.retry_failed``: a decode failure
+(corrupt, truncated, too short, no video stream) is a property of the file, so re-trying every run
+wastes decode time; fix the file or set the flag. Invariant, checked and reported at the end:
+every listed video is either complete in the store or in the failed manifest.
+
+GPU path (issue 4): each model actor runs ``actor_concurrency`` batches at once on separate CUDA
+streams, so the pinned-memory H2D copy and D2H copy-back of one batch overlap the compute of
+another; bf16 autocast and per-model ``torch.compile`` live in ``FeatureExtractor``; channel sums
+for the statistics are computed on the GPU; Parquet encoding/upload runs in separate writer actors.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.config import JobConfig, ModelsConfig
+from pipeline.featurestore import SQ_PREFIX, SUM_PREFIX, FeatureStore, tensor_to_binary
+from pipeline.storage import Storage
+
+_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+# --------------------------------------------------------------------------------------- planning
+
+def model_specs(cfg: ModelsConfig, storage_options: dict | None = None) -> dict:
+    """The token layouts the backbones will emit, from their configs only (no weights loaded)."""
+    from pipeline import backbones as bb
+    if cfg.weights in ("tiny", "random"):
+        configs = bb.tiny_configs() if cfg.weights == "tiny" else bb.full_configs()
+    else:
+        configs = {}
+        for name in bb.MODEL_NAMES:
+            src, cls = getattr(cfg, name), bb.MODEL_CLASSES[name].config_class
+            if "://" in src.source and not src.source.startswith("file://"):
+                import fsspec
+                with fsspec.open(src.source.rstrip("/") + "/config.json", **(storage_options or {})) as f:
+                    configs[name] = cls.from_dict(json.load(f))
+            else:
+                configs[name] = cls.from_pretrained(src.source.removeprefix("file://"), revision=src.revision)
+    return {n: bb.layout_spec(n, configs[n]) for n in bb.MODEL_NAMES}
+
+
+def plan(records: list[dict], store: FeatureStore, *, clips_per_video: int, retry_failed: bool) -> dict:
+    """Split listed videos into done / failed (skipped) / pending (with the clip indices still missing)."""
+    done, failed = store.done_clips(), store.failed()
+    want = set(range(clips_per_video))
+    out = {"done": [], "skipped_failed": [], "pending": [], "retried": []}
+    for r in records:
+        vid = r["video_id"]
+        missing = sorted(want - done.get(vid, set()))
+        if not missing:
+            out["done"].append(vid)
+        elif vid in failed and not retry_failed:
+            out["skipped_failed"].append(vid)
+        else:
+            if vid in failed:
+                out["retried"].append(vid)
+            out["pending"].append({**r, "clip_indices": missing})
+    return out
+
+
+def check_complete(records: list[dict], store: FeatureStore, clips_per_video: int) -> dict:
+    """processed + failed == listed: every listed video complete in the store or in the failed manifest."""
+    done, failed = store.done_clips(), store.failed()
+    want = set(range(clips_per_video))
+    ids = [r["video_id"] for r in records]
+    complete = {v for v in ids if want <= done.get(v, set())}
+    bad = {v for v in ids if v in failed and v not in complete}
+    missing = sorted(set(ids) - complete - bad)
+    return {"listed": len(ids), "processed": len(complete), "failed": len(bad), "missing": missing,
+            "ok": len(complete) + len(bad) == len(ids)}
+
+
+# -------------------------------------------------------------------------------------- the actors
+
+class ModelActor:
+    """Holds the four backbones; clip batch -> Arrow table of raw-bytes features + channel sums.
+
+    Thread-safe: with ``actor_concurrency`` > 1 Ray runs several calls at once; each thread gets
+    its own CUDA stream and pinned staging buffers, so copies and compute of different batches overlap.
+    """
+
+    def __init__(self, *, models: dict, out_dtype: str, storage_options: dict | None = None):
+        from pipeline.backbones import FeatureExtractor
+        cfg = ModelsConfig.model_validate(models)
+        self.fx = FeatureExtractor(cfg, storage_options=storage_options)
+        self.device = self.fx.device
+        self.out_dtype = _TORCH_DTYPES[out_dtype]
+        self.cuda = self.device.type == "cuda"
+        self._local = threading.local()
+
+    def _pinned(self, key: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """A per-thread pinned host buffer, reused across calls while the shape fits."""
+        bufs = self._local.__dict__.setdefault("bufs", {})
+        buf = bufs.get(key)
+        if buf is None or buf.numel() < int(np.prod(shape)) or buf.dtype != dtype:
+            buf = bufs[key] = torch.empty(int(np.prod(shape)), dtype=dtype, pin_memory=True)
+        return buf[: int(np.prod(shape))].view(shape)
+
+    def _stream(self):
+        if not hasattr(self._local, "stream"):
+            self._local.stream = torch.cuda.Stream(self.device)
+        return self._local.stream
+
+    @torch.inference_mode()
+    def features(self, frames: np.ndarray) -> dict[str, torch.Tensor]:
+        """uint8 (B, window, S, S, 3) -> {name: (B, tokens, dim) out_dtype, _sum:/_sq: (B, dim) float64} on CPU."""
+        x = torch.from_numpy(np.ascontiguousarray(frames))
+        if not self.cuda:
+            out = self.fx(x)
+            res = {}
+            for n, o in out.items():
+                res[n] = o.to(self.out_dtype)
+                of = res[n].float()
+                res[SUM_PREFIX + n], res[SQ_PREFIX + n] = of.sum(1).double(), of.square().sum(1).double()
+            return res
+        stream = self._stream()
+        with torch.cuda.stream(stream):
+            host_in = self._pinned("frames", tuple(x.shape), torch.uint8)
+            host_in.copy_(x)
+            out = self.fx(host_in.to(self.device, non_blocking=True))
+            staged = {}
+            for n, o in out.items():
+                o = o.to(self.out_dtype)
+                of = o.float()
+                for key, val in ((n, o), (SUM_PREFIX + n, of.sum(1)), (SQ_PREFIX + n, of.square().sum(1))):
+                    buf = self._pinned(key, tuple(val.shape), val.dtype)
+                    buf.copy_(val, non_blocking=True)
+                    staged[key] = buf
+            done = torch.cuda.Event()
+            done.record(stream)
+        done.synchronize()  # releases the GIL: other threads keep the GPU busy meanwhile
+        # copy out of the reused pinned buffers (Ray serialises the result after we return)
+        return {k: (v.clone() if not k.startswith((SUM_PREFIX, SQ_PREFIX)) else v.double())
+                for k, v in staged.items()}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        feats = self.features(batch["frames"])
+        cols = {
+            "video_id": pa.array(np.asarray(batch["video_id"]).astype(str)),
+            "clip_index": pa.array(np.asarray(batch["clip_index"], dtype=np.int32)),
+            "label_index": pa.array(np.asarray(batch["label_index"], dtype=np.int32)),
+            "split": pa.array(np.asarray(batch["split"]).astype(str)),
+        }
+        cols.update({k: tensor_to_binary(v) for k, v in feats.items()})
+        return pa.table(cols)
+
+
+class ShardWriter:
+    """~shard_clips rows (raw-bytes table) -> one committed shard; returns one small commit row."""
+
+    def __init__(self, *, store: FeatureStore):
+        self.store = store
+
+    def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
+        if table.num_rows == 0:
+            return {"shard": np.array([], dtype=object), "rows": np.array([], np.int64),
+                    "bytes": np.array([], np.int64), "videos": np.array([], np.int64)}
+        info = self.store.write_shard(table)
+        n_videos = len(set(table.column("video_id").to_pylist()))
+        return {"shard": np.array([info["shard"]]), "rows": np.array([info["rows"]]),
+                "bytes": np.array([info["bytes"]]), "videos": np.array([n_videos])}
+
+
+# ------------------------------------------------------------------------------------- the stage
+
+def _resources(job: JobConfig) -> dict[str, Any]:
+    """Actor/decoder counts from the cluster: one model actor per GPU, decoders on the remaining CPUs."""
+    import ray
+    ec = job.extract
+    res = ray.cluster_resources()
+    cpus, gpus = int(res.get("CPU", 1)), res.get("GPU", 0)
+    use_gpu = gpus > 0 and job.models.device != "cpu" and ec.gpus_per_actor > 0
+    actors = ec.model_actors or (max(1, int(gpus // ec.gpus_per_actor)) if use_gpu else 1)
+    free = cpus - actors * ec.cpus_per_actor - ec.writers * ec.cpus_per_writer
+    decoders = ec.decoders or max(1, int(free // ec.cpus_per_decoder))
+    return {"use_gpu": use_gpu, "model_actors": actors, "decoders": decoders, "cluster_cpus": cpus,
+            "cluster_gpus": gpus}
+
+
+def build_pipeline(job: JobConfig, store: FeatureStore, pending: list[dict], res: dict):
+    """The Ray Data pipeline, top to bottom; returns a Dataset of commit rows."""
+    import ray.data
+    from pipeline.decode import make_decode_fn
+
+    ec = job.extract
+    decode = make_decode_fn(job.decode, record_failure=store.record_failure,
+                            storage_options=job.sources.storage_options or None)
+    concurrency = ec.actor_concurrency if res["use_gpu"] else 1
+    return (
+        ray.data.from_items(pending, override_num_blocks=max(1, len(pending)))
+        .map_batches(decode, batch_size=1, num_cpus=ec.cpus_per_decoder,
+                     compute=ray.data.TaskPoolStrategy(size=res["decoders"]))
+        .map_batches(ModelActor, batch_size=ec.batch_size, batch_format="numpy",
+                     fn_constructor_kwargs={"models": job.models.model_dump(), "out_dtype": ec.out_dtype,
+                                            "storage_options": job.sources.storage_options or None},
+                     compute=ray.data.ActorPoolStrategy(size=res["model_actors"],
+                                                        max_concurrent_calls_per_actor=concurrency,
+                                                        enable_true_multi_threading=concurrency > 1),
+                     num_gpus=ec.gpus_per_actor if res["use_gpu"] else 0, num_cpus=ec.cpus_per_actor)
+        .map_batches(ShardWriter, batch_size=ec.shard_clips, batch_format="pyarrow",
+                     fn_constructor_kwargs={"store": store},
+                     compute=ray.data.ActorPoolStrategy(size=ec.writers), num_cpus=ec.cpus_per_writer)
+    )
+
+
+def run_extract(job: JobConfig, storage: Storage) -> dict:
+    """List videos, extract the missing clips into the feature store, write meta.json + stats.json."""
+    import ray.data
+    from pipeline.sources import class_names, list_videos
+
+    t0 = time.perf_counter()
+    ec, cpv = job.extract, job.decode.clips_per_video
+    store = FeatureStore(storage, ec.store)
+    records = list_videos(job.sources, storage_options=job.sources.storage_options or None)
+    orphans = store.cleanup()  # shards from a crashed run that never got their commit record
+    specs = model_specs(job.models, job.sources.storage_options or None)
+    _check_layout(store, specs, ec.out_dtype)
+    store.write_meta(specs=specs, dtype=ec.out_dtype, class_names=class_names(records),
+                     sources={n: getattr(job.models, n).source for n in specs},
+                     extra={"weights": job.models.weights, "decode": job.decode.model_dump()})
+
+    todo = plan(records, store, clips_per_video=cpv, retry_failed=ec.retry_failed)
+    pending = todo["pending"][: ec.limit_videos] if ec.limit_videos else todo["pending"]
+    for r in pending:
+        if r["video_id"] in todo["retried"]:
+            store.clear_failure(r["video_id"])
+    print(f"[extract] {len(records)} videos listed: {len(todo['done'])} done, "
+          f"{len(todo['skipped_failed'])} failed earlier (skipped), {len(pending)} to process"
+          + (f", {len(orphans)} orphaned shard(s) removed" if orphans else ""), flush=True)
+
+    clips = nbytes = shards = 0
+    res: dict = {}
+    failed_before = set(store.failed())
+    if pending:
+        ray.data.DataContext.get_current().enable_progress_bars = True
+        res = _resources(job)
+        print(f"[extract] {res['decoders']} decoders, {res['model_actors']} model actor(s) "
+              f"({'GPU' if res['use_gpu'] else 'CPU'}), {ec.writers} writer(s)", flush=True)
+        t_start = time.perf_counter()
+        for row in build_pipeline(job, store, pending, res).iter_rows():
+            clips, nbytes, shards = clips + int(row["rows"]), nbytes + int(row["bytes"]), shards + 1
+            dt = time.perf_counter() - t_start
+            print(f"[extract] shard {shards} committed: {clips} clips, {clips / dt:.2f} clips/s, "
+                  f"{nbytes / 2**20:.1f} MiB", flush=True)
+
+    stats = store.compute_stats() if store.commits() else {}
+    check = check_complete(records, store, cpv)
+    elapsed = time.perf_counter() - t0
+    new_failed = sorted(set(store.failed()) - failed_before)
+    summary = {
+        "store_url": store.storage.url(),
+        "listed": check["listed"], "processed": check["processed"], "failed": check["failed"],
+        "invariant_ok": check["ok"], "missing": check["missing"][:20], "n_missing": len(check["missing"]),
+        "videos_this_run": len(pending), "skipped_done": len(todo["done"]),
+        "skipped_failed": len(todo["skipped_failed"]), "new_failures": len(new_failed),
+        "clips": clips, "shards": shards, "bytes": nbytes, "elapsed_s": round(elapsed, 2),
+        "clips_per_s": round(clips / elapsed, 3) if clips else 0.0, "orphans_removed": len(orphans),
+        "store_clips": sum(len(v) for v in store.done_clips().values()),
+        "stats_targets": sorted(stats.get("all", {})), **{f"resources_{k}": v for k, v in res.items()},
+    }
+    print(f"[extract] {clips} clips in {elapsed:.1f}s ({summary['clips_per_s']} clips/s), "
+          f"{nbytes / 2**20:.1f} MiB; videos: {check['processed']} processed + {check['failed']} failed "
+          f"{'==' if check['ok'] else '!='} {check['listed']} listed", flush=True)
+    if not check["ok"] and not ec.limit_videos:
+        raise RuntimeError(f"extract: {len(check['missing'])} listed video(s) neither stored nor failed "
+                           f"(e.g. {check['missing'][:5]}); re-run to resume. Summary: {summary}")
+    return summary
+
+
+def _check_layout(store: FeatureStore, specs: dict, dtype: str) -> None:
+    """A re-run must not mix layouts in one store (e.g. tiny and full models)."""
+    if not store.storage.exists("meta.json"):
+        return
+    old = store.read_meta()
+    want = {k: {"shape": [s.tokens, s.dim], "dtype": dtype} for k, s in specs.items()}
+    if old.get("tensors") != want and store.commits():
+        raise ValueError(f"feature store {store.storage.url()} holds layout {old.get('tensors')}, "
+                         f"this job produces {want}: use another extract.store name")
