@@ -92,6 +92,8 @@ this model produced at evaluation; on the same hardware/software the outputs are
 head top-1 {metrics.get('top1')}, top-5 {metrics.get('top5')};
 converter {c.get('params')} parameters, {c.get('gflops_per_clip')} GFLOP per clip.
 Fidelity is measured on standardised teacher features.
+Promotion metric: `{job.export.metric}` = {metric_value(metrics, job.export.metric):.4f}
+({'higher' if job.export.higher_is_better else 'lower'} is better).
 """
 
 

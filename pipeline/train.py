@@ -161,20 +161,23 @@ def train_loop_per_worker(config: dict) -> None:
     converter, head = build_models(tc, specs, config["num_classes"])
     module = _TrainModule(converter=converter, head=head)
 
-    start_epoch, step, state = 0, 0, None
+    start_epoch, step, state, history, resumed_from = 0, 0, None, [], None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:  # restart after a failure: resume exactly where the last report left off
         with ckpt.as_directory() as d:
             state = torch.load(os.path.join(d, TRAIN_STATE), map_location="cpu", weights_only=False)
         module.load_state_dict(state["model"])
         start_epoch, step = state["epoch"], state["step"]
+        history, resumed_from = list(state["metrics"]["loss_history"]), state["epoch"]
+        if rank == 0:
+            print(f"[train] resumed from the checkpoint of epoch {start_epoch}", flush=True)
     elif config.get("warm_start_version"):
         from .export import download_model
         with tempfile.TemporaryDirectory() as d:
-            download_model(storage, tc_model_name(job), config["warm_start_version"], d)
+            download_model(storage, job.export.model_name, config["warm_start_version"], d)
             _load_weights_from_dir(module, d)
         if rank == 0:
-            print(f"[train] warm start from {tc_model_name(job)}/{config['warm_start_version']}", flush=True)
+            print(f"[train] warm start from {job.export.model_name}/{config['warm_start_version']}", flush=True)
 
     use_ddp = ctx.get_world_size() > 1
     model = ray.train.torch.prepare_model(
@@ -239,7 +242,9 @@ def train_loop_per_worker(config: dict) -> None:
             torch.distributed.all_reduce(both)
             sums, correct = both[:4].cpu(), both[4:].cpu()
         n = max(sums[3].item(), 1.0)
-        metrics = {"epoch": epoch + 1, "step": step, "loss": sums[0].item() / n,
+        history.append(sums[0].item() / n)
+        metrics = {"epoch": epoch + 1, "step": step, "loss": sums[0].item() / n, "loss_history": list(history),
+                   "resumed_from_epoch": resumed_from,
                    "distill_loss": sums[1].item() / n, "head_loss": sums[2].item() / n,
                    "train_top1": correct[0].item() / correct[1].item() if correct[1] > 0 else None,
                    "lr": optimizer.param_groups[0]["lr"]}
@@ -256,13 +261,9 @@ def train_loop_per_worker(config: dict) -> None:
                       f"distill {metrics['distill_loss']:.4f} head {metrics['head_loss']:.4f} "
                       f"lr {metrics['lr']:.2e}", flush=True)
             ray.train.report(metrics, checkpoint=checkpoint)
-            if rank == 0 and os.environ.get("TOKCONV_TEST_FAIL_AFTER_EPOCH") == str(epoch + 1) \
-                    and ckpt is None:  # fault injection for the restart test (first attempt only)
-                raise RuntimeError(f"injected failure after epoch {epoch + 1}")
-
-
-def tc_model_name(job: JobConfig) -> str:
-    return job.export.model_name
+        if rank == 0 and config.get("fail_after_epoch") == epoch + 1 and ckpt is None:
+            # fault injection ($TOKCONV_FAIL_AFTER_EPOCH, restart tests): first attempt only
+            raise RuntimeError(f"injected failure after epoch {epoch + 1}")
 
 
 def _load_weights_from_dir(module: _TrainModule, path: str) -> None:
@@ -288,12 +289,13 @@ def _warm_start_version(job: JobConfig, storage: Storage, converter, head) -> st
         return None
     base = f"models/{name}/{latest['version']}"
     conf = storage.read_json(f"{base}/config.json", default=None)
-    if conf is None or not _same_config(conf, converter.config):
+    keys = ("name", "student", "targets", "kwargs")  # tokconv.io adds dtype/format_version
+    if conf is None or not _same_config({k: conf.get(k) for k in keys}, {k: converter.config.get(k) for k in keys}):
         print(f"[train] warm start skipped: {name}/{latest['version']} has a different converter config")
         return None
     if head is not None:
         hconf = storage.read_json(f"{base}/head.json", default=None)
-        if hconf is None or not _same_config(hconf, head.config):
+        if hconf is None or not _same_config(hconf.get("kwargs"), head.config):
             print(f"[train] warm start skipped: {name}/{latest['version']} has a different head config")
             return None
     return latest["version"]
@@ -351,7 +353,8 @@ def run_train(job: JobConfig, storage: Storage) -> dict[str, Any]:
     config = {"job": job.model_dump(mode="json"),
               "storage_url": storage.root if storage.protocol == "file" else storage.root_url,
               "storage_options": storage.options, "specs": specs_to_dict(specs), "stats": stats_plain,
-              "num_classes": len(class_names), "steps_per_epoch": steps_per_epoch, "warm_start_version": warm}
+              "num_classes": len(class_names), "steps_per_epoch": steps_per_epoch, "warm_start_version": warm,
+              "fail_after_epoch": int(os.environ.get("TOKCONV_FAIL_AFTER_EPOCH", "0"))}
     print(f"[train] {tc.converter}: {n_train} train clips, {tc.num_workers} workers x batch {tc.batch_size}, "
           f"{tc.epochs} epochs ({steps_per_epoch} steps each) -> {storage.url('runs', job.name, run_name)}",
           flush=True)
@@ -368,7 +371,7 @@ def run_train(job: JobConfig, storage: Storage) -> dict[str, Any]:
     summary = {
         "run": storage.url("runs", job.name, run_name),
         "checkpoint": storage.url(ckpt_rel), "checkpoint_rel": ckpt_rel,
-        "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, type(None)))},
+        "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, list, type(None)))},
         "converter": tc.converter, "converter_params": n_params,
         "head_params": sum(p.numel() for p in head.parameters()) if head is not None else 0,
         "class_names": class_names, "train_clips": n_train, "warm_start": warm,
