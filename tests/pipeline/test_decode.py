@@ -7,8 +7,13 @@ import pytest
 from data_tools import BROKEN, TOO_SHORT_FRAMES
 
 from pipeline.config import DecodeConfig
-from pipeline.decode import (VideoError, clip_frame_indices, decode_clips, make_decode_fn,
-                             resize_center_crop)
+from pipeline.decode import (
+    VideoError,
+    clip_frame_indices,
+    decode_clips,
+    make_decode_fn,
+    resize_center_crop,
+)
 from pipeline.samples import SAMPLE_FRAMES
 
 SMALL = DecodeConfig(window=8, stride=2, clips_per_video=2, short_side=64)
@@ -33,7 +38,7 @@ def test_clip_indices_spread_evenly_with_stride():
 
 
 def test_short_video_policies_on_indices():
-    base = dict(window=4, stride=3, clips_per_video=2)
+    base = {"window": 4, "stride": 3, "clips_per_video": 2}
     with pytest.raises(VideoError, match=r"too short: 7 frames < needed 10"):
         clip_frame_indices(7, DecodeConfig(**base))
     assert clip_frame_indices(7, DecodeConfig(**base, short_video="pad")).tolist() == [[0, 3, 6, 6]] * 2
