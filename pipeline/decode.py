@@ -43,6 +43,9 @@ class VideoError(Exception):
         self.path = path
         super().__init__(f"{path}: {reason}" if path else reason)
 
+    def __reduce__(self):  # keep reason/path apart when Ray ships the error between processes
+        return type(self), (self.reason, self.path)
+
 
 def clip_span(cfg: DecodeConfig) -> int:
     """Source frames one clip covers."""

@@ -131,6 +131,13 @@ def test_broken_videos_raise_video_error_with_reason(bad_videos, name):
     assert __import__("re").search(EXPECTED_REASON[name], err.value.reason), err.value.reason
 
 
+def test_video_error_pickles_with_reason_and_path():
+    import pickle
+    err = pickle.loads(pickle.dumps(VideoError("too short: 3 frames < needed 63", "s3://b/v.mp4")))
+    assert (err.reason, err.path, str(err)) == ("too short: 3 frames < needed 63", "s3://b/v.mp4",
+                                                "s3://b/v.mp4: too short: 3 frames < needed 63")
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(VideoError, match="file not found"):
         decode_clips(str(tmp_path / "gone.mp4"), SMALL)
