@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .layers.projection import LowRankLinear, make_projection
 
@@ -89,9 +90,15 @@ def jacobian_penalty(fn: Callable, x: torch.Tensor, n_probes: int = 1, *, method
     probes and, with ``normalize``, divided by the output size per sample. Differentiable w.r.t.
     the parameters of ``fn``.
     method: ``jvp`` (forward-mode, ``torch.func.jvp``) or ``vjp`` (E_u ||J^T u||^2, the same
-    expectation, via double backward) for ops without forward-mode support."""
+    expectation, via double backward) for ops without forward-mode support. Attention runs on
+    SDPA's math backend here: the fused kernels support neither forward AD nor double backward."""
     if n_probes < 1:
         raise ValueError(f"jacobian_penalty: n_probes must be >= 1, got {n_probes}")
+    with sdpa_kernel([SDPBackend.MATH]):
+        return _jacobian_penalty(fn, x, n_probes, method, normalize)
+
+
+def _jacobian_penalty(fn, x, n_probes, method, normalize):
     total, n_out = x.new_zeros(()), None
     for _ in range(n_probes):
         if method == "jvp":
