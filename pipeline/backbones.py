@@ -16,13 +16,14 @@ Layout notes (transformers 5.x):
   square; any frame count works (``skip_predictor=True``: encoder output only).
 * VideoMAE and ViViT have fixed position tables: exactly ``config.num_frames`` frames at ``image_size``.
 * TimeSformer interpolates its time embeddings to the frame count, but its divided space-time layers
-  reshape with ``config.num_frames``; we set ``config.num_frames`` to the frames fed (16) after
-  loading the k400 checkpoint (8), else temporal attention silently groups the wrong tokens. Its
+  reshape with ``config.num_frames``; after loading the k400 checkpoint (8 frames) the layers get a
+  config copy saying 16, else temporal attention silently groups the wrong tokens. Its
   tokens come out patch-major ((H, W, T) order) and are reordered to (T, H, W). It has no SDPA
   support in transformers, so :func:`use_sdpa_timesformer` swaps in an SDPA attention forward.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import os
@@ -267,7 +268,12 @@ def _local_copy(source: str, storage_options: dict | None = None) -> str:
 
 def _finish(name: str, model: nn.Module) -> nn.Module:
     if name == "timesformer":
-        model.config.num_frames = INPUT_SPECS[name].frames  # the layers reshape with it (see module doc)
+        # its layers reshape with config.num_frames (see module doc): give them a copy holding the frames fed,
+        # and keep model.config the checkpoint's, so save_pretrained still round-trips
+        layer_config = copy.deepcopy(model.config)
+        layer_config.num_frames = INPUT_SPECS[name].frames
+        for layer in model.encoder.layer:
+            layer.config = layer_config
         use_sdpa_timesformer(model)
     model.eval().requires_grad_(False)
     return model

@@ -1,0 +1,224 @@
+"""Backbones: token layouts, weight loading, FeatureExtractor (real transformers classes, tiny configs, CPU)."""
+from __future__ import annotations
+
+import fsspec
+import pytest
+import torch
+from transformers import (TimesformerForVideoClassification, TimesformerModel, VideoMAEForPreTraining,
+                          VivitForVideoClassification, VJEPA2Model)
+
+from pipeline.backbones import (INPUT_SPECS, MODEL_CLASSES, MODEL_NAMES, FeatureExtractor, build_models,
+                                derive_inputs, full_configs, layout_spec, tiny_configs, use_sdpa_timesformer)
+from pipeline.config import ModelsConfig, ModelSpec
+from tokconv.targets import ALL_SPECS
+
+# the hub checkpoints' own classes (what from_pretrained meets): name -> (class, attribute holding the backbone)
+HUB_CLASSES = {"student": (VJEPA2Model, None), "videomae": (VideoMAEForPreTraining, "videomae"),
+               "timesformer": (TimesformerForVideoClassification, "timesformer"),
+               "vivit": (VivitForVideoClassification, "vivit")}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return FeatureExtractor(ModelsConfig(weights="tiny"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def frames():
+    """Two different windows (B=2, 32 frames, 256x256) of smooth random video."""
+    g = torch.Generator().manual_seed(0)
+    low = torch.rand(2, 32, 3, 16, 16, generator=g)
+    up = torch.nn.functional.interpolate(low.flatten(0, 1), size=(256, 256), mode="bilinear")
+    return (up * 255).round().to(torch.uint8).unflatten(0, (2, 32)).permute(0, 1, 3, 4, 2).contiguous()
+
+
+@pytest.fixture(scope="module")
+def tiny_out(tiny, frames):
+    return tiny(frames)
+
+
+def test_layout_rules_give_the_full_size_targets():
+    full = full_configs()
+    assert {n: layout_spec(n, full[n]) for n in MODEL_NAMES} == ALL_SPECS
+
+
+def test_tiny_configs_keep_the_full_layouts():
+    full, tiny_cfg = full_configs(), tiny_configs()
+    for n in MODEL_NAMES:
+        f, t = layout_spec(n, full[n]), layout_spec(n, tiny_cfg[n])
+        assert (t.tokens, t.grid) == (f.tokens, f.grid), n
+        assert t.dim == tiny_cfg[n].hidden_size < f.dim
+
+
+def test_layout_rules_reject_inputs_a_fixed_position_table_cannot_take():
+    cfg = full_configs()
+    with pytest.raises(ValueError, match="vivit: fixed position table needs 32 frames"):
+        layout_spec("vivit", cfg["vivit"], INPUT_SPECS["videomae"])
+    with pytest.raises(ValueError, match="student: input 224px"):
+        layout_spec("student", cfg["student"], INPUT_SPECS["videomae"])
+
+
+def test_tiny_models_emit_the_rule_layouts(tiny, frames, tiny_out):
+    assert list(tiny_out) == list(MODEL_NAMES)
+    for n, spec in tiny.specs.items():
+        out = tiny_out[n]
+        assert out.shape == (frames.shape[0], spec.tokens, spec.dim), n
+        assert out.dtype == torch.float32 and torch.isfinite(out).all()
+        assert not torch.allclose(out[0], out[1]), f"{n}: both clips gave the same features"
+    assert tiny.specs["student"].grid == (8, 16, 16) and tiny.specs["timesformer"].grid == (16, 14, 14)
+
+
+def test_batch_items_are_independent(tiny, frames, tiny_out):
+    single = tiny(frames[1:])
+    for n in MODEL_NAMES:
+        torch.testing.assert_close(single[n][0], tiny_out[n][1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,frame,patch", [("student", 6, (3, 11)), ("videomae", 6, (2, 9)),
+                                              ("timesformer", 5, (12, 1))])
+def test_grid_tokens_are_flattened_t_h_w(name, frame, patch):
+    """Without transformer layers each output token sees only its own tubelet: changing one frame patch
+    moves exactly token t*H*W + h*W + w of the (T, H, W) grid."""
+    cfg = tiny_configs()[name]
+    cfg.num_hidden_layers = 0
+    torch.manual_seed(0)
+    model = MODEL_CLASSES[name]._from_config(cfg).eval()
+    if name == "timesformer":
+        from pipeline.backbones import _finish
+        _finish(name, model)
+    fe = FeatureExtractor.__new__(FeatureExtractor)  # the real run/_tokens path around this one model
+    fe.device, fe.dtype, fe._run = torch.device("cpu"), torch.float32, {name: model}
+    fe.specs = {name: layout_spec(name, cfg)}
+    spec_in, (t_grid, h_grid, w_grid) = INPUT_SPECS[name], fe.specs[name].grid
+    p = spec_in.crop // h_grid
+    x = torch.randn(1, spec_in.frames, 3, spec_in.crop, spec_in.crop)
+    y = x.clone()
+    y[0, frame, :, patch[0] * p:(patch[0] + 1) * p, patch[1] * p:(patch[1] + 1) * p] += 1.0
+    diff = (fe.run(name, y) - fe.run(name, x)).abs().amax(-1)[0]
+    t = frame * t_grid // spec_in.frames
+    assert diff.nonzero().flatten().tolist() == [t * h_grid * w_grid + patch[0] * w_grid + patch[1]]
+
+
+def _timesformer_one_layer(fix: bool) -> TimesformerModel:
+    cfg = tiny_configs()["timesformer"]
+    cfg.num_hidden_layers = 1
+    torch.manual_seed(0)
+    model = TimesformerModel(cfg).eval()
+    for name, p in model.named_parameters():  # checkpoints hold non-zero time embeddings / temporal_dense
+        if "time_embeddings" in name or "temporal_dense" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    if fix:
+        from pipeline.backbones import _finish
+        _finish("timesformer", model)
+    return model
+
+
+@pytest.mark.parametrize("fix", [True, False])
+def test_timesformer_fed_16_frames_equals_a_native_16_frame_model(fix):
+    """The k400 config says 8 frames. Fed 16, the loaded model must compute what a 16-frame TimeSformer
+    with the (nearest-)resized time embeddings computes; unfixed layers regroup tokens as 8-frame halves."""
+    model = _timesformer_one_layer(fix)
+    cfg16 = tiny_configs()["timesformer"]
+    cfg16.num_hidden_layers, cfg16.num_frames = 1, 16
+    native = TimesformerModel(cfg16).eval()
+    state = dict(model.state_dict())
+    state["embeddings.time_embeddings"] = state["embeddings.time_embeddings"].repeat_interleave(2, dim=1)
+    native.load_state_dict(state)
+    x = torch.randn(1, 16, 3, 224, 224)
+    with torch.no_grad():
+        same = torch.allclose(model(pixel_values=x).last_hidden_state, native(pixel_values=x).last_hidden_state,
+                              rtol=1e-4, atol=1e-5)
+    assert same == fix
+    assert model.config.num_frames == 8  # the checkpoint's config is untouched (save_pretrained round-trips)
+
+
+def test_timesformer_sdpa_matches_eager():
+    eager = _timesformer_one_layer(fix=False)
+    sdpa = use_sdpa_timesformer(_timesformer_one_layer(fix=False))
+    x = torch.randn(2, 16, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(sdpa(pixel_values=x).last_hidden_state,
+                                   eager(pixel_values=x).last_hidden_state, rtol=1e-4, atol=1e-5)
+
+
+def test_tiny_weights_are_seeded():
+    a = build_models(ModelsConfig(weights="tiny", seed=3), device="cpu")
+    b = build_models(ModelsConfig(weights="tiny", seed=3), device="cpu")
+    c = build_models(ModelsConfig(weights="tiny", seed=4), device="cpu")
+    for n in MODEL_NAMES:
+        pa, pb, pc = (torch.cat([p.flatten() for p in m[n].parameters()]) for m in (a, b, c))
+        assert torch.equal(pa, pb) and not torch.equal(pa, pc), n
+        assert not a[n].training and not any(p.requires_grad for p in a[n].parameters())
+
+
+def test_random_full_size_models_build_the_hub_architectures():
+    """weights=random builds the full architectures (on the meta device: no memory, no init time)."""
+    models = build_models(ModelsConfig(weights="random"), device="meta")
+    enc_params = {n: sum(p.numel() for p in (m.encoder.parameters() if n == "student" else m.parameters()))
+                  for n, m in models.items()}
+    assert 300e6 < enc_params["student"] < 310e6  # ViT-L/16 encoder with a 3D patch embed
+    for n in ("videomae", "timesformer", "vivit"):
+        assert 85e6 < enc_params[n] < 130e6, (n, enc_params[n])  # ViT-B/16 (+ TimeSformer temporal blocks)
+    assert {n: layout_spec(n, m.config) for n, m in models.items()} == ALL_SPECS
+
+
+@pytest.fixture(scope="module")
+def hub_dirs(tiny, tmp_path_factory):
+    """Each tiny backbone saved inside its hub checkpoint class, like the real hub repos."""
+    root, dirs = tmp_path_factory.mktemp("hub"), {}
+    for n in MODEL_NAMES:
+        cls, attr = HUB_CLASSES[n]
+        holder = cls(tiny.models[n].config)
+        (getattr(holder, attr) if attr else holder).load_state_dict(tiny.models[n].state_dict())
+        dirs[n] = root / n
+        holder.save_pretrained(dirs[n])
+    return dirs
+
+
+def test_pretrained_round_trip_from_local_dirs(tiny, frames, tiny_out, hub_dirs):
+    dirs = hub_dirs
+    cfg = ModelsConfig(weights="pretrained", **{n: ModelSpec(source=str(d)) for n, d in dirs.items()})
+    loaded = FeatureExtractor(cfg, device="cpu")
+    assert loaded.specs == tiny.specs
+    out = loaded(frames)
+    for n in MODEL_NAMES:
+        assert torch.equal(out[n], tiny_out[n]), n
+
+
+def test_pretrained_from_an_fsspec_url_is_copied_locally(frames, tiny_out, hub_dirs, tmp_path, monkeypatch):
+    """A non-local source (here fsspec's in-memory filesystem; s3:// takes the same path) is copied to a
+    local cache directory first."""
+    monkeypatch.setenv("TOKCONV_MODEL_CACHE", str(tmp_path / "cache"))
+    dirs = hub_dirs
+    mem = fsspec.filesystem("memory")
+    for n, d in dirs.items():
+        for f in d.iterdir():
+            mem.pipe(f"/h4-test/{n}/{f.name}", f.read_bytes())
+    try:
+        cfg = ModelsConfig(weights="pretrained", **{n: ModelSpec(source=f"memory://h4-test/{n}") for n in dirs})
+        models = build_models(cfg, device="cpu")
+        x = derive_inputs(frames[:1])["vivit"]
+        with torch.no_grad():
+            got = models["vivit"](pixel_values=x).last_hidden_state[:, :1]
+        assert torch.equal(got, tiny_out["vivit"][:1])
+        assert len(list((tmp_path / "cache").iterdir())) == 4
+        with pytest.raises(FileNotFoundError, match="memory://h4-test/nothing"):
+            build_models(cfg.model_copy(update={"student": ModelSpec(source="memory://h4-test/nothing")}),
+                         device="cpu")
+    finally:
+        mem.rm("/h4-test", recursive=True)
+
+
+def test_feature_extractor_rejects_unknown_compile_names():
+    with pytest.raises(ValueError, match="unknown model names"):
+        FeatureExtractor(ModelsConfig(weights="tiny", compile=["vivitt"]), device="cpu")
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_matches_cpu_fp32(tiny, frames, tiny_out):
+    gpu = FeatureExtractor(ModelsConfig(weights="tiny", compile=["videomae"]), device="cuda")
+    out = gpu(frames.pin_memory())
+    for n in MODEL_NAMES:
+        assert out[n].device.type == "cuda" and out[n].dtype == torch.bfloat16
+        cos = torch.nn.functional.cosine_similarity(out[n].float().cpu(), tiny_out[n], dim=-1)
+        assert cos.min() > 0.98, (n, cos.min())
