@@ -8,13 +8,15 @@ evenly and skip the very first/last frames (titles, fades). A video always yield
 ``clips_per_video`` clips (indices ``0..K-1``; neighbours may overlap on short videos), so
 "done" is the same set of clip indices for every video.
 
-Resizing happens inside decord (``width``/``height`` at open time: ffmpeg's swscale runs
-during the YUV->RGB conversion). Measured on the sample videos (one 32x2 window, 1 thread,
-loaded 2-core host): 720p bigbuckbunny 0.7-1.1 s with decord resizing vs 2.7-3.0 s decoding at
-full size + torch float bilinear/antialias, 1.2 s with torch's uint8 kernel (the full-size RGB
-conversion alone took 0.9-1.6 s); 640x272 bikes 0.3-0.46 s vs 1.1-1.8 s / 0.3 s. Frames differ
-from the torch path by ~1 grey level on average. ``resize_center_crop`` (torch uint8) remains
-the fallback when decord returns another size.
+Downscaling happens inside decord (``width``/``height`` at a second open: ffmpeg's swscale runs
+during the YUV->RGB conversion, so the full-size RGB frames never exist); a video whose short
+side is already <= ``short_side`` is read once at its own size and upscaled (if needed) with
+torch's uint8 bilinear kernel, which saves the second open. Measured on the sample videos (one
+video = two 32x2 windows, 1 thread, a 2-core host under load average 10-37, so ratios matter more
+than absolute figures): 720p bigbuckbunny decord-resize 1.4-2.5x faster than full-size decode +
+torch resize (e.g. 2.3 s vs 3.4 s per video); 640x272 bikes about equal (0.9x); the 176x144
+carphone videos were 1.2-2.7x faster with the torch path than with a decord-resized second open,
+hence the split. Frames from the two paths differ by ~1 grey level on average.
 
 Every failure raises ``VideoError`` naming the file and the reason; decord is never allowed
 to return repeated frames for indices past the end (its fault tolerance is off and indices
@@ -157,18 +159,18 @@ def decode_clips(path: str, cfg: DecodeConfig, *, clip_indices=None,
     src = _source(path, storage_options)
     stage = "opening"
     try:
-        probe = _open(src, cfg.num_threads)
-        num_frames = len(probe)
-        height, width = probe[0].shape[:2]
-        del probe
+        vr = _open(src, cfg.num_threads)
+        num_frames = len(vr)
+        height, width = vr[0].shape[:2]
         try:
             index = clip_frame_indices(num_frames, cfg)[wanted]
         except VideoError as e:
             raise VideoError(e.reason, path) from None
-        nh, nw = resized_shape(height, width, cfg.short_side)
-        vr = _open(src, cfg.num_threads, width=nw, height=nh)
-        if len(vr) != num_frames:
-            raise VideoError(f"frame count changed between opens ({num_frames} vs {len(vr)})", path)
+        if min(height, width) > cfg.short_side:  # downscale inside decord (see module docstring)
+            nh, nw = resized_shape(height, width, cfg.short_side)
+            vr = _open(src, cfg.num_threads, width=nw, height=nh)
+            if len(vr) != num_frames:
+                raise VideoError(f"frame count changed between opens ({num_frames} vs {len(vr)})", path)
         unique, inverse = np.unique(index.ravel(), return_inverse=True)  # pad/loop repeat frames
         stage = f"decoding frames {unique[0]}..{unique[-1]} of {num_frames}"
         frames = vr.get_batch(unique.tolist()).asnumpy()
