@@ -168,7 +168,8 @@ def _write_manifest(path: Path, rows: list[dict]) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
-def test_manifest_labels_splits_and_relative_paths(sample_videos, fmt):
+def test_manifest_labels_splits_and_relative_paths(tmp_path, fmt):
+    sample_videos = samples.sample_dir(tmp_path)  # a private copy: the manifest sits beside the videos
     manifest = sample_videos / f"manifest.{fmt}"
     _write_manifest(manifest, _manifest_rows(sample_videos))
     recs = {Path(r["path"]).name: r for r in list_videos(SourcesConfig(manifest=str(manifest)))}
@@ -185,7 +186,6 @@ def test_manifest_labels_splits_and_relative_paths(sample_videos, fmt):
     # the same video listed from the directory has the same id
     by_dir = {r["path"]: r["video_id"] for r in list_videos(SourcesConfig(uri=str(sample_videos)))}
     assert all(by_dir[r["path"]] == r["video_id"] for r in recs.values())
-    manifest.unlink()
 
 
 def test_manifest_without_label_column_uses_parent_folders(tmp_path):
