@@ -1,0 +1,208 @@
+"""Selective scan (Mamba S6): fused CUDA kernel when available, pure-torch reference otherwise.
+
+Same calling convention as ``mamba_ssm.ops.selective_scan_interface``::
+
+    u:      (B, D, L)   input
+    delta:  (B, D, L)   step size (before ``delta_bias`` / softplus)
+    A:      (D, N)      real state matrix (negative for a stable scan)
+    B, C:   (D, N) time-invariant, (B, N, L) or (B, G, N, L) input-dependent (G groups divide D)
+    D:      (D,)        skip connection, optional
+    z:      (B, D, L)   gate, optional: out *= silu(z)
+    delta_bias: (D,)    added to delta before softplus
+    returns out (B, D, L) in u's dtype, plus the last state (B, D, N) when ``return_last_state``.
+
+Recurrence, per (batch, channel d, state n)::
+
+    h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t ;   y_t = <C_t, h_t> + D * u_t
+
+``selective_scan_fn`` dispatches; ``selective_scan_ref`` is the chunked parallel pure-torch
+scan (no Python loop over L); ``selective_scan_naive`` is the literal sequential recurrence
+that the tests compare both against. The backend is chosen once (env ``TOKCONV_FUSED=0/1``,
+auto by default); ``use_backend(...)`` overrides it for tests (nanochat flash_attention style).
+At run time the reference is used whenever the kernel is missing or inputs are not on CUDA.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["selective_scan_fn", "selective_scan_ref", "selective_scan_naive", "HAS_FUSED",
+           "backend", "resolve_backend", "use_backend"]
+
+CHUNK = 64  # reference scan: a loop over positions inside chunks of this length, then over chunks
+
+
+def _load_fused():
+    """mamba_ssm's CUDA selective scan, or None (CPU-only machines, import errors of any kind)."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as fn
+    except Exception:  # ImportError, missing .so, ABI mismatch with this torch: fall back
+        return None
+    return fn
+
+
+_fused_fn = _load_fused()
+HAS_FUSED = _fused_fn is not None
+
+# Test override: "fused", "reference" or None (env / auto). Set through ``use_backend``.
+_override: str | None = None
+
+
+def resolve_backend(env: str | None, has_fused: bool, override: str | None = None) -> str:
+    """Pure decision rule: returns "fused" or "reference".
+
+    override wins ("fused" without the kernel raises); env "0" forces the reference; env "1"
+    asks for the kernel (warns and falls back when it is missing); unset/"auto" uses the kernel
+    when it imports.
+    """
+    if override is not None:
+        if override not in ("fused", "reference"):
+            raise ValueError(f"backend override must be 'fused', 'reference' or None, got {override!r}")
+        if override == "fused" and not has_fused:
+            raise RuntimeError("backend override 'fused' but mamba_ssm's selective scan is not importable")
+        return override
+    env = (env or "auto").strip().lower()
+    if env in ("0", "false", "no", "off"):
+        return "reference"
+    if env in ("1", "true", "yes", "on"):
+        if not has_fused:
+            warnings.warn("TOKCONV_FUSED=1 but mamba_ssm's selective scan is not importable; "
+                          "using the pure-torch reference", RuntimeWarning, stacklevel=2)
+        return "fused" if has_fused else "reference"
+    if env != "auto":
+        raise ValueError(f"TOKCONV_FUSED must be 0, 1 or auto, got {env!r}")
+    return "fused" if has_fused else "reference"
+
+
+_BACKEND = resolve_backend(os.environ.get("TOKCONV_FUSED"), HAS_FUSED)
+
+
+def backend() -> str:
+    """The backend selective_scan_fn uses for CUDA inputs ("fused" or "reference")."""
+    return resolve_backend(None, HAS_FUSED, _override) if _override is not None else _BACKEND
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Temporarily force "fused" / "reference" (None: back to env/auto). For tests and benches."""
+    global _override
+    resolve_backend(None, HAS_FUSED, name)  # validate before switching
+    prev, _override = _override, name
+    try:
+        yield
+    finally:
+        _override = prev
+
+
+def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                      return_last_state=False):
+    """Selective scan; shapes in the module docstring. Fused kernel on CUDA when selected."""
+    if (backend() == "fused" and u.is_cuda and u.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and not A.is_complex()):
+        return _fused_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def _prepare(u, delta, A, B, C, delta_bias, delta_softplus, log_decay=False):
+    """Validate shapes; return float u (B,D,L), the decay exp(delta*A) (or delta*A when
+    ``log_decay``) and delta*B*u, both (B,D,N,L), and C broadcastable to (B,D,N,L)."""
+    if A.is_complex():
+        raise NotImplementedError("complex A is not supported by the pure-torch selective scan")
+    if u.dim() != 3 or delta.shape != u.shape:
+        raise ValueError(f"u and delta must both be (B, D, L); got u {tuple(u.shape)}, delta {tuple(delta.shape)}")
+    batch, dim, length = u.shape
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A must be (D={dim}, N); got {tuple(A.shape)}")
+    dstate = A.shape[1]
+    dtype = torch.promote_types(u.dtype, torch.float32)  # fp32 math (fp64 stays fp64 for tests)
+    u, delta = u.to(dtype), delta.to(dtype)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(dtype)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+
+    def per_channel(M, name):  # -> (B or 1, D, N, L or 1)
+        M = M.to(dtype)
+        if M.dim() == 2 and M.shape == (dim, dstate):
+            return M[None, :, :, None]
+        if M.dim() == 3 and M.shape == (batch, dstate, length):
+            return M[:, None]
+        if M.dim() == 4 and M.shape[0] == batch and M.shape[2:] == (dstate, length) and dim % M.shape[1] == 0:
+            return M.repeat_interleave(dim // M.shape[1], dim=1)
+        raise ValueError(f"{name} must be (D, N), (B, N, L) or (B, G, N, L) with G | D "
+                         f"(B={batch}, D={dim}, N={dstate}, L={length}); got {tuple(M.shape)}")
+
+    Bm, Cm = per_channel(B, "B"), per_channel(C, "C")
+    deltaA = delta[:, :, None, :] * A.to(dtype)[None, :, :, None]              # (B, D, N, L)
+    deltaB_u = (delta * u)[:, :, None, :] * Bm                                  # (B, D, N, L)
+    return u, (deltaA if log_decay else torch.exp(deltaA)), deltaB_u, Cm
+
+
+def _finish(u, y, D, z, dtype_in, last_state, return_last_state):
+    out = y if D is None else y + u * D.to(y.dtype)[:, None]
+    if z is not None:
+        out = out * F.silu(z.to(out.dtype))
+    out = out.to(dtype_in)
+    return (out, last_state) if return_last_state else out
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False, chunk: int = CHUNK):
+    """Chunked pure-torch scan; same signature and result as the fused kernel.
+
+    L is cut into n = L/chunk chunks. One loop over the ``chunk`` positions advances all chunks
+    at once (each from a zero state), cumulative decays come from a log-space cumsum of
+    delta*A (exp of a non-positive number: no overflow, unlike exp(-cumsum) factorisations),
+    and a loop over the n chunk ends carries the state across chunks. That is
+    chunk + n Python steps (96 for L=2048) over contiguous tensors, and O(L) work.
+    Memory is a few (B, D, N, L) float tensors, like mamba's own reference.
+    """
+    dtype_in = u.dtype
+    u, dA, b, Cm = _prepare(u, delta, A, B, C, delta_bias, delta_softplus, log_decay=True)
+    batch, dim, dstate, length = dA.shape
+    K = max(1, min(chunk, length))
+    n = -(-length // K)
+    pad = n * K - length
+    if pad:  # identity maps (decay 1, input 0) at the end leave earlier states unchanged
+        dA, b = F.pad(dA, (0, pad)), F.pad(b, (0, pad))
+    # (B, D, N, n*K) -> (K, B, D, N, n): position-in-chunk first, so each loop step is contiguous
+    dA = dA.reshape(batch, dim, dstate, n, K).permute(4, 0, 1, 2, 3).contiguous()
+    b = b.reshape(batch, dim, dstate, n, K).permute(4, 0, 1, 2, 3).contiguous()
+    # unbind, not a[t]: the backward of each indexing op would allocate a full-size zero tensor
+    a_t, b_t = torch.exp(dA).unbind(0), b.unbind(0)
+    hs = [b_t[0]]
+    for t in range(1, K):  # within-chunk recurrence from a zero state, all chunks in parallel
+        hs.append(a_t[t] * hs[-1] + b_t[t])
+    h = torch.stack(hs)                                               # (K, B, D, N, n)
+    if n > 1:
+        decay = torch.exp(torch.cumsum(dA, dim=0))                    # prod a_{0..t} in chunk
+        dec_end, h_end = decay[-1].unbind(-1), hs[-1].unbind(-1)      # n x (B, D, N)
+        carries = [torch.zeros_like(dec_end[0])]
+        for c in range(n - 1):  # state entering chunk c+1
+            carries.append(dec_end[c] * carries[-1] + h_end[c])
+        h = h + decay * torch.stack(carries, dim=-1)
+    h = h.permute(1, 2, 3, 4, 0).reshape(batch, dim, dstate, n * K)[..., :length]  # (B, D, N, L)
+    y = (h * Cm).sum(dim=2)                                           # (B, D, L)
+    last_state = h[..., -1] if return_last_state else None
+    return _finish(u, y, D, z, dtype_in, last_state, return_last_state)
+
+
+def selective_scan_naive(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                         return_last_state=False):
+    """The literal sequential recurrence (a Python loop over L). Slow; for tests only."""
+    dtype_in = u.dtype
+    u, a, b, Cm = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+    Cm = Cm.expand(a.shape[0], -1, -1, a.shape[-1]) if Cm.shape[-1] == 1 else Cm
+    h = a.new_zeros(a.shape[:3])
+    ys = []
+    for t in range(a.shape[-1]):
+        h = a[..., t] * h + b[..., t]
+        ys.append((h * Cm[..., t]).sum(dim=2))
+    y = torch.stack(ys, dim=2)
+    return _finish(u, y, D, z, dtype_in, h if return_last_state else None, return_last_state)
