@@ -18,9 +18,9 @@ torch resize (e.g. 2.3 s vs 3.4 s per video); 640x272 bikes about equal (0.9x); 
 carphone videos were 1.2-2.7x faster with the torch path than with a decord-resized second open,
 hence the split. Frames from the two paths differ by ~1 grey level on average.
 
-Every failure raises ``VideoError`` naming the file and the reason; decord is never allowed
-to return repeated frames for indices past the end (its fault tolerance is off and indices
-are checked against the frame count).
+Every failure raises ``VideoError`` naming the file and the reason. Frame indices are computed
+here from decord's frame count and never exceed it: a video shorter than one clip follows
+``short_video`` (fail / pad / loop) explicitly instead of getting silently repeated frames.
 """
 from __future__ import annotations
 
