@@ -383,7 +383,8 @@ class FeatureStore:
             raise FileNotFoundError(f"{self}: no committed shards")
         ds = ray.data.read_parquet(paths, filesystem=self.pyarrow_filesystem(), columns=columns)
         if split is not None:
-            ds = ds.filter(expr=f"split == '{split}'")
+            from ray.data.expressions import col
+            ds = ds.filter(expr=col("split") == split)
         return ds
 
     def iter_torch(self, split: str | None = None, batch_size: int = 8,

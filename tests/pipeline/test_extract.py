@@ -69,3 +69,109 @@ def test_plan_and_completeness(tmp_path):
     assert [r["video_id"] for r in p["pending"]] == ["half", "bad", "new"] and p["retried"] == ["bad"]
     c = check_complete(records, store, 2)
     assert (c["processed"], c["failed"], c["ok"], c["missing"]) == (1, 1, False, ["half", "new"])
+
+
+# ------------------------------------------------------------------------------ integration (Ray)
+
+BAD = ("truncated", "random_bytes", "empty", "too_short", "audio_only")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 object_store_memory=500 * 2**20, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+def _job(videos, storage_url, **extract) -> JobConfig:
+    return JobConfig.model_validate({
+        "name": "extract-test", "storage": {"url": storage_url},
+        "sources": {"uri": str(videos), "val_fraction": 0.34},
+        # short_side 128: cheaper decode; the actor resizes each model's input on the device anyway
+        "decode": {"window": 32, "stride": 2, "clips_per_video": 2, "short_side": 128, "short_video": "fail"},
+        "models": TINY.model_dump(),
+        "extract": {"batch_size": 2, "shard_clips": 2, "model_actors": 1, "cpus_per_actor": 1,
+                    "gpus_per_actor": 0, **extract},
+    })
+
+
+def _stored_pairs(store: FeatureStore) -> list[tuple[str, int]]:
+    """Every (video_id, clip_index) in every Parquet file under shards/ (committed or not)."""
+    import pyarrow.parquet as pq
+    pairs = []
+    for name in store.storage.ls("shards"):
+        if name.endswith(".parquet"):
+            t = pq.read_table(store.storage.path("shards", name), columns=["video_id", "clip_index"])
+            pairs += zip(t.column("video_id").to_pylist(), t.column("clip_index").to_pylist())
+    return pairs
+
+
+@pytest.mark.integration
+def test_extract_failures_resume_and_new_videos(ray_cluster, tmp_path, sample_files, bad_videos):
+    from pipeline.extract import run_extract
+    from pipeline.sources import list_videos
+    videos = tmp_path / "videos"
+    for label, name in (("phone", "carphone_pristine.mp4"), ("outdoor", "bikes.mp4")):
+        (videos / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(sample_files[name], videos / label / name)
+    (videos / "broken").mkdir()
+    for name in BAD:
+        shutil.copy(bad_videos[name], videos / "broken" / f"{name}{bad_videos[name].suffix}")
+    storage = Storage(str(tmp_path / "store"))
+    job = _job(videos, storage.root_url)
+    store = FeatureStore(storage, job.extract.store)
+    listed = list_videos(job.sources)
+    good_ids = {r["video_id"] for r in listed if r["label"] != "broken"}
+
+    # 1) an interrupted run: only 3 of the 7 videos get processed
+    s1 = run_extract(job.model_copy(update={"extract": job.extract.model_copy(update={"limit_videos": 3})}), storage)
+    assert s1["videos_this_run"] == 3 and not s1["invariant_ok"]
+    # 2) the rest: every video ends up processed or failed, each clip exactly once
+    s2 = run_extract(job, storage)
+    assert s2["videos_this_run"] == 4 and s2["invariant_ok"]
+    assert (s2["listed"], s2["processed"], s2["failed"]) == (7, 2, 5)
+    assert s1["clips"] + s2["clips"] == 4
+    failed = store.failed()
+    assert {f["path"].rsplit("/", 1)[1].split(".")[0] for f in failed.values()} == set(BAD)
+    assert all(f["reason"] for f in failed.values())
+    assert "too short" in next(f for f in failed.values() if "too_short" in f["path"])["reason"]
+    pairs = _stored_pairs(store)
+    assert sorted(pairs) == sorted((v, c) for v in good_ids for c in (0, 1))
+    meta, stats = store.read_meta(), store.stats()
+    assert meta["tensors"]["student"] == {"shape": [2048, 64], "dtype": "float16"}
+    assert meta["class_names"] == ["broken", "outdoor", "phone"]
+    assert stats["timesformer"]["std"].shape == (48,) and (stats["timesformer"]["std"] > 0).all()
+
+    # 3) a crash between shard move and commit record (orphan shard) and a half-written tmp shard
+    rec = store.commits()[0]
+    lost = {tuple(p) for p in rec["clips"]}
+    store.storage.fs.rm(store.storage.path("commits", f"{rec['shard']}.json"))
+    store.storage.write_bytes("shards/_tmp/crashed.parquet", b"half a shard")
+    s3 = run_extract(job, storage)
+    assert s3["orphans_removed"] == 2 and s3["clips"] == len(lost) and s3["invariant_ok"]
+    assert s3["videos_this_run"] == len({v for v, _ in lost})  # failed videos are not retried
+    pairs = _stored_pairs(store)
+    assert len(pairs) == len(set(pairs)) == 4 and set(pairs) == {(v, c) for v in good_ids for c in (0, 1)}
+
+    # 4) more videos: only the new one is processed
+    shutil.copy(sample_files["carphone_distorted.mp4"], videos / "phone" / "carphone_distorted.mp4")
+    s4 = run_extract(job, storage)
+    assert (s4["videos_this_run"], s4["clips"], s4["listed"], s4["processed"]) == (1, 2, 8, 3)
+    assert s4["skipped_done"] == 2 and s4["skipped_failed"] == 5
+    assert len(_stored_pairs(store)) == 6
+
+    # readers: Ray Data over committed shards by split, plain pyarrow iterator
+    n_train = sum(len(b["video_id"]) for b in store.iter_torch(split="train", batch_size=4))
+    n_val = sum(len(b["video_id"]) for b in store.iter_torch(split="val", batch_size=4))
+    assert n_train + n_val == 6 and n_val > 0
+    ds = store.read_dataset(split="val")
+    batches = list(ds.iter_batches(batch_size=8, batch_format="pyarrow"))
+    got = [store.to_torch(b) for b in batches]
+    assert sum(len(b["video_id"]) for b in got) == n_val
+    assert got[0]["student"].shape[1:] == (2048, 64) and set(got[0]["split"]) == {"val"}
