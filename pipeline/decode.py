@@ -214,6 +214,9 @@ def make_decode_fn(cfg: DecodeConfig, *, record_failure: Callable[[dict, str], N
     video; ``clip_indices`` None/absent = all clips). Out: ``{"video_id", "clip_index",
     "label_index", "split", "frames" uint8 (N, window, S, S, 3)}``. A video that fails calls
     ``record_failure(record, reason)`` and yields no rows; decoding errors never raise.
+    A batch whose videos all fail returns typed 0-row arrays; Ray cannot store a 0-row tensor
+    column as a tensor (it logs one "Failed to convert column 'frames'" warning per worker and
+    pickles it), which is harmless: its batcher drops empty blocks before the next stage.
     """
     def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["path"])
