@@ -141,6 +141,9 @@ class TrainConfig(_Strict):
     max_failures: int = Field(1, ge=0)
     seed: int = 0
     warm_start: bool = Field(True, description="start from the current `latest` export when one exists")
+    materialize_max_mb: float = Field(
+        512, ge=0, description="a train split of at most this size (Parquet bytes) is read into the object "
+        "store once and reused every epoch; larger ones stream from storage every epoch")
 
     @field_validator("converter")
     @classmethod
