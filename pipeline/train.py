@@ -161,7 +161,7 @@ def train_loop_per_worker(config: dict) -> None:
     converter, head = build_models(tc, specs, config["num_classes"])
     module = _TrainModule(converter=converter, head=head)
 
-    start_epoch, step, state, history, resumed_from = 0, 0, None, [], None
+    start_epoch, step, state, history, resumed_from, warm_from = 0, 0, None, [], None, None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:  # restart after a failure: resume exactly where the last report left off
         with ckpt.as_directory() as d:
@@ -169,6 +169,7 @@ def train_loop_per_worker(config: dict) -> None:
         module.load_state_dict(state["model"])
         start_epoch, step = state["epoch"], state["step"]
         history, resumed_from = list(state["metrics"]["loss_history"]), state["epoch"]
+        warm_from = state["metrics"].get("warm_started_from")
         if rank == 0:
             print(f"[train] resumed from the checkpoint of epoch {start_epoch}", flush=True)
     elif config.get("warm_start_version"):
@@ -176,6 +177,7 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             download_model(storage, job.export.model_name, config["warm_start_version"], d)
             _load_weights_from_dir(module, d)
+        warm_from = config["warm_start_version"]
         if rank == 0:
             print(f"[train] warm start from {job.export.model_name}/{config['warm_start_version']}", flush=True)
 
@@ -244,7 +246,7 @@ def train_loop_per_worker(config: dict) -> None:
         n = max(sums[3].item(), 1.0)
         history.append(sums[0].item() / n)
         metrics = {"epoch": epoch + 1, "step": step, "loss": sums[0].item() / n, "loss_history": list(history),
-                   "resumed_from_epoch": resumed_from,
+                   "resumed_from_epoch": resumed_from, "warm_started_from": warm_from,
                    "distill_loss": sums[1].item() / n, "head_loss": sums[2].item() / n,
                    "train_top1": correct[0].item() / correct[1].item() if correct[1] > 0 else None,
                    "lr": optimizer.param_groups[0]["lr"]}
@@ -330,10 +332,13 @@ def run_train(job: JobConfig, storage: Storage) -> dict[str, Any]:
     stats = store.stats()
     stats_plain = {k: {"mean": [float(v) for v in stats[k]["mean"]], "std": [float(v) for v in stats[k]["std"]]}
                    for k in teacher_specs(specs)}
-    ds = store.read_dataset(split="train")
-    n_train = ds.count()
+    n_train = store.num_clips("train")  # from the commit records: no pass over the data
     if n_train == 0:
         raise ValueError(f"feature store {job.extract.store!r} has no clips in split 'train'")
+    ds = store.read_dataset(split="train")
+    store_mb = sum(r["bytes"] for r in store.commits()) / 2**20
+    if store_mb <= tc.materialize_max_mb:  # small: read once, not once per epoch
+        ds = ds.materialize()
     per_step = tc.batch_size * tc.num_workers
     steps_per_epoch = -(-n_train // per_step)
 
@@ -371,7 +376,7 @@ def run_train(job: JobConfig, storage: Storage) -> dict[str, Any]:
     summary = {
         "run": storage.url("runs", job.name, run_name),
         "checkpoint": storage.url(ckpt_rel), "checkpoint_rel": ckpt_rel,
-        "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, list, type(None)))},
+        "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str, list, type(None)))},
         "converter": tc.converter, "converter_params": n_params,
         "head_params": sum(p.numel() for p in head.parameters()) if head is not None else 0,
         "class_names": class_names, "train_clips": n_train, "warm_start": warm,

@@ -17,8 +17,7 @@ from pipeline.config import JobConfig
 from pipeline.evaluate import run_evaluate
 from pipeline.export import download_model, is_better, metric_value, run_export
 from pipeline.storage import Storage
-from pipeline.train import build_models, save_model_dir
-from tiny_features import CLASS_NAMES, SPECS, make_tiny_store
+from tiny_features import SPECS, make_tiny_store, publish_checkpoint
 
 EXPECTED_FILES = {"model.safetensors", "config.json", "head.safetensors", "head.json", "metrics.json",
                   "README.md", "standardization.safetensors", "reference_io.safetensors"}
@@ -34,16 +33,7 @@ def _job(url: str, options: dict | None = None, **export) -> JobConfig:
 
 def _trained_and_evaluated(storage: Storage, job: JobConfig, seed: int = 0) -> None:
     """A real (untrained) converter + head as the run's checkpoint, then a real evaluation."""
-    torch.manual_seed(seed)
-    conv, head = build_models(job.train, SPECS, len(CLASS_NAMES))
-    rel = f"runs/{job.name}/ckpt-{seed}"
-    with tempfile.TemporaryDirectory() as tmp:
-        save_model_dir(conv, head, tmp)
-        for f in os.listdir(tmp):
-            storage.fs.makedirs(storage.path(rel), exist_ok=True)
-            storage.fs.put_file(os.path.join(tmp, f), storage.path(rel, f))
-    storage.write_json(f"runs/{job.name}/train.json", {
-        "checkpoint": storage.url(rel), "checkpoint_rel": rel, "converter": job.train.converter, "metrics": {}})
+    publish_checkpoint(storage, job, seed)
     run_evaluate(job, storage)
 
 

@@ -58,3 +58,25 @@ def make_tiny_store(storage: Storage, name: str = "features", *, n_train: int = 
         })
     store.compute_stats()
     return store
+
+
+def publish_checkpoint(storage: Storage, job, seed: int = 0) -> str:
+    """A real converter + head (``build_models`` from ``job.train``, initialised with ``seed``) saved
+    in tokconv.io format as the run's checkpoint, with the runs/<job>/train.json pointer that
+    evaluate/export read (what a training run leaves behind, without Ray). Returns the rel path."""
+    import os
+    import tempfile
+
+    from pipeline.train import build_models, save_model_dir
+
+    torch.manual_seed(seed)
+    conv, head = build_models(job.train, SPECS, len(CLASS_NAMES))
+    rel = f"runs/{job.name}/ckpt-{seed}"
+    storage.fs.makedirs(storage.path(rel), exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model_dir(conv, head, tmp)
+        for f in os.listdir(tmp):
+            storage.fs.put_file(os.path.join(tmp, f), storage.path(rel, f))
+    storage.write_json(f"runs/{job.name}/train.json", {
+        "checkpoint": storage.url(rel), "checkpoint_rel": rel, "converter": job.train.converter, "metrics": {}})
+    return rel
