@@ -24,6 +24,7 @@ Layout notes (transformers 5.x):
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import math
 import os
@@ -187,6 +188,14 @@ def _resize_crop(x: torch.Tensor, resize: int, crop: int) -> torch.Tensor:
     return x[..., top:top + crop, left:left + crop]
 
 
+@functools.lru_cache(maxsize=32)
+def _affine(spec: InputSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of shape (1, 1, 3, 1, 1) with (x/255 - mean)/std == x*scale - shift, made once per device."""
+    std, mean = torch.tensor(spec.std, dtype=torch.float64), torch.tensor(spec.mean, dtype=torch.float64)
+    scale, shift = 1.0 / (255.0 * std), mean / std
+    return tuple(t.float().view(1, 1, 3, 1, 1).to(device) for t in (scale, shift))
+
+
 def _take(x: torch.Tensor, indices: list[int]) -> torch.Tensor:
     """x[:, indices] as a view (a strided slice) when the indices are evenly spaced, else a gather."""
     step = indices[1] - indices[0] if len(indices) > 1 else 1
@@ -222,11 +231,10 @@ def derive_inputs(frames: torch.Tensor, *, dtype: torch.dtype = torch.float32,
         pos = {i: k for k, i in enumerate(idx)}
         for n in names:
             spec = specs[n]
-            std = torch.tensor(spec.std, device=x.device).view(1, 1, 3, 1, 1)
-            mean = torch.tensor(spec.mean, device=x.device).view(1, 1, 3, 1, 1)
+            scale, shift = _affine(spec, x.device)
             sel = _take(x, [pos[i] for i in spec.frame_indices])
-            sel = sel.to(torch.float32, memory_format=torch.contiguous_format)
-            out[n] = sel.mul_(1.0 / (255.0 * std)).sub_(mean / std).to(dtype)  # (x/255 - mean)/std
+            sel = sel.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # never alias x
+            out[n] = sel.mul_(scale).sub_(shift).to(dtype)  # (x/255 - mean)/std
     return out
 
 
@@ -324,7 +332,7 @@ def _tokens(name: str, hidden: torch.Tensor, spec: TargetSpec) -> torch.Tensor:
         return hidden[:, :1]
     if name == "timesformer":  # drop CLS; tokens come patch-major (H, W, T)
         t, h, w = spec.grid
-        return hidden[:, 1:].unflatten(1, (h * w, t)).transpose(1, 2).flatten(1, 2)
+        return hidden[:, 1:].unflatten(1, (h * w, t)).transpose(1, 2).flatten(1, 2).contiguous()
     return hidden
 
 

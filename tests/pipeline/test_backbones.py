@@ -219,6 +219,6 @@ def test_cuda_bf16_matches_cpu_fp32(tiny, frames, tiny_out):
     gpu = FeatureExtractor(ModelsConfig(weights="tiny", compile=["videomae"]), device="cuda")
     out = gpu(frames.pin_memory())
     for n in MODEL_NAMES:
-        assert out[n].device.type == "cuda" and out[n].dtype == torch.bfloat16
+        assert out[n].device.type == "cuda" and out[n].dtype in (torch.bfloat16, torch.float32)  # autocast LN: fp32
         cos = torch.nn.functional.cosine_similarity(out[n].float().cpu(), tiny_out[n], dim=-1)
         assert cos.min() > 0.98, (n, cos.min())
