@@ -79,6 +79,8 @@ def test_export_layout_promotion_and_reload(tmp_path):
     _trained_and_evaluated(storage, job)
     real = storage.read_json("runs/exp/eval/metrics.json")
     assert -1.0 <= real["mean_cosine"] <= 1.0 and real["clips"] == 8
+    report = storage.read_bytes("runs/exp/eval/report.html").decode()
+    assert report.count("<img") == 3 and all(f"<td>{t}</td>" in report for t in SPECS if t != "student")
 
     _set_metric(storage, job, "mean_cosine", 0.5)
     s1 = run_export(job, storage)

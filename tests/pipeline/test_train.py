@@ -50,6 +50,20 @@ def ray_cluster():
     ray.shutdown()
 
 
+def test_train_module_regularisers_and_jacobian_backprop():
+    """The DDP-wrapped module: one forward gives outputs, logits, deficiency terms and the Jacobian
+    penalty, and a backward reaches every parameter."""
+    from pipeline.train import _TrainModule
+    job = _job("unused", {}, deficiency={"rank": 4, "w_nuclear": 0.1, "w_jacobian": 0.1})
+    conv, head = build_models(job.train, SPECS, len(CLASS_NAMES))
+    module = _TrainModule(converter=conv, head=head).train()
+    out, logits, regs, jac = module(torch.randn(2, STUDENT.tokens, STUDENT.dim), with_jacobian=True)
+    assert set(out) == set(TEACHERS) and logits.shape == (2, len(CLASS_NAMES))
+    assert regs["nuclear"].item() > 0 and jac.item() > 0
+    (sum(o.square().mean() for o in out.values()) + logits.sum() + regs["nuclear"] + jac).backward()
+    assert all(p.grad is not None for p in module.parameters())
+
+
 def test_warm_start_needs_a_matching_latest(tmp_path):
     """The driver picks `latest` for a warm start only when converter and head configs match."""
     from pipeline.evaluate import run_evaluate
