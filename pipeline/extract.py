@@ -196,9 +196,17 @@ def _resources(job: JobConfig) -> dict[str, Any]:
             "cluster_gpus": gpus}
 
 
+def _decode_memory(job: JobConfig) -> int:
+    """Bytes one decode task holds: its clips (uint8) about 3x over (decoded, cropped, stacked)."""
+    d = job.decode
+    clip = d.window * d.short_side * d.short_side * 3
+    return max(256 * 2**20, 3 * d.clips_per_video * clip)
+
+
 def build_pipeline(job: JobConfig, store: FeatureStore, pending: list[dict], res: dict):
     """The Ray Data pipeline, top to bottom; returns a Dataset of commit rows."""
     import ray.data
+
     from pipeline.decode import make_decode_fn
 
     ec = job.extract
@@ -208,7 +216,11 @@ def build_pipeline(job: JobConfig, store: FeatureStore, pending: list[dict], res
     return (
         ray.data.from_items(pending, override_num_blocks=max(1, len(pending)))
         .map_batches(decode, batch_size=1, num_cpus=ec.cpus_per_decoder,
-                     compute=ray.data.TaskPoolStrategy(size=res["decoders"]))
+                     compute=ray.data.TaskPoolStrategy(size=res["decoders"]),
+                     # the memory request also keeps Ray Data from fusing decode INTO the model actors
+                     # (it fuses when sizes and resources match, e.g. 1 decoder + 1 CPU actor): fused,
+                     # CPU decode would run serially with the model forward in one process
+                     memory=_decode_memory(job))
         .map_batches(ModelActor, batch_size=ec.batch_size, batch_format="numpy",
                      fn_constructor_kwargs={"models": job.models.model_dump(), "out_dtype": ec.out_dtype,
                                             "storage_options": job.sources.storage_options or None},
@@ -225,6 +237,7 @@ def build_pipeline(job: JobConfig, store: FeatureStore, pending: list[dict], res
 def run_extract(job: JobConfig, storage: Storage) -> dict:
     """List videos, extract the missing clips into the feature store, write meta.json + stats.json."""
     import ray.data
+
     from pipeline.sources import class_names, list_videos
 
     t0 = time.perf_counter()
@@ -259,6 +272,9 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
         for row in build_pipeline(job, store, pending, res).iter_rows():
             clips, nbytes, shards = clips + int(row["rows"]), nbytes + int(row["bytes"]), shards + 1
             dt = time.perf_counter() - t_start
+            if shards == 1:  # time to first shard: actor start-up, model load/compile, pipeline fill
+                first = (dt, clips)
+            last = (dt, clips)
             print(f"[extract] shard {shards} committed: {clips} clips, {clips / dt:.2f} clips/s, "
                   f"{nbytes / 2**20:.1f} MiB", flush=True)
 
@@ -274,6 +290,9 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
         "skipped_failed": len(todo["skipped_failed"]), "new_failures": len(new_failed),
         "clips": clips, "shards": shards, "bytes": nbytes, "elapsed_s": round(elapsed, 2),
         "clips_per_s": round(clips / elapsed, 3) if clips else 0.0, "orphans_removed": len(orphans),
+        # steady state: clips committed after the first shard over the time since it
+        "first_shard_s": round(first[0], 2) if shards else None,
+        "steady_clips_per_s": round((last[1] - first[1]) / (last[0] - first[0]), 3) if shards > 1 else None,
         "store_clips": sum(len(v) for v in store.done_clips().values()),
         "stats_targets": sorted(stats.get("all", {})), **{f"resources_{k}": v for k, v in res.items()},
     }

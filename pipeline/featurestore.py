@@ -23,7 +23,8 @@ import json
 import posixpath
 import uuid
 import warnings
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -126,7 +127,7 @@ def channel_sums(x, chunk: int = 8) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _utcnow() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class FeatureStore:
@@ -239,7 +240,7 @@ class FeatureStore:
                     "n": int(m.sum()) * per_tok, "sum": s[m].sum(0).tolist(), "sumsq": q[m].sum(0).tolist()}
         table = table.drop_columns([c for c in table.column_names if c.startswith((SUM_PREFIX, SQ_PREFIX))])
 
-        shard_id = f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
+        shard_id = f"{_dt.datetime.now(_dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
         fs = self.storage.fs
         tmp = self.storage.path("shards", "_tmp", f"{shard_id}.parquet")
         final = self.storage.path("shards", f"{shard_id}.parquet")
