@@ -43,6 +43,7 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.models.timesformer.modeling_timesformer import TimesformerSelfAttention
 
 from pipeline.config import ModelsConfig
+from pipeline.storage import Storage
 from tokconv.targets import TargetSpec
 
 MODEL_NAMES = ("student", "videomae", "timesformer", "vivit")
@@ -266,18 +267,16 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def _local_copy(source: str, storage_options: dict | None = None) -> str:
-    """fsspec URL (s3://...) -> a local directory holding its files (cached per URL)."""
-    import fsspec
-    fs, path = fsspec.core.url_to_fs(source, **(storage_options or {}))
+    """fsspec URL (s3://...) -> a local directory holding its files (cached per URL; see TOKCONV_MODEL_CACHE)."""
+    src = Storage(source, storage_options)
     root = Path(os.environ.get("TOKCONV_MODEL_CACHE", Path(tempfile.gettempdir()) / "tokconv-models"))
     dest = root / hashlib.sha1(source.encode()).hexdigest()[:16]
     if not (dest / "config.json").exists():
-        src = path.rstrip("/")
-        if not fs.exists(f"{src}/config.json"):
+        if not src.exists("config.json"):
             raise FileNotFoundError(f"model source {source!r}: no config.json there")
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root))  # copy aside, then rename: concurrent actors never see half a copy
-        fs.get(f"{src}/", f"{tmp}/", recursive=True)
+        src.fs.get(src.path() + "/", f"{tmp}/", recursive=True)
         try:
             tmp.rename(dest)
         except OSError:  # another process finished first

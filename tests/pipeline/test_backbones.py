@@ -209,6 +209,19 @@ def test_pretrained_from_an_fsspec_url_is_copied_locally(frames, tiny_out, hub_d
         mem.rm("/h4-test", recursive=True)
 
 
+@pytest.mark.integration
+def test_pretrained_from_s3(frames, tiny_out, hub_dirs, s3_server, tmp_path, monkeypatch):
+    """s3:// sources on a real S3 endpoint (moto server), with the Storage-style short options."""
+    monkeypatch.setenv("TOKCONV_MODEL_CACHE", str(tmp_path / "cache"))
+    bucket = s3_server.make_bucket("models")
+    for n, d in hub_dirs.items():
+        s3_server.upload(d, f"s3://{bucket}/hub/{n}")
+    cfg = ModelsConfig(weights="pretrained", **{n: ModelSpec(source=f"s3://{bucket}/hub/{n}") for n in MODEL_NAMES})
+    out = FeatureExtractor(cfg, device="cpu", storage_options=s3_server.storage_options)(frames)
+    for n in MODEL_NAMES:
+        assert torch.equal(out[n], tiny_out[n]), n
+
+
 def test_feature_extractor_rejects_unknown_compile_names():
     with pytest.raises(ValueError, match="unknown model names"):
         FeatureExtractor(ModelsConfig(weights="tiny", compile=["vivitt"]), device="cpu")
