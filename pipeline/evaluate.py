@@ -19,11 +19,12 @@ import posixpath
 import statistics
 import tempfile
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .config import JobConfig
 from .featurestore import FeatureStore
@@ -207,5 +208,12 @@ def run_evaluate(job: JobConfig, storage: Storage) -> dict[str, Any]:
     return summary
 
 
-__all__ = ["FidelityMeter", "topk_correct", "evaluate_model", "gflops_per_clip", "latency_ms",
-           "tensor_digest", "run_evaluate"]
+__all__ = [
+    "FidelityMeter",
+    "evaluate_model",
+    "gflops_per_clip",
+    "latency_ms",
+    "run_evaluate",
+    "tensor_digest",
+    "topk_correct",
+]

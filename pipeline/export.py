@@ -46,7 +46,7 @@ def metric_value(metrics: dict, key: str) -> float:
                            f"(top-level keys: {', '.join(sorted(metrics))})")
         node = node[part]
     if not isinstance(node, (int, float)) or isinstance(node, bool):
-        raise ValueError(f"export.metric: {key!r} is {node!r}, not a number")
+        raise TypeError(f"export.metric: {key!r} is {node!r}, not a number")
     return float(node)
 
 
@@ -117,7 +117,7 @@ def _new_version(storage: Storage, name: str, requested: str | None) -> str:
             raise FileExistsError(f"export.version: {name}/{requested} already exists at "
                                   f"{storage.url('models', name, requested)}; versions are immutable")
         return requested
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     version, i = stamp, 1
     while storage.exists(f"models/{name}/{version}"):
         version, i = f"{stamp}-{i}", i + 1
@@ -140,8 +140,9 @@ def run_export(job: JobConfig, storage: Storage) -> dict[str, Any]:
     dest = f"models/{name}/{version}"
 
     with tempfile.TemporaryDirectory() as tmp:
-        converter, head, info = load_trained(job, storage, tmp)
-        conv_config = json.loads(open(os.path.join(tmp, "config.json")).read())
+        converter, _, info = load_trained(job, storage, tmp)
+        with open(os.path.join(tmp, "config.json")) as f:
+            conv_config = json.load(f)
         stats = FeatureStore(storage, job.extract.store).stats()
         std_tensors = {}
         for t in conv_config["targets"]:
@@ -161,7 +162,7 @@ def run_export(job: JobConfig, storage: Storage) -> dict[str, Any]:
             st = conv_config["student"]
             try:
                 _torchscript(converter, (st["tokens"], st["dim"]), os.path.join(tmp, "converter.torchscript.pt"))
-            except Exception as e:  # the safetensors export stands on its own; say why TorchScript failed
+            except Exception as e:  # noqa: BLE001  (the safetensors export stands on its own; say why TorchScript failed)
                 ts_error = f"{type(e).__name__}: {e}"
                 print(f"[export] TorchScript export of {conv_config['name']} failed: {ts_error}", flush=True)
         files = sorted(f for f in os.listdir(tmp) if f != "train_state.pt")  # optimizer state stays in runs/
@@ -180,14 +181,14 @@ def run_export(job: JobConfig, storage: Storage) -> dict[str, Any]:
             old = storage.read_json(f"models/{name}/{current['version']}/metrics.json", default={})
             try:
                 previous_value = metric_value(old, cfg.metric)
-            except (KeyError, ValueError):
+            except (KeyError, TypeError):
                 previous_value = None
     promoted = is_better(value, previous_value, cfg.higher_is_better)
     if promoted:
         storage.write_json(latest_rel, {
             "version": version, "uri": uri, "metric": cfg.metric, "value": value,
             "higher_is_better": cfg.higher_is_better, "job": job.name, "checkpoint": info["checkpoint"],
-            "promoted_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+            "promoted_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")})
     verdict = "promoted to latest" if promoted else f"NOT promoted (latest {current['version']} has " \
         f"{cfg.metric}={previous_value})"
     print(f"[export] {name}/{version}: {cfg.metric}={value:.4f} {verdict} -> {uri}", flush=True)

@@ -21,8 +21,8 @@ import tempfile
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from tokconv import create_converter
 from tokconv.targets import TargetSpec, specs_from_dict, specs_to_dict
@@ -144,6 +144,7 @@ def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker; ``config`` is plain data (see ``run_train``)."""
     import ray.train
     import ray.train.torch
+
     from tokconv.deficiency import WarmupSchedule
     from tokconv.losses import distill_loss
 
@@ -345,7 +346,7 @@ def run_train(job: JobConfig, storage: Storage) -> dict[str, Any]:
     converter, head = build_models(tc, specs, len(class_names))  # driver copy: config + parameter count
     warm = _warm_start_version(job, storage, converter, head) if tc.warm_start else None
 
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     run_name = f"train-{stamp}"
     runs_dir = storage.path("runs", job.name)
     storage.fs.makedirs(runs_dir, exist_ok=True)

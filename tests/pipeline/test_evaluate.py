@@ -4,10 +4,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from pipeline.evaluate import FidelityMeter, evaluate_model, gflops_per_clip, tensor_digest, topk_correct
-from pipeline.storage import Storage
 from tiny_features import CLASS_NAMES, STUDENT, TEACHERS, make_tiny_store
+
+from pipeline.evaluate import (
+    FidelityMeter,
+    evaluate_model,
+    gflops_per_clip,
+    tensor_digest,
+    topk_correct,
+)
+from pipeline.storage import Storage
 
 
 def _np_metrics(pred: np.ndarray, target: np.ndarray) -> dict:

@@ -12,12 +12,12 @@ import tempfile
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_features import SPECS, make_tiny_store, publish_checkpoint
 
 from pipeline.config import JobConfig
 from pipeline.evaluate import run_evaluate
 from pipeline.export import download_model, is_better, metric_value, run_export
 from pipeline.storage import Storage
-from tiny_features import SPECS, make_tiny_store, publish_checkpoint
 
 EXPECTED_FILES = {"model.safetensors", "config.json", "head.safetensors", "head.json", "metrics.json",
                   "README.md", "standardization.safetensors", "reference_io.safetensors"}
@@ -66,7 +66,7 @@ def test_metric_value_and_is_better():
     assert metric_value(m, "targets.vivit.r2") == 0.25
     with pytest.raises(KeyError, match="targets.videomae.r2"):
         metric_value(m, "targets.videomae.r2")
-    with pytest.raises(ValueError, match="top1"):
+    with pytest.raises(TypeError, match="top1"):
         metric_value(m, "top1")
     assert is_better(0.1, None, True) and is_better(0.2, 0.1, True) and not is_better(0.1, 0.1, True)
     assert is_better(0.1, 0.2, False) and not is_better(0.3, 0.2, False)

@@ -9,11 +9,11 @@ import tempfile
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_features import CLASS_NAMES, SPECS, STUDENT, TEACHERS, make_tiny_store, publish_checkpoint
 
 from pipeline.config import JobConfig
 from pipeline.storage import Storage
 from pipeline.train import build_models, load_trained, run_train
-from tiny_features import CLASS_NAMES, SPECS, STUDENT, TEACHERS, make_tiny_store, publish_checkpoint
 
 
 def _job(url: str, options: dict, **train) -> JobConfig:
@@ -38,16 +38,6 @@ def test_build_models_for_store_layouts():
         build_models(job.train, SPECS, 0)
     no_head = job.train.model_copy(update={"head": job.train.head.model_copy(update={"enabled": False})})
     assert build_models(no_head, SPECS, 0)[1] is None
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             object_store_memory=150 * 1024 * 1024, log_to_driver=True)
-    yield
-    ray.shutdown()
 
 
 def test_train_module_regularisers_and_jacobian_backprop():
@@ -113,23 +103,23 @@ def test_train_on_s3_restart_evaluate_export(ray_cluster, s3_server, monkeypatch
     run_evaluate(v0, storage)
     assert run_export(v0, storage)["promoted"]
 
-    job = _job(storage.root_url, s3_server.storage_options, epochs=3)
+    job = _job(storage.root_url, s3_server.storage_options, epochs=2, batch_size=2)
     monkeypatch.setenv("TOKCONV_FAIL_AFTER_EPOCH", "1")  # rank 0 dies once after the epoch-1 checkpoint
     s = run_train(job, storage)
     monkeypatch.delenv("TOKCONV_FAIL_AFTER_EPOCH")
     m = s["metrics"]
     assert s["warm_start"] == "v0" and m["warm_started_from"] == "v0"
-    assert m["epoch"] == 3 and m["resumed_from_epoch"] == 1
+    assert m["epoch"] == 2 and m["resumed_from_epoch"] == 1
     hist = m["loss_history"]
-    assert len(hist) == 3 and hist[-1] < 0.8 * hist[0], hist
+    assert len(hist) == 2 and hist[-1] < 0.8 * hist[0], hist
     assert s["checkpoint"].startswith(f"s3://{bucket}/p/runs/tt/train-")
     assert storage.read_json("runs/tt/train.json")["checkpoint_rel"] == s["checkpoint_rel"]
 
     # the checkpoint restores: tokconv.io files hold exactly the weights of the final train state
     with tempfile.TemporaryDirectory() as d:
-        conv, head, info = load_trained(job, storage, d)
+        conv, head, _ = load_trained(job, storage, d)
         state = torch.load(os.path.join(d, "train_state.pt"), weights_only=False)
-        assert state["epoch"] == 3 and state["step"] == 3 * 3  # 24 clips / (2 workers x 4) per epoch
+        assert state["epoch"] == 2 and state["step"] == 2 * 6  # 24 clips / (2 workers x 2) per epoch
         for k, v in conv.state_dict().items():
             assert torch.equal(v, state["model"][f"converter.{k}"]), k
         for k, v in head.state_dict().items():
@@ -137,7 +127,7 @@ def test_train_on_s3_restart_evaluate_export(ray_cluster, s3_server, monkeypatch
 
     ev = run_evaluate(job, storage)
     v0_cos = storage.read_json("models/tc/latest.json")["value"]
-    assert ev["clips"] == 8 and ev["mean_cosine"] > max(0.5, v0_cos)  # learnable teachers
+    assert ev["clips"] == 8 and ev["mean_cosine"] > v0_cos + 0.25  # learnable teachers: far above v0
     ex = run_export(job, storage)
     assert ex["promoted"] and ex["previous"]["version"] == "v0"
     assert ex["uri"] == f"s3://{bucket}/p/models/tc/v1"
