@@ -290,9 +290,10 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
         "skipped_failed": len(todo["skipped_failed"]), "new_failures": len(new_failed),
         "clips": clips, "shards": shards, "bytes": nbytes, "elapsed_s": round(elapsed, 2),
         "clips_per_s": round(clips / elapsed, 3) if clips else 0.0, "orphans_removed": len(orphans),
-        # steady state: clips committed after the first shard over the time since it
+        # steady state: clips committed after the first shard over the time since it (needs a few
+        # shards to mean anything: the stream's tail flushes shards in a burst)
         "first_shard_s": round(first[0], 2) if shards else None,
-        "steady_clips_per_s": round((last[1] - first[1]) / (last[0] - first[0]), 3) if shards > 1 else None,
+        "steady_clips_per_s": round((last[1] - first[1]) / (last[0] - first[0]), 3) if shards >= 4 else None,
         "store_clips": sum(len(v) for v in store.done_clips().values()),
         "stats_targets": sorted(stats.get("all", {})), **{f"resources_{k}": v for k, v in res.items()},
     }
