@@ -185,7 +185,7 @@ def _resize_crop(x: torch.Tensor, resize: int, crop: int) -> torch.Tensor:
         x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
     if crop > min(size):
         raise ValueError(f"center crop {crop} larger than the resized frame {size}")
-    top, left = int(round((size[0] - crop) / 2.0)), int(round((size[1] - crop) / 2.0))
+    top, left = (size[0] - crop) // 2, (size[1] - crop) // 2  # floor, as transformers' center_crop
     return x[..., top:top + crop, left:left + crop]
 
 

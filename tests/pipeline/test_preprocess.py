@@ -104,6 +104,17 @@ def test_matches_the_processor_on_the_original_frames(name, decoded, derived, pr
         assert shifted > 1.5 * err, (dy, dx, shifted, err)
 
 
+def test_non_square_frames_follow_the_processor_geometry(decoded, processors):
+    """Given the original 640x272 frames themselves, derive_inputs is the processors' shortest-edge
+    resize + center crop (within the 2-level rounding bound), whatever the aspect ratio."""
+    _, raw = decoded
+    derived_raw = derive_inputs(torch.from_numpy(raw)[None])
+    for name in MODEL_NAMES:
+        spec = INPUT_SPECS[name]
+        ref = processors[name](raw[list(spec.frame_indices)])
+        assert (derived_raw[name][0] - ref).abs().max() <= 2.01 / (255.0 * min(spec.std)), name
+
+
 def test_wrong_frame_selection_would_be_caught(decoded, derived, processors):
     """Control: the odd frames of the window are a different input (so the comparisons above can fail)."""
     window, _ = decoded
