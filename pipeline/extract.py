@@ -22,6 +22,7 @@ for the statistics are computed on the GPU; Parquet encoding/upload runs in sepa
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -98,7 +99,8 @@ class ModelActor:
     its own CUDA stream and pinned staging buffers, so copies and compute of different batches overlap.
     """
 
-    def __init__(self, *, models: dict, out_dtype: str, storage_options: dict | None = None):
+    def __init__(self, *, models: dict, out_dtype: str, storage_options: dict | None = None,
+                 warmup_shape: tuple[int, ...] | None = None):
         from pipeline.backbones import FeatureExtractor
         cfg = ModelsConfig.model_validate(models)
         self.fx = FeatureExtractor(cfg, storage_options=storage_options)
@@ -106,51 +108,55 @@ class ModelActor:
         self.out_dtype = _TORCH_DTYPES[out_dtype]
         self.cuda = self.device.type == "cuda"
         self._local = threading.local()
+        if self.cuda and warmup_shape:
+            # one batch before the concurrent calls start: torch.compile traces once, cuDNN/cuBLAS
+            # pick their kernels, and the first real batch does not pay for it
+            self.features(np.zeros(warmup_shape, np.uint8))
 
-    def _pinned(self, key: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-        """A per-thread pinned host buffer, reused across calls while the shape fits."""
+    def _staging(self, key: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """A per-thread host buffer (pinned on CUDA, so copies run asynchronously), reused across calls."""
         bufs = self._local.__dict__.setdefault("bufs", {})
-        buf = bufs.get(key)
-        if buf is None or buf.numel() < int(np.prod(shape)) or buf.dtype != dtype:
-            buf = bufs[key] = torch.empty(int(np.prod(shape)), dtype=dtype, pin_memory=True)
-        return buf[: int(np.prod(shape))].view(shape)
+        n, buf = int(np.prod(shape)), bufs.get(key)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = bufs[key] = torch.empty(n, dtype=dtype, pin_memory=self.cuda)
+        return buf[:n].view(shape)
 
     def _stream(self):
+        """This thread's CUDA stream (a no-op context on CPU)."""
+        if not self.cuda:
+            return contextlib.nullcontext()
         if not hasattr(self._local, "stream"):
             self._local.stream = torch.cuda.Stream(self.device)
-        return self._local.stream
+        return torch.cuda.stream(self._local.stream)
 
     @torch.inference_mode()
     def features(self, frames: np.ndarray) -> dict[str, torch.Tensor]:
-        """uint8 (B, window, S, S, 3) -> {name: (B, tokens, dim) out_dtype, _sum:/_sq: (B, dim) float64} on CPU."""
+        """uint8 (B, window, S, S, 3) -> {name: (B, tokens, dim) out_dtype, ``_sum:``/``_sq:`` name:
+        (B, dim) float64 channel sums over tokens}, on the host, owned by the caller.
+
+        The same code runs on CPU (plain buffers, synchronous copies) and CUDA (this thread's stream,
+        pinned buffers, non-blocking copies, one event wait at the end that releases the GIL).
+        """
         x = torch.from_numpy(np.ascontiguousarray(frames))
-        if not self.cuda:
-            out = self.fx(x)
-            res = {}
-            for n, o in out.items():
-                res[n] = o.to(self.out_dtype)
-                of = res[n].float()
-                res[SUM_PREFIX + n], res[SQ_PREFIX + n] = of.sum(1).double(), of.square().sum(1).double()
-            return res
-        stream = self._stream()
-        with torch.cuda.stream(stream):
-            host_in = self._pinned("frames", tuple(x.shape), torch.uint8)
+        with self._stream():
+            host_in = self._staging("frames", tuple(x.shape), torch.uint8)
             host_in.copy_(x)
             out = self.fx(host_in.to(self.device, non_blocking=True))
             staged = {}
             for n, o in out.items():
                 o = o.to(self.out_dtype)
-                of = o.float()
+                of = o.float()  # channel sums on the device, in float32 over one clip's tokens
                 for key, val in ((n, o), (SUM_PREFIX + n, of.sum(1)), (SQ_PREFIX + n, of.square().sum(1))):
-                    buf = self._pinned(key, tuple(val.shape), val.dtype)
+                    buf = self._staging(key, tuple(val.shape), val.dtype)
                     buf.copy_(val, non_blocking=True)
                     staged[key] = buf
-            done = torch.cuda.Event()
-            done.record(stream)
-        done.synchronize()  # releases the GIL: other threads keep the GPU busy meanwhile
-        # copy out of the reused pinned buffers (Ray serialises the result after we return)
-        return {k: (v.clone() if not k.startswith((SUM_PREFIX, SQ_PREFIX)) else v.double())
-                for k, v in staged.items()}
+            done = torch.cuda.Event() if self.cuda else None
+            if done is not None:
+                done.record()
+        if done is not None:
+            done.synchronize()  # releases the GIL: other threads keep the GPU busy meanwhile
+        # copy out of the reused staging buffers (Ray serialises the result after we return)
+        return {k: (v.double() if k.startswith((SUM_PREFIX, SQ_PREFIX)) else v.clone()) for k, v in staged.items()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         feats = self.features(batch["frames"])
@@ -223,7 +229,9 @@ def build_pipeline(job: JobConfig, store: FeatureStore, pending: list[dict], res
                      memory=_decode_memory(job))
         .map_batches(ModelActor, batch_size=ec.batch_size, batch_format="numpy",
                      fn_constructor_kwargs={"models": job.models.model_dump(), "out_dtype": ec.out_dtype,
-                                            "storage_options": job.sources.storage_options or None},
+                                            "storage_options": job.sources.storage_options or None,
+                                            "warmup_shape": (ec.batch_size, job.decode.window,
+                                                             job.decode.short_side, job.decode.short_side, 3)},
                      compute=ray.data.ActorPoolStrategy(size=res["model_actors"],
                                                         max_concurrent_calls_per_actor=concurrency,
                                                         enable_true_multi_threading=concurrency > 1),

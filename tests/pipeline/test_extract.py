@@ -31,6 +31,15 @@ def test_model_actor_outputs_match_feature_extractor(actor, tmp_path):
     assert table.column("video_id").to_pylist() == ["a", "b"] and table.column("clip_index").to_pylist() == [0, 1]
 
     ref = FeatureExtractor(TINY, device="cpu")(torch.from_numpy(frames))  # same seeds -> same weights
+    # two calls at once on two threads (as Ray runs them with actor_concurrency > 1): each thread's
+    # staging buffers are its own, and results never alias them (the table above stays intact)
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(2) as pool:
+        one, two = pool.map(actor.features, (frames[:1], frames[1:]))
+    for i, res in enumerate((one, two)):
+        for name in ref:
+            torch.testing.assert_close(res[name].float(), ref[name][i:i + 1].to(torch.float16).float(),
+                                       atol=2e-2, rtol=1e-2)
     store = FeatureStore(Storage(str(tmp_path)), "f")
     specs = model_specs(TINY)
     store.write_meta(specs=specs, dtype="float16", class_names=["x", "y", "z"])
