@@ -273,8 +273,13 @@ class FeatureStore:
             self.storage.fs.rm(p)
 
     # ------------------------------------------------------------ commit log
+    def _ls(self, rel: str) -> list[str]:
+        """Fresh listing: other processes (Ray workers) write here, and s3fs caches listings."""
+        self.storage.fs.invalidate_cache(self.storage.path(rel))
+        return self.storage.ls(rel)
+
     def _read_jsons(self, rel: str) -> list[dict]:
-        names = [n for n in self.storage.ls(rel) if n.endswith(".json")]
+        names = [n for n in self._ls(rel) if n.endswith(".json")]
         if not names:
             return []
         paths = [self.storage.path(rel, n) for n in names]
@@ -303,9 +308,9 @@ class FeatureStore:
         """Delete temporary and uncommitted shards (left by a crash). Call when no writer is running."""
         committed = {f"{r['shard']}.parquet" for r in self.commits()}
         fs, removed = self.storage.fs, []
-        for n in self.storage.ls("shards/_tmp"):
+        for n in self._ls("shards/_tmp"):
             removed.append(self.storage.path("shards", "_tmp", n))
-        for n in self.storage.ls("shards"):
+        for n in self._ls("shards"):
             if n.endswith(".parquet") and n not in committed:
                 removed.append(self.storage.path("shards", n))
         for p in removed:

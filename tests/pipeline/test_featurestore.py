@@ -178,6 +178,12 @@ def test_s3_round_trip(s3_server):
     store.compute_stats()
     fresh = FeatureStore(Storage(f"s3://{bucket}/run", s3_server.storage_options), "feat")
     assert fresh.done_clips() == {"a": {0}, "b": {0}, "c": {1}}
+    # another process commits a shard: listings must not come from s3fs's cache
+    other, (rec,) = s3_server.fs(), fresh.commits()
+    other.copy(f"{bucket}/run/features/feat/commits/{rec['shard']}.json", f"{bucket}/run/features/feat/commits/zz.json")
+    assert len(fresh.commits()) == 2
+    other.rm(f"{bucket}/run/features/feat/commits/zz.json")
+    assert len(fresh.commits()) == 1
     assert set(fresh.failed()) == {"z"}
     (batch,) = list(fresh.iter_torch(batch_size=8))
     assert torch.equal(batch["student"], torch.from_numpy(b["student"]))
