@@ -86,8 +86,9 @@ def check_complete(records: list[dict], store: FeatureStore, clips_per_video: in
     complete = {v for v in ids if want <= done.get(v, set())}
     bad = {v for v in ids if v in failed and v not in complete}
     missing = sorted(set(ids) - complete - bad)
+    dups = store.duplicates()
     return {"listed": len(ids), "processed": len(complete), "failed": len(bad), "missing": missing,
-            "ok": len(complete) + len(bad) == len(ids)}
+            "duplicates": len(dups), "ok": len(complete) + len(bad) == len(ids) and not dups}
 
 
 # -------------------------------------------------------------------------------------- the actors
@@ -294,6 +295,7 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
         "store_url": store.storage.url(),
         "listed": check["listed"], "processed": check["processed"], "failed": check["failed"],
         "invariant_ok": check["ok"], "missing": check["missing"][:20], "n_missing": len(check["missing"]),
+        "duplicate_clips": check["duplicates"],
         "videos_this_run": len(pending), "skipped_done": len(todo["done"]),
         "skipped_failed": len(todo["skipped_failed"]), "new_failures": len(new_failed),
         "clips": clips, "shards": shards, "bytes": nbytes, "elapsed_s": round(elapsed, 2),
@@ -310,7 +312,8 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
           f"{'==' if check['ok'] else '!='} {check['listed']} listed", flush=True)
     if not check["ok"] and not ec.limit_videos:
         raise RuntimeError(f"extract: {len(check['missing'])} listed video(s) neither stored nor failed "
-                           f"(e.g. {check['missing'][:5]}); re-run to resume. Summary: {summary}")
+                           f"(e.g. {check['missing'][:5]}), {check['duplicates']} clip(s) stored twice; "
+                           f"re-run to resume. Summary: {summary}")
     return summary
 
 

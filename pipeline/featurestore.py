@@ -4,7 +4,7 @@ Layout under ``<storage>/features/<name>/``::
 
     meta.json                 tensor shapes/dtypes, TargetSpecs, class names, model sources
     stats.json                per-target per-channel mean/std (float64 sums over committed shards)
-    shards/<shard_id>.parquet one row per clip: video_id, clip_index, label_index, split,
+    shards/<shard_id>.parquet one row per clip (shard_id: hash of its (video_id, clip_index) set): video_id, clip_index, label_index, split,
                               and one large_binary column per tensor (B rows of tokens*dim*itemsize bytes)
     shards/_tmp/<uuid>.parquet a shard being written (never read; cleaned by ``cleanup()``)
     commits/<shard_id>.json   the shard's (video_id, clip_index) pairs, counts, tensor layout, stat sums
@@ -19,6 +19,7 @@ whole column as ONE numpy view of the Arrow data buffer (15x faster to decode, s
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import posixpath
 import uuid
@@ -240,9 +241,13 @@ class FeatureStore:
                     "n": int(m.sum()) * per_tok, "sum": s[m].sum(0).tolist(), "sumsq": q[m].sum(0).tolist()}
         table = table.drop_columns([c for c in table.column_names if c.startswith((SUM_PREFIX, SQ_PREFIX))])
 
-        shard_id = f"{_dt.datetime.now(_dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
+        vids = table.column("video_id").to_pylist()
+        clips = table.column("clip_index").to_pylist()
+        # content-addressed: a retried write of the same rows (a Ray task retry after the commit)
+        # replaces its shard instead of adding a duplicate
+        shard_id = hashlib.sha1("\n".join(sorted(f"{v}:{c}" for v, c in zip(vids, clips))).encode()).hexdigest()[:24]
         fs = self.storage.fs
-        tmp = self.storage.path("shards", "_tmp", f"{shard_id}.parquet")
+        tmp = self.storage.path("shards", "_tmp", f"{uuid.uuid4().hex}.parquet")
         final = self.storage.path("shards", f"{shard_id}.parquet")
         fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
         with fs.open(tmp, "wb") as f:
@@ -250,8 +255,6 @@ class FeatureStore:
             pq.write_table(table, f, compression="none", row_group_size=32, use_dictionary=["video_id", "split"])
         fs.mv(tmp, final)
         nbytes = fs.size(final)
-        vids = table.column("video_id").to_pylist()
-        clips = table.column("clip_index").to_pylist()
         record = {
             "shard": shard_id, "path": f"shards/{shard_id}.parquet", "rows": table.num_rows, "bytes": nbytes,
             "clips": [[v, c] for v, c in zip(vids, clips)], "tensors": layout, "sums": sums,
@@ -288,7 +291,16 @@ class FeatureStore:
 
     def commits(self) -> list[dict]:
         """Commit records of all committed shards, oldest first."""
-        return sorted(self._read_jsons("commits"), key=lambda r: r["shard"])
+        return sorted(self._read_jsons("commits"), key=lambda r: (r["committed"], r["shard"]))
+
+    def duplicates(self) -> dict[tuple[str, int], list[str]]:
+        """(video_id, clip_index) pairs committed in more than one shard -> those shard ids.
+        Empty unless something wrote the same clip twice under different groupings."""
+        seen: dict[tuple[str, int], list[str]] = {}
+        for r in self.commits():
+            for v, c in r["clips"]:
+                seen.setdefault((v, int(c)), []).append(r["shard"])
+        return {k: v for k, v in seen.items() if len(v) > 1}
 
     def shard_paths(self) -> list[str]:
         """Filesystem paths (no protocol) of committed shards."""

@@ -189,3 +189,19 @@ def test_s3_round_trip(s3_server):
     assert torch.equal(batch["student"], torch.from_numpy(b["student"]))
     assert len(fresh.cleanup()) == 1
     assert np.allclose(fresh.stats()["vivit"]["mean"], b["vivit"].astype(np.float64).reshape(-1, 6).mean(0))
+
+
+def test_rewrite_of_same_rows_is_idempotent_and_duplicates_are_reported(tmp_path):
+    rng = np.random.default_rng(6)
+    store = new_store(tmp_path)
+    b = make_batch(rng, ["a", "b"], [0, 1])
+    first = store.write_shard(b)
+    again = store.write_shard({**b, "student": b["student"] + 1})  # a retried task: same rows, same shard id
+    assert first["shard"] == again["shard"] and len(store.commits()) == 1
+    assert len([n for n in store.storage.ls("shards") if n.endswith(".parquet")]) == 1
+    (batch,) = list(store.iter_torch(batch_size=8))
+    assert torch.equal(batch["student"], torch.from_numpy(b["student"] + 1))  # the later write wins
+    assert store.duplicates() == {}
+    other = store.write_shard(make_batch(rng, ["b", "c"], [1, 0]))  # regrouped: ("b", 1) twice
+    dups = store.duplicates()
+    assert list(dups) == [("b", 1)] and sorted(dups[("b", 1)]) == sorted([first["shard"], other["shard"]])
