@@ -227,6 +227,9 @@ def phase_pipeline(video_dir: Path, workdir: Path, args, models: ModelsConfig, d
                     "actor_concurrency": args.actor_concurrency, "out_dtype": "float16"},
     })
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray workers of a local cluster inherit the driver's environment: make the project importable
+    root = str(Path(__file__).resolve().parents[1])
+    os.environ["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
     ray.init(num_cpus=args.cpus, num_gpus=args.num_gpus if torch.cuda.is_available() else 0,
              include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True,
              object_store_memory=args.object_store_gb * 2**30 if args.object_store_gb else None)
