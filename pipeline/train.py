@@ -15,6 +15,7 @@ checkpoint; ``train.warm_start`` starts from the exported ``latest`` model when 
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import os
 import posixpath
 import tempfile
@@ -32,6 +33,9 @@ from .featurestore import FeatureStore
 from .storage import Storage
 
 TRAIN_STATE = "train_state.pt"
+# worker-side progress: Ray Train's worker log handler prints each record once on the driver
+# (a plain print() there is both logged and tee'd, i.e. shown twice)
+_log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- model pieces (driver + workers)
@@ -172,7 +176,7 @@ def train_loop_per_worker(config: dict) -> None:
         history, resumed_from = list(state["metrics"]["loss_history"]), state["epoch"]
         warm_from = state["metrics"].get("warm_started_from")
         if rank == 0:
-            print(f"[train] resumed from the checkpoint of epoch {start_epoch}", flush=True)
+            _log.info("[train] resumed from the checkpoint of epoch %d", start_epoch)
     elif config.get("warm_start_version"):
         from .export import download_model
         with tempfile.TemporaryDirectory() as d:
@@ -180,7 +184,7 @@ def train_loop_per_worker(config: dict) -> None:
             _load_weights_from_dir(module, d)
         warm_from = config["warm_start_version"]
         if rank == 0:
-            print(f"[train] warm start from {job.export.model_name}/{config['warm_start_version']}", flush=True)
+            _log.info("[train] warm start from %s/%s", job.export.model_name, warm_from)
 
     use_ddp = ctx.get_world_size() > 1
     model = ray.train.torch.prepare_model(
@@ -260,9 +264,9 @@ def train_loop_per_worker(config: dict) -> None:
                             "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step,
                             "metrics": metrics}, os.path.join(tmp, TRAIN_STATE))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                print(f"[train] epoch {epoch + 1}/{tc.epochs} step {step} loss {metrics['loss']:.4f} "
-                      f"distill {metrics['distill_loss']:.4f} head {metrics['head_loss']:.4f} "
-                      f"lr {metrics['lr']:.2e}", flush=True)
+                _log.info(f"[train] epoch {epoch + 1}/{tc.epochs} step {step} loss {metrics['loss']:.4f} "
+                          f"distill {metrics['distill_loss']:.4f} head {metrics['head_loss']:.4f} "
+                          f"lr {metrics['lr']:.2e}")
             ray.train.report(metrics, checkpoint=checkpoint)
         if rank == 0 and config.get("fail_after_epoch") == epoch + 1 and ckpt is None:
             # fault injection ($TOKCONV_FAIL_AFTER_EPOCH, restart tests): first attempt only
@@ -384,6 +388,7 @@ def run_train(job: JobConfig, storage: Storage) -> dict[str, Any]:
         "specs": specs_to_dict(specs),
     }
     storage.write_json(posixpath.join("runs", job.name, "train.json"), summary)
+    summary = {k: v for k, v in summary.items() if k not in ("specs", "class_names")}  # short CLI summary
     summary["pointer"] = storage.url("runs", job.name, "train.json")
     print(f"[train] done: loss {summary['metrics'].get('loss')} checkpoint {summary['checkpoint']}", flush=True)
     return summary
