@@ -8,6 +8,15 @@ import tokconv.ops.selective_scan as ss
 from tokconv.ops import selective_scan_fn, selective_scan_naive, selective_scan_ref, use_backend
 
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # small ops on a shared 2-core host: 2 intra-op threads are ~20-50x slower than 1 (spinning)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 def _inputs(batch=2, dim=6, dstate=4, length=37, bc="variable", groups=2, with_z=True, with_d=True,
             dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -44,6 +53,18 @@ def test_reference_matches_naive_values_and_grads(length, chunk, bc, softplus):
     for k in g_r:
         torch.testing.assert_close(g_r[k], g_n[k], rtol=1e-9, atol=1e-9, msg=f"grad wrt {k}")
         assert g_r[k].abs().sum() > 0, k
+
+
+@pytest.mark.parametrize("shape_b,shape_c", [("constant", "grouped"), ("grouped", "variable")])
+def test_reference_mixed_b_c_layouts(shape_b, shape_c):
+    xb, xc = _inputs(bc=shape_b, groups=3), _inputs(bc=shape_c, groups=3)
+    x = {**xb, "C": xc["C"]}
+    out_r, last_r, g_r = _grads(selective_scan_ref, x, delta_softplus=True, chunk=8)
+    out_n, last_n, g_n = _grads(selective_scan_naive, x, delta_softplus=True)
+    torch.testing.assert_close(out_r, out_n, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(last_r, last_n, rtol=1e-10, atol=1e-10)
+    for k in g_r:
+        torch.testing.assert_close(g_r[k], g_n[k], rtol=1e-9, atol=1e-9, msg=f"grad wrt {k}")
 
 
 def test_naive_is_the_recurrence_by_hand():

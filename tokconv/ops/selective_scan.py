@@ -152,45 +152,102 @@ def _finish(u, y, D, z, dtype_in, last_state, return_last_state):
     return (out, last_state) if return_last_state else out
 
 
+def _to_chunks(x: torch.Tensor, length: int, K: int, n: int) -> torch.Tensor:
+    """(..., L) or (..., 1) -> (K, ..., n) contiguous (time-invariant (..., 1) -> (1, ..., 1))."""
+    if x.shape[-1] == 1:
+        return x.unsqueeze(0)
+    if n * K > length:  # zero padding at the end: inputs 0, decays exp(0) = 1, no effect before
+        x = F.pad(x, (0, n * K - length))
+    return x.reshape(*x.shape[:-1], n, K).movedim(-1, 0).contiguous()
+
+
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False, chunk: int = CHUNK):
     """Chunked pure-torch scan; same signature and result as the fused kernel.
 
-    L is cut into n = L/chunk chunks. One loop over the ``chunk`` positions advances all chunks
-    at once (each from a zero state), cumulative decays come from a log-space cumsum of
-    delta*A (exp of a non-positive number: no overflow, unlike exp(-cumsum) factorisations),
-    and a loop over the n chunk ends carries the state across chunks. That is
-    chunk + n Python steps (96 for L=2048) over contiguous tensors, and O(L) work.
-    Memory is a few (B, D, N, L) float tensors, like mamba's own reference.
+    L is cut into n = L/chunk chunks, laid out position-in-chunk first, (K, B, G, D/G, N, n),
+    so one loop over the K positions advances all chunks at once from a zero state (each step
+    a contiguous (B, G, D/G, N, n) slice). Cumulative decays inside a chunk come from a
+    log-space cumsum of delta*A (exp of a non-positive number: no overflow, unlike exp(-cumsum)
+    factorisations) and a loop over the n chunk ends carries the state across chunks.
+    That is K + n Python steps (96 for L=2048) and O(L) work; the (B, D, N, L)-sized tensors
+    are created directly in the chunk layout (no big permutes) and y is reduced over N inside
+    the loop. Groups of B/C (G | D) are a view of D, never materialised per channel.
     """
+    if A.is_complex():
+        raise NotImplementedError("complex A is not supported by the pure-torch selective scan")
     dtype_in = u.dtype
-    u, dA, b, Cm = _prepare(u, delta, A, B, C, delta_bias, delta_softplus, log_decay=True)
-    batch, dim, dstate, length = dA.shape
+    batch, dim, length, dstate = *_check(u, delta, A), A.shape[1]
+    dtype = torch.promote_types(u.dtype, torch.float32)  # fp32 math (fp64 stays fp64 for tests)
+    u, delta = u.to(dtype), delta.to(dtype)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(dtype)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    Bg, Cg = _grouped(B, "B", batch, dim, dstate, length), _grouped(C, "C", batch, dim, dstate, length)
+    gb, gc = Bg.shape[1], Cg.shape[1]
+    if gb > 1 and gc > 1 and gb != gc:
+        raise ValueError(f"B and C must have the same number of groups, got {gb} and {gc}")
+    groups = max(gb, gc)
+    if groups > 1:  # time-invariant (D, N) factors: split D into (G, D/G) like the rest
+        Bg, Cg = (M.reshape(1, groups, dim // groups, dstate, 1) if M.shape[2] == dim else M
+                  for M in (Bg, Cg))
     K = max(1, min(chunk, length))
     n = -(-length // K)
-    pad = n * K - length
-    if pad:  # identity maps (decay 1, input 0) at the end leave earlier states unchanged
-        dA, b = F.pad(dA, (0, pad)), F.pad(b, (0, pad))
-    # (B, D, N, n*K) -> (K, B, D, N, n): position-in-chunk first, so each loop step is contiguous
-    dA = dA.reshape(batch, dim, dstate, n, K).permute(4, 0, 1, 2, 3).contiguous()
-    b = b.reshape(batch, dim, dstate, n, K).permute(4, 0, 1, 2, 3).contiguous()
+
+    def split(x):  # (B, D, L) -> (B, G, D/G, 1, L)
+        return x.reshape(batch, groups, dim // groups, 1, length)
+
+    dA = _to_chunks(split(delta) * A.to(dtype).reshape(1, groups, dim // groups, dstate, 1), length, K, n)
+    b = _to_chunks(split(delta * u) * Bg.to(dtype), length, K, n)      # (K, B, G, D/G, N, n)
+    Cc = _to_chunks(Cg.to(dtype), length, K, n)                         # (K|1, B|1, G|1, ., N, n|1)
     # unbind, not a[t]: the backward of each indexing op would allocate a full-size zero tensor
     a_t, b_t = torch.exp(dA).unbind(0), b.unbind(0)
-    hs = [b_t[0]]
+    C_t = Cc.unbind(0) if Cc.shape[0] == K else Cc.expand(K, *Cc.shape[1:]).unbind(0)
+    hs, ys = [b_t[0]], [(b_t[0] * C_t[0]).sum(-2)]
     for t in range(1, K):  # within-chunk recurrence from a zero state, all chunks in parallel
         hs.append(a_t[t] * hs[-1] + b_t[t])
-    h = torch.stack(hs)                                               # (K, B, D, N, n)
+        ys.append((hs[-1] * C_t[t]).sum(-2))
+    y = torch.stack(ys)                                                 # (K, B, G, D/G, n)
+    carry = None
     if n > 1:
-        decay = torch.exp(torch.cumsum(dA, dim=0))                    # prod a_{0..t} in chunk
-        dec_end, h_end = decay[-1].unbind(-1), hs[-1].unbind(-1)      # n x (B, D, N)
+        decay = torch.exp(torch.cumsum(dA, dim=0))                      # prod a_{0..t} in chunk
+        dec_end, h_end = decay[-1].unbind(-1), hs[-1].unbind(-1)        # n x (B, G, D/G, N)
         carries = [torch.zeros_like(dec_end[0])]
         for c in range(n - 1):  # state entering chunk c+1
             carries.append(dec_end[c] * carries[-1] + h_end[c])
-        h = h + decay * torch.stack(carries, dim=-1)
-    h = h.permute(1, 2, 3, 4, 0).reshape(batch, dim, dstate, n * K)[..., :length]  # (B, D, N, L)
-    y = (h * Cm).sum(dim=2)                                           # (B, D, L)
-    last_state = h[..., -1] if return_last_state else None
+        carry = torch.stack(carries, dim=-1)                            # (B, G, D/G, N, n)
+        y = y + (decay * carry * Cc).sum(-2)
+    y = y.movedim(0, -1).reshape(batch, dim, n * K)[..., :length]       # (B, D, L)
+    last_state = None
+    if return_last_state:
+        t_last = length - 1 - (n - 1) * K
+        last_state = hs[t_last][..., -1]
+        if carry is not None:
+            last_state = last_state + decay[t_last, ..., -1] * carry[..., -1]
+        last_state = last_state.reshape(batch, dim, dstate)
     return _finish(u, y, D, z, dtype_in, last_state, return_last_state)
+
+
+def _check(u, delta, A):
+    if u.dim() != 3 or delta.shape != u.shape:
+        raise ValueError(f"u and delta must both be (B, D, L); got u {tuple(u.shape)}, delta {tuple(delta.shape)}")
+    if A.dim() != 2 or A.shape[0] != u.shape[1]:
+        raise ValueError(f"A must be (D={u.shape[1]}, N); got {tuple(A.shape)}")
+    return u.shape
+
+
+def _grouped(M, name, batch, dim, dstate, length):
+    """B or C -> (B|1, G, D/G|1, N, L|1): (D, N) -> (1, 1, D, N, 1); (B, N, L) -> (B, 1, 1, N, L);
+    (B, G, N, L) -> (B, G, 1, N, L)."""
+    if M.dim() == 2 and M.shape == (dim, dstate):
+        return M.reshape(1, 1, dim, dstate, 1)
+    if M.dim() == 3 and M.shape == (batch, dstate, length):
+        return M[:, None, None]
+    if M.dim() == 4 and M.shape[0] == batch and M.shape[2:] == (dstate, length) and dim % M.shape[1] == 0:
+        return M[:, :, None]
+    raise ValueError(f"{name} must be (D, N), (B, N, L) or (B, G, N, L) with G | D "
+                     f"(B={batch}, D={dim}, N={dstate}, L={length}); got {tuple(M.shape)}")
 
 
 def selective_scan_naive(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
