@@ -158,6 +158,9 @@ class EvaluateConfig(_Strict):
     split: str = "val"
     batch_size: int = Field(8, ge=1)
     report_html: bool = True
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the metrics pass runs (auto: cuda when available); the reference "
+        "I/O sample is always computed on CPU so any consumer can reproduce it bit for bit")
 
 
 class ExportConfig(_Strict):

@@ -14,6 +14,7 @@ per-channel mean.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import posixpath
 import statistics
@@ -94,28 +95,39 @@ def gflops_per_clip(converter: nn.Module, student_shape: tuple[int, int]) -> flo
     return counter.get_total_flops() / 1e9
 
 
-def latency_ms(converter: nn.Module, student_shape: tuple[int, int], repeats: int = 5) -> float:
-    """Median wall time of forward_all on one clip (after one warm-up run), in ms."""
-    x = torch.randn(1, *student_shape)
+def latency_ms(converter: nn.Module, student_shape: tuple[int, int], repeats: int = 5,
+               device: str | torch.device = "cpu") -> float:
+    """Median wall time of forward_all on one clip on ``device`` (after one warm-up run), in ms."""
+    device = torch.device(device)
+    model = copy.deepcopy(converter).to(device).eval()
+    x = torch.randn(1, *student_shape, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     with torch.no_grad():
-        converter.forward_all(x)
+        model.forward_all(x)
         for _ in range(repeats):
+            sync()
             t0 = time.perf_counter()
-            converter.forward_all(x)
+            model.forward_all(x)
+            sync()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
 def evaluate_model(converter: nn.Module, head: nn.Module | None, batches: Iterable[dict[str, torch.Tensor]],
-                   *, mean: dict[str, torch.Tensor], std: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+                   *, mean: dict[str, torch.Tensor], std: dict[str, torch.Tensor],
+                   device: str | torch.device = "cpu") -> tuple[dict, dict]:
     """Run ``converter`` (+ ``head``) over ``batches`` ({"student": (B,N,Ds), <target>: (B,Nt,Dt),
-    "label_index": (B,)}); returns (metrics, sample) where sample holds the reference I/O of the
-    first ``SAMPLE_CLIPS`` clips."""
+    "label_index": (B,)}) on ``device``; returns (metrics, sample) where sample holds the reference
+    I/O of the first ``SAMPLE_CLIPS`` clips, computed on CPU (portable bit-exact reference)."""
     from tokconv.losses import standardize
-    converter.eval()
+    device = torch.device(device)
+    cpu_models = (copy.deepcopy(converter).cpu().eval(), copy.deepcopy(head).cpu().eval() if head else None)
+    converter = converter.to(device).eval()
     if head is not None:
-        head.eval()
+        head = head.to(device).eval()
+    mean = {k: v.to(device) for k, v in mean.items()}
+    std = {k: v.to(device) for k, v in std.items()}
     targets = list(mean)
     meters: dict[str, FidelityMeter] = {}
     correct = {1: 0, 5: 0}
@@ -123,23 +135,24 @@ def evaluate_model(converter: nn.Module, head: nn.Module | None, batches: Iterab
     sample: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for batch in batches:
-            x = batch["student"].float()
+            x = batch["student"].to(device, torch.float32)
             out = converter.forward_all(x)
             for t in targets:
-                teach = standardize(batch[t].float(), mean[t], std[t])
+                teach = standardize(batch[t].to(device, torch.float32), mean[t], std[t])
                 meters.setdefault(t, FidelityMeter(teach.shape[-1])).update(out[t], teach)
-            labels = batch["label_index"].long()
+            labels = batch["label_index"].to(device).long()
             if head is not None:
                 for k, v in topk_correct(head(x, out), labels).items():
                     correct[k] += v
             labelled += int((labels >= 0).sum())
             clips += x.shape[0]
-            if not sample:  # its own forward on exactly these inputs, so a consumer can redo it
-                xs = x[:SAMPLE_CLIPS].contiguous()
-                outs = converter.forward_all(xs)
+            if not sample:  # its own CPU forward on exactly these inputs, so a consumer can redo it
+                conv_cpu, head_cpu = cpu_models
+                xs = x[:SAMPLE_CLIPS].cpu().contiguous()
+                outs = conv_cpu.forward_all(xs)
                 sample = {"student": xs, **{f"out.{t}": outs[t].contiguous() for t in targets}}
-                if head is not None:
-                    sample["logits"] = head(xs, outs).contiguous()
+                if head_cpu is not None:
+                    sample["logits"] = head_cpu(xs, outs).contiguous()
     if clips == 0:
         raise ValueError("evaluate: the split has no clips")
     per_target = {t: m.compute() for t, m in meters.items()}
@@ -174,7 +187,10 @@ def run_evaluate(job: JobConfig, storage: Storage) -> dict[str, Any]:
     split = job.evaluate.split
     batches = store.iter_torch(split=split, batch_size=job.evaluate.batch_size)
     print(f"[evaluate] {info['converter']} on split {split!r} of store {job.extract.store!r}", flush=True)
-    metrics, sample = evaluate_model(converter, head, batches, mean=mean, std=std)
+    want = job.evaluate.device
+    device = "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu"
+    metrics, sample = evaluate_model(converter, head, batches, mean=mean, std=std, device=device)
+    converter, head = converter.cpu(), head.cpu() if head is not None else None
 
     student_shape = tuple(sample["student"].shape[1:])
     metrics["converter"] = {
@@ -182,8 +198,8 @@ def run_evaluate(job: JobConfig, storage: Storage) -> dict[str, Any]:
         "params": sum(p.numel() for p in converter.parameters()),
         "head_params": sum(p.numel() for p in head.parameters()) if head is not None else 0,
         "gflops_per_clip": gflops_per_clip(converter, student_shape),
-        "latency_ms_per_clip": latency_ms(converter, student_shape),
-        "latency_device": "cpu",
+        "latency_ms_per_clip": latency_ms(converter, student_shape, device=device),
+        "latency_device": device,
     }
     metrics["split"] = split
     metrics["checkpoint"] = info["checkpoint"]

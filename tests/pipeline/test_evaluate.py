@@ -130,3 +130,25 @@ def test_gflops_counts_the_linear_maps():
     lower = sum(2 * min(s.tokens, STUDENT.tokens) * STUDENT.dim * s.dim for s in TEACHERS.values()) / 1e9
     assert g >= lower * 0.99
     assert g < 1.0
+
+
+@pytest.mark.gpu
+def test_evaluate_on_cuda_matches_cpu_and_keeps_a_cpu_sample(tmp_path):
+    from tokconv import create_converter
+    from tokconv.heads import ResidualHead
+
+    torch.manual_seed(0)
+    conv = create_converter("baseline_interp_linear", student=STUDENT, targets=TEACHERS)
+    head = ResidualHead(student_dim=STUDENT.dim, target_dims={k: s.dim for k, s in TEACHERS.items()},
+                        num_classes=3, hidden=16)
+    store = make_tiny_store(Storage(str(tmp_path)), n_train=4, n_val=8, shard_clips=4)
+    stats = store.stats()
+    mean = {k: torch.as_tensor(stats[k]["mean"], dtype=torch.float32) for k in TEACHERS}
+    std = {k: torch.as_tensor(stats[k]["std"], dtype=torch.float32) for k in TEACHERS}
+    m_cpu, s_cpu = evaluate_model(conv, head, store.iter_torch(split="val", batch_size=4), mean=mean, std=std)
+    m_gpu, s_gpu = evaluate_model(conv, head, store.iter_torch(split="val", batch_size=4), mean=mean, std=std,
+                                  device="cuda")
+    assert m_gpu["mean_cosine"] == pytest.approx(m_cpu["mean_cosine"], abs=1e-3)
+    assert m_gpu["top1"] == m_cpu["top1"]
+    for k, v in s_cpu.items():
+        assert s_gpu[k].device.type == "cpu" and torch.equal(v, s_gpu[k]), k
