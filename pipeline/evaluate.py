@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 import posixpath
 import statistics
 import tempfile
@@ -116,10 +117,12 @@ def latency_ms(converter: nn.Module, student_shape: tuple[int, int], repeats: in
 
 def evaluate_model(converter: nn.Module, head: nn.Module | None, batches: Iterable[dict[str, torch.Tensor]],
                    *, mean: dict[str, torch.Tensor], std: dict[str, torch.Tensor],
-                   device: str | torch.device = "cpu") -> tuple[dict, dict]:
+                   device: str | torch.device = "cpu", output_map=None) -> tuple[dict, dict]:
     """Run ``converter`` (+ ``head``) over ``batches`` ({"student": (B,N,Ds), <target>: (B,Nt,Dt),
     "label_index": (B,)}) on ``device``; returns (metrics, sample) where sample holds the reference
-    I/O of the first ``SAMPLE_CLIPS`` clips, computed on CPU (portable bit-exact reference)."""
+    I/O of the first ``SAMPLE_CLIPS`` clips, computed on CPU (portable bit-exact reference).
+    ``output_map(out) -> out`` (optional) maps outputs into this ``mean``/``std`` space for the
+    fidelity metrics only (a model trained on other store stats); the head sees the raw outputs."""
     from tokconv.losses import standardize
     device = torch.device(device)
     cpu_models = (copy.deepcopy(converter).cpu().eval(), copy.deepcopy(head).cpu().eval() if head else None)
@@ -137,9 +140,10 @@ def evaluate_model(converter: nn.Module, head: nn.Module | None, batches: Iterab
         for batch in batches:
             x = batch["student"].to(device, torch.float32)
             out = converter.forward_all(x)
+            fid = output_map(out) if output_map is not None else out
             for t in targets:
                 teach = standardize(batch[t].to(device, torch.float32), mean[t], std[t])
-                meters.setdefault(t, FidelityMeter(teach.shape[-1])).update(out[t], teach)
+                meters.setdefault(t, FidelityMeter(teach.shape[-1])).update(fid[t], teach)
             labels = batch["label_index"].to(device).long()
             if head is not None:
                 for k, v in topk_correct(head(x, out), labels).items():
@@ -175,6 +179,51 @@ def tensor_digest(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def evaluate_latest(job: JobConfig, storage: Storage, store: FeatureStore, *, mean, std,
+                    device: str) -> dict[str, Any] | None:
+    """Evaluate the current exported ``latest`` model on the same split, so export compares both
+    on today's data. Its outputs are mapped from its own standardisation (exported with it) into
+    the store's current one. None when nothing is exported; {"version", "skipped"} when its token
+    layouts differ from the store's."""
+    from safetensors.torch import load_file
+
+    from tokconv.io import load_converter, load_head
+    from tokconv.losses import destandardize, standardize
+
+    from .export import download_model
+
+    name = job.export.model_name
+    latest = storage.read_json(f"models/{name}/latest.json", default=None)
+    if not latest:
+        return None
+    version = latest["version"]
+    with tempfile.TemporaryDirectory() as d:
+        download_model(storage, name, version, d)
+        conv = load_converter(d)
+        head = load_head(d) if os.path.exists(os.path.join(d, "head.json")) else None
+        old = load_file(os.path.join(d, "standardization.safetensors"))
+    specs = {k: v.to_dict() for k, v in store.specs().items()}
+    if {"student": conv.config["student"], **conv.config["targets"]} != {k: specs.get(k) for k in
+                                                                          ["student", *conv.config["targets"]]} \
+            or set(conv.config["targets"]) != set(mean):
+        return {"version": version, "skipped": "its token layouts differ from the feature store's"}
+    if head is not None and head.config["num_classes"] != len(store.read_meta().get("class_names", [])):
+        head = None  # other classes: fidelity only
+    dev = torch.device(device)
+    old_mean = {t: old[f"{t}.mean"].to(dev) for t in mean}
+    old_std = {t: old[f"{t}.std"].to(dev) for t in mean}
+    cur_mean = {t: v.to(dev) for t, v in mean.items()}
+    cur_std = {t: v.to(dev) for t, v in std.items()}
+
+    def to_current(out):
+        return {t: standardize(destandardize(o, old_mean[t], old_std[t]), cur_mean[t], cur_std[t])
+                for t, o in out.items()}
+
+    m, _ = evaluate_model(conv, head, store.iter_torch(split=job.evaluate.split, batch_size=job.evaluate.batch_size),
+                          mean=mean, std=std, device=device, output_map=to_current)
+    return {"version": version, **m}
+
+
 def run_evaluate(job: JobConfig, storage: Storage) -> dict[str, Any]:
     """Evaluate the trained converter + head on ``job.evaluate.split``; writes metrics.json."""
     from safetensors.torch import save
@@ -203,6 +252,12 @@ def run_evaluate(job: JobConfig, storage: Storage) -> dict[str, Any]:
     }
     metrics["split"] = split
     metrics["checkpoint"] = info["checkpoint"]
+    latest = evaluate_latest(job, storage, store, mean=mean, std=std, device=device)
+    if latest is not None:
+        metrics["latest"] = latest  # the current `latest` export on this same split (export compares)
+        if "mean_cosine" in latest:
+            print(f"[evaluate] current latest {latest['version']}: mean cosine {latest['mean_cosine']:.4f}",
+                  flush=True)
     metrics["train"] = info.get("metrics", {})
 
     base = posixpath.join("runs", job.name, "eval")

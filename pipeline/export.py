@@ -173,8 +173,15 @@ def run_export(job: JobConfig, storage: Storage) -> dict[str, Any]:
     uri = storage.url(dest)
     latest_rel = f"models/{name}/latest.json"
     current = storage.read_json(latest_rel, default=None)
-    previous_value = None
-    if current is not None:
+    previous_value, compared_on = None, None
+    fresh = metrics.get("latest") or {}
+    if current is not None and fresh.get("version") == current["version"] and "skipped" not in fresh:
+        try:  # evaluate re-scored the current latest on this run's split: compare like with like
+            previous_value, compared_on = metric_value(fresh, cfg.metric), "this evaluation's split"
+        except (KeyError, TypeError):
+            previous_value = None
+    if current is not None and previous_value is None:
+        compared_on = "its recorded value"
         if current.get("metric") == cfg.metric and current.get("value") is not None:
             previous_value = float(current["value"])
         else:  # the current latest was promoted on another metric: compare on this one
@@ -190,10 +197,11 @@ def run_export(job: JobConfig, storage: Storage) -> dict[str, Any]:
             "higher_is_better": cfg.higher_is_better, "job": job.name, "checkpoint": info["checkpoint"],
             "promoted_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")})
     verdict = "promoted to latest" if promoted else f"NOT promoted (latest {current['version']} has " \
-        f"{cfg.metric}={previous_value})"
+        f"{cfg.metric}={previous_value} on {compared_on})"
     print(f"[export] {name}/{version}: {cfg.metric}={value:.4f} {verdict} -> {uri}", flush=True)
     return {"uri": uri, "name": name, "version": version, "files": files, "metric": cfg.metric, "value": value,
-            "promoted": promoted, "previous": current, "latest": storage.url(latest_rel),
+            "promoted": promoted, "previous": current, "previous_value": previous_value,
+            "compared_on": compared_on, "latest": storage.url(latest_rel),
             "torchscript_error": ts_error}
 
 

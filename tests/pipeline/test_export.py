@@ -126,6 +126,32 @@ def test_lower_is_better_metric(tmp_path):
     assert storage.read_json("models/tc/latest.json")["version"] == "c"
 
 
+def test_export_compares_with_latest_rescored_on_this_split(tmp_path):
+    """evaluate re-scores the current `latest` on the same split; export compares against that."""
+    storage = Storage(str(tmp_path / "store"))
+    job = _job(storage.root_url, version="v1")
+    make_tiny_store(storage)
+    _trained_and_evaluated(storage, job, seed=1)
+    assert "latest" not in storage.read_json("runs/exp/eval/metrics.json")
+    assert run_export(job, storage)["promoted"]
+    storage.write_json("models/tc/latest.json", {**storage.read_json("models/tc/latest.json"), "value": -1.0})
+    _trained_and_evaluated(storage, job, seed=1)  # the same model again
+    m = storage.read_json("runs/exp/eval/metrics.json")
+    assert m["latest"]["version"] == "v1"
+    assert m["latest"]["mean_cosine"] == pytest.approx(m["mean_cosine"], abs=1e-5)
+    assert m["latest"]["top1"] == m["top1"]
+    job.export.version = "v2"
+    s = run_export(job, storage)  # a tie on today's split (the stale recorded -1.0 is not used)
+    assert s["compared_on"] == "this evaluation's split"
+    assert s["previous_value"] == pytest.approx(m["mean_cosine"], abs=1e-5)
+    assert s["promoted"] is (m["mean_cosine"] > s["previous_value"])
+    _trained_and_evaluated(storage, job, seed=2)  # another model: promoted only if it beats v1 today
+    m2 = storage.read_json("runs/exp/eval/metrics.json")
+    job.export.version = "v3"
+    s3 = run_export(job, storage)
+    assert s3["promoted"] == (m2["mean_cosine"] > m2["latest"]["mean_cosine"])
+
+
 @pytest.mark.integration
 def test_export_to_s3_and_reload(s3_server, tmp_path):
     bucket = s3_server.make_bucket("export")
