@@ -23,14 +23,13 @@ def actor():
 
 
 def test_model_actor_outputs_match_feature_extractor(actor, tmp_path):
-    from pipeline.backbones import FeatureExtractor
     frames = np.random.default_rng(0).integers(0, 256, (2, 32, 64, 80, 3), dtype=np.uint8)
     batch = {"video_id": np.array(["a", "b"]), "clip_index": np.array([0, 1]), "label_index": np.array([2, -1]),
              "split": np.array(["train", "val"]), "frames": frames}
     table = actor(batch)
     assert table.column("video_id").to_pylist() == ["a", "b"] and table.column("clip_index").to_pylist() == [0, 1]
 
-    ref = FeatureExtractor(TINY, device="cpu")(torch.from_numpy(frames))  # same seeds -> same weights
+    ref = actor.fx(torch.from_numpy(frames))  # the backbones called directly
     # two calls at once on two threads (as Ray runs them with actor_concurrency > 1): each thread's
     # staging buffers are its own, and results never alias them (the table above stays intact)
     from concurrent.futures import ThreadPoolExecutor
