@@ -30,10 +30,13 @@ def resample_tokens(x: torch.Tensor, src_grid: tuple[int, int, int],
                     dst_grid: tuple[int, int, int] | None, *, mode: str = "trilinear") -> torch.Tensor:
     """Resample (B, prod(src_grid), D) onto ``dst_grid`` -> (B, prod(dst_grid), D).
 
-    ``dst_grid=None`` (a global target) mean-pools to (B, 1, D). Identical grids return ``x``.
+    ``dst_grid=None`` (a global target) mean-pools to (B, 1, D). Identical grids (and global to
+    global) return ``x``.
     Both grids span the same normalised space (``align_corners=False``)."""
     if src_grid is None:
-        raise ValueError("resample_tokens: the source must have a grid")
+        if dst_grid is None and x.shape[1] == 1:   # global -> global
+            return x
+        raise ValueError(f"resample_tokens: a global source (grid=None) cannot be resampled to {dst_grid!r}")
     if dst_grid is None:
         if x.shape[1] != prod(src_grid):
             raise ValueError(f"resample_tokens: {x.shape[1]} tokens do not fill grid {src_grid!r}")

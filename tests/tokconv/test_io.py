@@ -1,0 +1,67 @@
+"""save/load of converters and heads: files, config, bit-identical outputs (every preset)."""
+import json
+
+import pytest
+import torch
+
+from tokconv import (ResidualHead, TargetSpec, create_converter, list_converters, load_converter,
+                     load_head, save_converter, save_head)
+
+STUDENT = TargetSpec("student", 4 * 6 * 6, 24, (4, 6, 6))
+TARGETS = {"videomae": TargetSpec("videomae", 2 * 5 * 5, 16, (2, 5, 5)),
+           "vivit": TargetSpec("vivit", 1, 16, None)}
+
+
+@pytest.mark.parametrize("name", list_converters())
+def test_converter_round_trip_is_bit_identical(name, tmp_path):
+    torch.manual_seed(0)
+    model = create_converter(name, student=STUDENT, targets=TARGETS, rank=4).eval()
+    with torch.no_grad():                 # move weights off their init so a fresh model differs
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    save_converter(model, tmp_path / "conv")
+    assert (tmp_path / "conv" / "model.safetensors").is_file()
+    cfg = json.loads((tmp_path / "conv" / "config.json").read_text())
+    assert cfg["name"] == name and cfg["kwargs"]["rank"] == 4 and cfg["dtype"] == "float32"
+    assert cfg["targets"]["vivit"]["grid"] is None
+
+    torch.manual_seed(999)                # a different init must be fully overwritten by the load
+    loaded = load_converter(tmp_path / "conv")
+    assert not loaded.training and type(loaded) is type(model)
+    assert loaded.targets == model.targets and loaded.student == model.student
+    x = torch.randn(2, STUDENT.tokens, STUDENT.dim)
+    with torch.no_grad():
+        a, b = model(x), loaded(x)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bf16_converter_round_trip(tmp_path):
+    model = create_converter("baseline_interp_linear", student=STUDENT, targets=TARGETS).to(torch.bfloat16)
+    save_converter(model, tmp_path)
+    loaded = load_converter(tmp_path)
+    assert next(loaded.parameters()).dtype == torch.bfloat16
+    x = torch.randn(1, STUDENT.tokens, STUDENT.dim, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x)["videomae"], loaded(x)["videomae"])
+
+
+def test_head_round_trip_is_bit_identical(tmp_path):
+    torch.manual_seed(0)
+    head = ResidualHead(student_dim=24, target_dims={"videomae": 16, "vivit": 16}, num_classes=7,
+                        hidden=32, dropout=0.1).eval()
+    save_head(head, tmp_path)
+    assert (tmp_path / "head.safetensors").is_file() and (tmp_path / "head.json").is_file()
+    torch.manual_seed(5)
+    loaded = load_head(tmp_path)
+    assert loaded.config == head.config
+    s = torch.randn(3, 10, 24)
+    conv = {"videomae": torch.randn(3, 50, 16), "vivit": torch.randn(3, 1, 16)}
+    with torch.no_grad():
+        assert torch.equal(head(s, conv), loaded(s, conv))
+
+
+def test_errors(tmp_path):
+    with pytest.raises(ValueError, match="no preset config"):
+        save_converter(torch.nn.Linear(2, 2), tmp_path)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_converter(tmp_path / "missing")
