@@ -10,10 +10,12 @@
 Prints clips/s for each, GPU utilisation (nvidia-smi sampled every 0.5 s), the ratio
 (3) / min(1, 2), and a markdown table last; writes everything as JSON to --out.
 
-H200 (full-size architectures, random init):
-    python bench/extract.py --videos .bench-videos --clips 2048 --batch-size 32 \
-        --compile student,videomae,timesformer --out bench/results/extract-h200.json
-CPU dry run (tiny models): python bench/extract.py --tiny --clips 8
+H200 (full-size architectures, random init; ~5-8 min; .bench-videos = a copy of the sample tree):
+    python bench/extract.py --videos .bench-videos --clips 2048 --clips-per-video 4 --batch-size 32 \
+        --out $OUT/extract-h200-eager.json
+    ... --compile student,videomae,timesformer --phases models,pipeline   (torch.compile per model)
+    ... --num-gpus 2 --cpus 32 --clips 4096 --phases decode,models,pipeline   (2-GPU scaling)
+CPU dry run (tiny models): python bench/extract.py --tiny --clips 8 --cpus 2
 """
 from __future__ import annotations
 
