@@ -5,10 +5,30 @@ Pure torch (no Ray, no pydantic), so exported models load anywhere torch does.
 from .heads import ResidualHead
 from .io import load_converter, load_head, save_converter, save_head
 from .losses import distill_loss, standardize
-from .registry import (create_converter, get_converter_fn, is_converter, list_converters,
-                       register_converter)
+from .registry import (
+                       create_converter,
+                       get_converter_fn,
+                       is_converter,
+                       list_converters,
+                       register_converter,
+)
 from .targets import ALL_SPECS, STUDENT, TEACHERS, TargetSpec
 
-__all__ = ["create_converter", "get_converter_fn", "is_converter", "list_converters",
-           "register_converter", "TargetSpec", "STUDENT", "TEACHERS", "ALL_SPECS", "ResidualHead",
-           "save_converter", "load_converter", "save_head", "load_head", "distill_loss", "standardize"]
+__all__ = [
+                       "ALL_SPECS",
+                       "STUDENT",
+                       "TEACHERS",
+                       "ResidualHead",
+                       "TargetSpec",
+                       "create_converter",
+                       "distill_loss",
+                       "get_converter_fn",
+                       "is_converter",
+                       "list_converters",
+                       "load_converter",
+                       "load_head",
+                       "register_converter",
+                       "save_converter",
+                       "save_head",
+                       "standardize",
+]

@@ -9,16 +9,23 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .layers.projection import LowRankLinear, make_projection
 
-__all__ = ["LowRankLinear", "make_projection", "nuclear_norm", "mask_tokens", "selection_penalty",
-           "jacobian_penalty", "WarmupSchedule"]
+__all__ = [
+    "LowRankLinear",
+    "WarmupSchedule",
+    "jacobian_penalty",
+    "make_projection",
+    "mask_tokens",
+    "nuclear_norm",
+    "selection_penalty",
+]
 
 
 def nuclear_norm(w: torch.Tensor | nn.Module) -> torch.Tensor:
@@ -45,7 +52,7 @@ def mask_tokens(x: torch.Tensor, ratio: float, generator: torch.Generator | None
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"mask_tokens: ratio must be in [0, 1), got {ratio}")
     b, n, _ = x.shape
-    n_mask = int(round(ratio * n))
+    n_mask = round(ratio * n)
     mask = torch.zeros(b, n, dtype=torch.bool, device=x.device)
     if n_mask == 0:
         return x, mask

@@ -12,7 +12,7 @@ Shapes: student (B, Ns, Ds), converted {name: (B, Nt, Dt)} -> logits (B, num_cla
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .layers import Mlp
 

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from .heads import ResidualHead
 from .registry import create_converter

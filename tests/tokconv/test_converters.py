@@ -1,11 +1,17 @@
 """Every registered preset (H2's ssm_* presets included automatically): layouts, budget,
 gradients, determinism, tiny target sets, masking and the regulariser API."""
-import math
 
 import pytest
 import torch
 
-from tokconv import STUDENT, TEACHERS, TargetSpec, create_converter, get_converter_fn, list_converters
+from tokconv import (
+    STUDENT,
+    TEACHERS,
+    TargetSpec,
+    create_converter,
+    get_converter_fn,
+    list_converters,
+)
 from tokconv.converters import Converter, count_params
 
 PRESETS = list_converters()

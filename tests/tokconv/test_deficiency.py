@@ -1,12 +1,19 @@
 """Each representation-deficiency regulariser does what it claims."""
-import math
+
+import itertools
 
 import pytest
 import torch
 
 from tokconv import TargetSpec, create_converter
-from tokconv.deficiency import (LowRankLinear, WarmupSchedule, jacobian_penalty, mask_tokens,
-                                nuclear_norm, selection_penalty)
+from tokconv.deficiency import (
+    LowRankLinear,
+    WarmupSchedule,
+    jacobian_penalty,
+    mask_tokens,
+    nuclear_norm,
+    selection_penalty,
+)
 
 STUDENT = TargetSpec("student", 4 * 6 * 6, 16, (4, 6, 6))
 TARGETS = {"grid": TargetSpec("grid", 2 * 5 * 5, 12, (2, 5, 5)), "cls": TargetSpec("cls", 1, 12, None)}
@@ -122,7 +129,7 @@ def test_warmup_schedule_goes_from_small_to_large():
     s = WarmupSchedule(2.0, 10)
     values = [s(k) for k in range(15)]
     assert values[0] == 0.0 and values[5] == pytest.approx(1.0) and values[10] == 2.0
-    assert all(a <= b for a, b in zip(values, values[1:]))
+    assert all(a <= b for a, b in itertools.pairwise(values))
     assert values[14] == 2.0
     assert WarmupSchedule(2.0, 10, start=0.1)(0) == pytest.approx(0.2)
     assert WarmupSchedule(0.5, 0)(0) == 0.5

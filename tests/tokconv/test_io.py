@@ -4,8 +4,16 @@ import json
 import pytest
 import torch
 
-from tokconv import (ResidualHead, TargetSpec, create_converter, list_converters, load_converter,
-                     load_head, save_converter, save_head)
+from tokconv import (
+    ResidualHead,
+    TargetSpec,
+    create_converter,
+    list_converters,
+    load_converter,
+    load_head,
+    save_converter,
+    save_head,
+)
 
 STUDENT = TargetSpec("student", 4 * 6 * 6, 24, (4, 6, 6))
 TARGETS = {"videomae": TargetSpec("videomae", 2 * 5 * 5, 16, (2, 5, 5)),

@@ -3,9 +3,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokconv.layers import (AttentionBlock, CoordQueries, CrossAttention, DSConv3dBlock,
-                            LowRankLinear, grid_coords, make_projection, resample_tokens,
-                            tokens_to_volume, volume_to_tokens)
+from tokconv.layers import (
+    AttentionBlock,
+    CoordQueries,
+    CrossAttention,
+    DSConv3dBlock,
+    LowRankLinear,
+    grid_coords,
+    make_projection,
+    resample_tokens,
+    tokens_to_volume,
+    volume_to_tokens,
+)
 
 
 def test_grid_coords_are_cell_centres_in_shared_space():

@@ -1,4 +1,9 @@
 """Converter designs; importing this package registers every preset."""
+from . import (  # noqa: F401
+    baseline,
+    convmix,
+    perceiver,
+    ssm,
+    tokenlearner,
+)
 from .base import Converter, build_preset, count_params, param_budget  # noqa: F401
-from . import baseline, convmix, perceiver, tokenlearner  # noqa: F401,E402
-from . import ssm  # noqa: F401,E402

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..deficiency import LowRankLinear, mask_tokens, nuclear_norm
 from ..targets import STUDENT, TEACHERS, TargetSpec, specs_to_dict

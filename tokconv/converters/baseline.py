@@ -8,7 +8,7 @@ with interpolation (its weights sum to one), so projecting first is the same mod
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..layers import make_projection, resample_tokens
 from ..registry import register_converter

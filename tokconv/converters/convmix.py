@@ -13,7 +13,7 @@ refinement blocks where (and for which target) each resampled token sits.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..layers import CoordQueries, DSConv3dBlock, make_projection, resample_tokens
 from ..registry import register_converter
@@ -29,7 +29,7 @@ class ConvMixConverter(Converter):
         super().__init__(student=student, targets=targets, rank=rank, mask_ratio=mask_ratio)
         self.in_norm = nn.LayerNorm(student.dim)
         self.in_proj = make_projection(student.dim, dim, rank=rank)
-        blk = dict(dim=dim, kernel_size=kernel_size, mlp_hidden=mlp_hidden, drop_path=drop_path)
+        blk = {"dim": dim, "kernel_size": kernel_size, "mlp_hidden": mlp_hidden, "drop_path": drop_path}
         self.blocks_in = nn.ModuleList([DSConv3dBlock(**blk) for _ in range(depth_in)])
         self.pos = CoordQueries(dim=dim, hidden=query_hidden)
         self.target_embed = target_embeddings(dim, self.targets)
@@ -56,7 +56,7 @@ class ConvMixConverter(Converter):
 def convmix_base(*, student: TargetSpec = STUDENT, targets=None, **kwargs) -> Converter:
     """~3.75M params: width 384, 2 + 2 DS-conv/GLU blocks (3x3x3 depthwise, GLU hidden 1024)."""
     return build_preset(ConvMixConverter, "convmix_base", student=student, targets=targets,
-                        defaults=dict(dim=384, depth_in=2, depth_out=2, mlp_hidden=1024),
+                        defaults={"dim": 384, "depth_in": 2, "depth_out": 2, "mlp_hidden": 1024},
                         overrides=kwargs)
 
 
@@ -65,5 +65,5 @@ def convmix_base(*, student: TargetSpec = STUDENT, targets=None, **kwargs) -> Co
 def convmix_small(*, student: TargetSpec = STUDENT, targets=None, **kwargs) -> Converter:
     """~2.0M params: width 256, 2 + 1 DS-conv/GLU blocks."""
     return build_preset(ConvMixConverter, "convmix_small", student=student, targets=targets,
-                        defaults=dict(dim=256, depth_in=2, depth_out=1, mlp_hidden=768),
+                        defaults={"dim": 256, "depth_in": 2, "depth_out": 1, "mlp_hidden": 768},
                         overrides=kwargs)

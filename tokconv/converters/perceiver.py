@@ -14,7 +14,7 @@ explicitly and their normalised entropy is recorded as the "selection" regularis
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..deficiency import selection_penalty
 from ..layers import AttentionBlock, CoordQueries, make_projection
@@ -65,7 +65,7 @@ class PerceiverConverter(Converter):
 def perceiver_base(*, student: TargetSpec = STUDENT, targets=None, **kwargs) -> Converter:
     """~4.0M params: 256 latents x 384, one latent self-attention block, decode width 256."""
     return build_preset(PerceiverConverter, "perceiver_base", student=student, targets=targets,
-                        defaults=dict(n_lat=256, d_lat=384, d_dec=256, depth=1), overrides=kwargs)
+                        defaults={"n_lat": 256, "d_lat": 384, "d_dec": 256, "depth": 1}, overrides=kwargs)
 
 
 @register_converter
@@ -73,5 +73,5 @@ def perceiver_base(*, student: TargetSpec = STUDENT, targets=None, **kwargs) -> 
 def perceiver_small(*, student: TargetSpec = STUDENT, targets=None, **kwargs) -> Converter:
     """~2.3M params: 128 latents x 256, two latent self-attention blocks, decode width 192."""
     return build_preset(PerceiverConverter, "perceiver_small", student=student, targets=targets,
-                        defaults=dict(n_lat=128, d_lat=256, d_dec=192, depth=2, heads=4,
-                                      dec_heads=4), overrides=kwargs)
+                        defaults={"n_lat": 128, "d_lat": 256, "d_dec": 192, "depth": 2, "heads": 4,
+                                      "dec_heads": 4}, overrides=kwargs)

@@ -14,7 +14,7 @@ as the "selection" regulariser (low entropy = each summary picks few tokens).
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..deficiency import selection_penalty
 from ..layers import AttentionBlock, CoordQueries, Mlp, make_projection
@@ -64,7 +64,7 @@ class TokenLearnerConverter(Converter):
 def tokenlearner_base(*, student: TargetSpec = STUDENT, targets=None, **kwargs) -> Converter:
     """~3.8M params: K=256 summaries of width 384, one summary self-attention block."""
     return build_preset(TokenLearnerConverter, "tokenlearner_base", student=student,
-                        targets=targets, defaults=dict(dim=384, num_tokens=256, depth=1),
+                        targets=targets, defaults={"dim": 384, "num_tokens": 256, "depth": 1},
                         overrides=kwargs)
 
 
@@ -73,5 +73,5 @@ def tokenlearner_base(*, student: TargetSpec = STUDENT, targets=None, **kwargs) 
 def tokenlearner_small(*, student: TargetSpec = STUDENT, targets=None, **kwargs) -> Converter:
     """~2.0M params: K=128 summaries of width 256, one summary self-attention block."""
     return build_preset(TokenLearnerConverter, "tokenlearner_small", student=student,
-                        targets=targets, defaults=dict(dim=256, num_tokens=128, depth=1, heads=4,
-                                                       select_hidden=192), overrides=kwargs)
+                        targets=targets, defaults={"dim": 256, "num_tokens": 128, "depth": 1, "heads": 4,
+                                                       "select_hidden": 192}, overrides=kwargs)

@@ -6,6 +6,21 @@ from .mlp import DropPath, GluMlp, Mlp, ResidualMlp, SwiGLU
 from .projection import LowRankLinear, make_projection
 from .resample import resample_tokens, tokens_to_volume, volume_to_tokens
 
-__all__ = ["AttentionBlock", "CrossAttention", "DSConv3dBlock", "CoordQueries", "FourierFeatures",
-           "grid_coords", "DropPath", "GluMlp", "Mlp", "ResidualMlp", "SwiGLU", "LowRankLinear",
-           "make_projection", "resample_tokens", "tokens_to_volume", "volume_to_tokens"]
+__all__ = [
+           "AttentionBlock",
+           "CoordQueries",
+           "CrossAttention",
+           "DSConv3dBlock",
+           "DropPath",
+           "FourierFeatures",
+           "GluMlp",
+           "LowRankLinear",
+           "Mlp",
+           "ResidualMlp",
+           "SwiGLU",
+           "grid_coords",
+           "make_projection",
+           "resample_tokens",
+           "tokens_to_volume",
+           "volume_to_tokens",
+]

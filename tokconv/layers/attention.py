@@ -6,8 +6,8 @@ the batch)."""
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .mlp import DropPath, Mlp
 

@@ -6,7 +6,7 @@ mixes channels per token. Works on any grid size including (1, 1, 1)."""
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .mlp import DropPath, GluMlp
 from .resample import tokens_to_volume, volume_to_tokens

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .mlp import Mlp
 

@@ -4,10 +4,10 @@ Shapes: every block maps (..., dim) -> (..., dim) (or ``out_features``)."""
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 from timm.layers import DropPath, GluMlp, Mlp, SwiGLU
+from torch import nn
 
-__all__ = ["Mlp", "GluMlp", "SwiGLU", "DropPath", "ResidualMlp"]
+__all__ = ["DropPath", "GluMlp", "Mlp", "ResidualMlp", "SwiGLU"]
 
 
 class ResidualMlp(nn.Module):

@@ -5,7 +5,7 @@ converter width has matrix rank <= ``rank`` by construction."""
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 
 class LowRankLinear(nn.Module):
