@@ -313,7 +313,7 @@ def main(argv=None) -> dict:
     result = {"description": desc, "synthetic": bool(args.synthetic), "device": str(device),
               "device_name": dev_name, "dtype": args.dtype, "scan_backend": ss.backend(),
               "args": {k: v for k, v in vars(args).items()}, "rows": rows,
-              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+              "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
@@ -325,7 +325,7 @@ def main(argv=None) -> dict:
 
 def markdown(rows, args, desc, device, dev_name, backend) -> str:
     base = rows[0]["targets"]
-    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     tag = " **SYNTHETIC DATA (script smoke test, not a result)**" if args.synthetic else ""
     lines = [f"### Converters, {date}, {device} ({dev_name}), {args.dtype}{tag}", "",
              f"{desc}; {args.steps} steps x batch {args.batch_size}, lr {args.lr}; latency: median of "

@@ -8,7 +8,6 @@ import tokconv.ops.selective_scan as ss
 from tokconv.ops import selective_scan_fn, selective_scan_naive, selective_scan_ref, use_backend
 
 
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     # small ops on a shared 2-core host: 2 intra-op threads are ~20-50x slower than 1 (spinning)
@@ -20,7 +19,7 @@ def _one_thread():
 def _inputs(batch=2, dim=6, dstate=4, length=37, bc="variable", groups=2, with_z=True, with_d=True,
             dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
     shape_bc = {"constant": (dim, dstate), "variable": (batch, dstate, length),
                 "grouped": (batch, groups, dstate, length)}[bc]
     x = dict(u=r(batch, dim, length), delta=r(batch, dim, length) * 0.5,

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from tokconv import TEACHERS, TargetSpec, create_converter, list_converters
 from tokconv.converters import count_params
-from tokconv.converters.ssm import BiMambaBlock, SSMConverter
+from tokconv.converters.ssm import BiMambaBlock
 from tokconv.ops import selective_scan_naive
 
 STUDENT = TargetSpec("student", 2 * 4 * 4, 16, (2, 4, 4))

@@ -22,7 +22,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import CoordQueries, make_projection, resample_tokens, tokens_to_volume, volume_to_tokens
+from ..layers import (
+    CoordQueries,
+    make_projection,
+    resample_tokens,
+    tokens_to_volume,
+    volume_to_tokens,
+)
 from ..ops import selective_scan_fn
 from ..registry import register_converter
 from ..targets import STUDENT, TargetSpec
@@ -85,7 +91,7 @@ class BiMambaBlock(nn.Module):
         u, z = xz.chunk(2, dim=1)
         f = self.fwd.scan_inputs(u)
         b = self.bwd.scan_inputs(u.flip(-1))                                # the reversed sequence
-        cat = lambda i, d=1: torch.cat([f[i], b[i]], dim=d).contiguous()    # noqa: E731
+        cat = lambda i, d=1: torch.cat([f[i], b[i]], dim=d).contiguous()
         y = selective_scan_fn(cat(0), cat(1), cat(2, 0), torch.stack([f[3], b[3]], 1).contiguous(),
                               torch.stack([f[4], b[4]], 1).contiguous(), cat(5, 0),
                               z=torch.cat([z, z.flip(-1)], 1).contiguous(), delta_bias=cat(6, 0),

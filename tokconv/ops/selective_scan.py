@@ -30,8 +30,15 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-__all__ = ["selective_scan_fn", "selective_scan_ref", "selective_scan_naive", "HAS_FUSED",
-           "backend", "resolve_backend", "use_backend"]
+__all__ = [
+    "HAS_FUSED",
+    "backend",
+    "resolve_backend",
+    "selective_scan_fn",
+    "selective_scan_naive",
+    "selective_scan_ref",
+    "use_backend",
+]
 
 CHUNK = 64  # reference scan: a loop over positions inside chunks of this length, then over chunks
 
