@@ -101,7 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.epochs=3")
     run.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)}")
     run.add_argument("--print-config", action="store_true", help="print the validated config and exit")
-    args = parser.parse_args(argv)
+    # Overrides may come after options too (`job.yaml --print-config a.b=1`, as a shebang runs it).
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = list(args.overrides) + extra
 
     try:
         job = load_job(args.job, args.overrides)

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU runs behind bench/RESULTS.md, one step per argument, on the device host from the
+# repo root, after `source .gpu-bundle/gpu-env.sh .gpu-bundle [--mamba]`:
+#   OUT=/tmp/out bash bench/h200.sh tests extract converters      (one H200: GPU 0, 16 cores)
+#   OUT=/tmp/out bash bench/h200.sh extract-compile scaling       (2 GPUs, 32 cores)
+# Videos: VIDEOS (default .bench-videos: 10 s h264 loops of the sample videos at 360p/720p and
+# the original 640x272 bikes clip, made with ffmpeg). Every step logs to $OUT/<step>.log.
+set -uo pipefail
+OUT=${OUT:-/tmp/h200-out}; VIDEOS=${VIDEOS:-.bench-videos}; WORK=${WORK:-/tmp/tokconv-bench-extract}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled
+one_gpu=(env CUDA_VISIBLE_DEVICES=0)
+
+step() {  # step NAME CMD...: run, log, never stop the other steps
+  local name=$1; shift
+  echo "=== $name: $*" | tee -a "$OUT/steps.log"
+  local t0=$SECONDS
+  "$@" >"$OUT/$name.log" 2>&1; local rc=$?
+  echo "=== $name rc=$rc in $((SECONDS - t0))s" | tee -a "$OUT/steps.log"
+  tail -n 25 "$OUT/$name.log"
+}
+
+for what in "$@"; do case $what in
+  tests)
+    step gpu-tests "${one_gpu[@]}" python -m pytest -q -rs -p no:cacheprovider \
+      tests/tokconv/test_selective_scan_gpu.py tests/pipeline/test_backbones.py \
+      tests/pipeline/test_evaluate.py -m gpu ;;
+  extract)  # the four paths of issue 4 on one GPU, eager; keeps the store for `converters`
+    step extract-1gpu "${one_gpu[@]}" python bench/extract.py --videos "$VIDEOS" --clips 1024 \
+      --clips-per-video 4 --batch-size 32 --cpus 16 --keep-store --workdir "$WORK" \
+      --out "$OUT/extract-1gpu.json" ;;
+  converters)
+    step converters "${one_gpu[@]}" python bench/converters.py \
+      --store "$(ls -d "$WORK"/store-* | tail -1)" --device cuda --dtype bfloat16 --steps 200 \
+      --batch-size 16 --train-clips 512 --eval-clips 128 --latency-batch 32 \
+      --out "$OUT/converters-h200.json" ;;
+  extract-compile)
+    step extract-compile "${one_gpu[@]}" python bench/extract.py --videos "$VIDEOS" --clips 1024 \
+      --clips-per-video 4 --batch-size 32 --cpus 16 --compile student,videomae,timesformer \
+      --phases models,pipeline --workdir "$WORK-c" --out "$OUT/extract-compile.json" ;;
+  scaling)  # same per-GPU resources (16 cores each): 1 GPU vs 2 GPUs, pipeline end to end
+    step scaling-2gpu python bench/extract.py --videos "$VIDEOS" --clips 2048 --clips-per-video 4 \
+      --batch-size 32 --cpus 32 --num-gpus 2 --phases decode,pipeline --workdir "$WORK-2" \
+      --out "$OUT/extract-2gpu.json" ;;
+  *) echo "unknown step $what" >&2; exit 2 ;;
+esac; done
