@@ -92,7 +92,8 @@ def make_video_set(src: Path, dest: Path, n_videos: int) -> list[Path]:
     out = []
     for i in range(n_videos):
         s = sources[i % len(sources)]
-        d = dest / s.parent.name / f"{s.stem}_{i:05d}{s.suffix}"
+        label = s.parent.name if s.parent != src else "unlabelled"  # never a hidden dir (sources skip those)
+        d = dest / label / f"{s.stem}_{i:05d}{s.suffix}"
         d.parent.mkdir(parents=True, exist_ok=True)
         if not d.exists():
             try:

@@ -323,9 +323,12 @@ def build_models(cfg: ModelsConfig, *, device: str | torch.device | None = None,
                 spec.source.startswith("file://") else spec.source.removeprefix("file://")
             model = cls.from_pretrained(source, revision=spec.revision, dtype=dtype, **kw).to(device)
         else:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
+            # Initialised on the CPU RNG, then moved: the same seed gives the same weights on
+            # every device (CUDA's generator would draw different ones).
+            with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed + i)
-                model = cls._from_config(configs[name], dtype=dtype, **kw)
+                model = cls._from_config(configs[name], dtype=torch.float32, **kw)
+            model = model.to(device=device, dtype=dtype)
         models[name] = _finish(name, model)
     return models
 
