@@ -8,13 +8,6 @@ import tokconv.ops.selective_scan as ss
 from tokconv.ops import selective_scan_fn, selective_scan_naive, selective_scan_ref, use_backend
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small ops on a shared 2-core host: 2 intra-op threads are ~20-50x slower than 1 (spinning)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 def _inputs(batch=2, dim=6, dstate=4, length=37, bc="variable", groups=2, with_z=True, with_d=True,
             dtype=torch.float64, seed=0):

@@ -16,13 +16,6 @@ TARGETS = {"up": TargetSpec("up", 3 * 5 * 5, 8, (3, 5, 5)), "cls": TargetSpec("c
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small ops on a shared 2-core host: 2 intra-op threads are ~20-50x slower than 1 (spinning)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 def _tiny(**kw):
     torch.manual_seed(0)

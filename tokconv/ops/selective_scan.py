@@ -116,6 +116,17 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
+def _float_inputs(u, delta, delta_bias, delta_softplus):
+    """u, delta in fp32 math (fp64 stays fp64 for tests), delta biased and softplus'd as asked."""
+    dtype = torch.promote_types(u.dtype, torch.float32)
+    u, delta = u.to(dtype), delta.to(dtype)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(dtype)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    return u, delta
+
+
 def _prepare(u, delta, A, B, C, delta_bias, delta_softplus, log_decay=False):
     """Validate shapes; return float u (B,D,L), the decay exp(delta*A) (or delta*A when
     ``log_decay``) and delta*B*u, both (B,D,N,L), and C broadcastable to (B,D,N,L)."""
@@ -127,12 +138,8 @@ def _prepare(u, delta, A, B, C, delta_bias, delta_softplus, log_decay=False):
     if A.dim() != 2 or A.shape[0] != dim:
         raise ValueError(f"A must be (D={dim}, N); got {tuple(A.shape)}")
     dstate = A.shape[1]
-    dtype = torch.promote_types(u.dtype, torch.float32)  # fp32 math (fp64 stays fp64 for tests)
-    u, delta = u.to(dtype), delta.to(dtype)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(dtype)[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
+    u, delta = _float_inputs(u, delta, delta_bias, delta_softplus)
+    dtype = u.dtype
 
     def per_channel(M, name):  # -> (B or 1, D, N, L or 1)
         M = M.to(dtype)
@@ -185,12 +192,8 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         raise NotImplementedError("complex A is not supported by the pure-torch selective scan")
     dtype_in = u.dtype
     batch, dim, length, dstate = *_check(u, delta, A), A.shape[1]
-    dtype = torch.promote_types(u.dtype, torch.float32)  # fp32 math (fp64 stays fp64 for tests)
-    u, delta = u.to(dtype), delta.to(dtype)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(dtype)[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
+    u, delta = _float_inputs(u, delta, delta_bias, delta_softplus)
+    dtype = u.dtype
     Bg, Cg = _grouped(B, "B", batch, dim, dstate, length), _grouped(C, "C", batch, dim, dstate, length)
     gb, gc = Bg.shape[1], Cg.shape[1]
     if gb > 1 and gc > 1 and gb != gc:
