@@ -9,41 +9,51 @@ per process, so the peak is an upper bound. Prints both against the README's bud
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
-
-import psutil
+from pathlib import Path
 
 BUDGET_S, BUDGET_GIB = 300.0, 8.0
 
 
-def tree_rss(proc: psutil.Process) -> int:
-    total = 0
-    for p in [proc, *proc.children(recursive=True)]:
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def tree_rss(root: int) -> int:
+    """Summed RSS (bytes) of ``root`` and all its descendants, read from /proc (Linux)."""
+    parent, rss = {}, {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
         try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
+            stat = (d / "stat").read_text()
+            parent[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            rss[int(d.name)] = int((d / "statm").read_text().split()[1]) * PAGE
+        except (OSError, ValueError, IndexError):
+            continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        kids = [p for p, pp in parent.items() if pp in frontier and p not in tree]
+        tree.update(kids)
+        frontier = kids
+    return sum(rss.get(p, 0) for p in tree)
 
 
 def main() -> int:
     cmd = [sys.executable, "-m", "pipeline", "run", "jobs/smoke.yaml", *sys.argv[1:]]
     t0 = time.perf_counter()
     child = subprocess.Popen(cmd)
-    proc, peak = psutil.Process(child.pid), 0
+    peak = 0
     while child.poll() is None:
-        try:
-            peak = max(peak, tree_rss(proc))
-        except psutil.Error:
-            pass
+        peak = max(peak, tree_rss(child.pid))
         time.sleep(0.2)
     wall = time.perf_counter() - t0
     gib = peak / 2**30
     print(f"\n[footprint] rc={child.returncode} wall {wall:.1f} s ({wall / BUDGET_S:.2f}x of 5 min), "
           f"peak process-tree RSS {gib:.2f} GiB ({gib / BUDGET_GIB:.2f}x of 8 GiB), "
-          f"{psutil.cpu_count()} CPUs", flush=True)
+          f"{os.cpu_count()} CPUs", flush=True)
     return child.returncode
 
 
