@@ -94,6 +94,15 @@ class Converter(nn.Module):
         return reg
 
 
+class QueryDecodeMixin:
+    """``decode`` for designs that read a memory (latents, token summaries) with coordinate
+    queries; needs ``queries``, ``target_embed``, ``decoder`` (cross-attention) and ``out``."""
+
+    def decode(self, memory: torch.Tensor, name: str) -> torch.Tensor:
+        q = self.queries(self.targets[name].grid) + self.target_embed[name]  # (Nt, d)
+        return self.out[name](self.decoder(q, memory))                       # (B, Nt, Dt)
+
+
 class TargetOutput(nn.Module):
     """Per-target output affine: LayerNorm then Linear to the target width,
     (B, N, in_dim) -> (B, N, spec.dim)."""

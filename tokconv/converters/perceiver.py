@@ -20,10 +20,11 @@ from ..deficiency import selection_penalty
 from ..layers import AttentionBlock, CoordQueries, make_projection
 from ..registry import register_converter
 from ..targets import STUDENT, TargetSpec
-from .base import Converter, build_preset, param_budget, target_embeddings, target_outputs
+from .base import (Converter, QueryDecodeMixin, build_preset, param_budget, target_embeddings,
+                   target_outputs)
 
 
-class PerceiverConverter(Converter):
+class PerceiverConverter(QueryDecodeMixin, Converter):
     def __init__(self, *, student: TargetSpec, targets: dict[str, TargetSpec],
                  rank: int | None = None, mask_ratio: float = 0.0, n_lat: int = 256,
                  d_lat: int = 384, d_dec: int = 256, depth: int = 1, heads: int = 6,
@@ -55,9 +56,6 @@ class PerceiverConverter(Converter):
             lat = blk(lat)
         return lat                                                           # (B, n_lat, d_lat)
 
-    def decode(self, lat: torch.Tensor, name: str) -> torch.Tensor:
-        q = self.queries(self.targets[name].grid) + self.target_embed[name]  # (Nt, d_dec)
-        return self.out[name](self.decoder(q, lat))                          # (B, Nt, Dt)
 
 
 @register_converter

@@ -20,10 +20,11 @@ from ..deficiency import selection_penalty
 from ..layers import AttentionBlock, CoordQueries, Mlp, make_projection
 from ..registry import register_converter
 from ..targets import STUDENT, TargetSpec
-from .base import Converter, build_preset, param_budget, target_embeddings, target_outputs
+from .base import (Converter, QueryDecodeMixin, build_preset, param_budget, target_embeddings,
+                   target_outputs)
 
 
-class TokenLearnerConverter(Converter):
+class TokenLearnerConverter(QueryDecodeMixin, Converter):
     def __init__(self, *, student: TargetSpec, targets: dict[str, TargetSpec],
                  rank: int | None = None, mask_ratio: float = 0.0, dim: int = 384,
                  num_tokens: int = 256, select_hidden: int = 256, depth: int = 1,
@@ -54,9 +55,6 @@ class TokenLearnerConverter(Converter):
             z = blk(z)
         return z
 
-    def decode(self, z: torch.Tensor, name: str) -> torch.Tensor:
-        q = self.queries(self.targets[name].grid) + self.target_embed[name]  # (Nt, d)
-        return self.out[name](self.decoder(q, z))                           # (B, Nt, Dt)
 
 
 @register_converter
