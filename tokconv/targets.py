@@ -2,6 +2,8 @@
 
 A ``TargetSpec`` says how many tokens a model emits, on which (T, H, W) grid, and of which
 width. ``grid=None`` marks a single global token (ViViT's CLS), which has no position.
+Grid tokens are row-major in (T, H, W): token ``t*H*W + h*W + w`` (pipeline.backbones
+reorders TimeSformer's (H, W, T) output to match).
 """
 from __future__ import annotations
 
