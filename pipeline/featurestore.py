@@ -384,14 +384,6 @@ class FeatureStore:
                 out[k] = col.to_pylist() if not isinstance(col, np.ndarray) else col.astype(str).tolist()
         return out
 
-    def pyarrow_filesystem(self):
-        """The storage's fsspec filesystem as a pyarrow filesystem (for Ray Data / pyarrow readers)."""
-        import pyarrow.fs as pafs
-        fs = self.storage.fs
-        if self.storage.protocol == "file":
-            return pafs.LocalFileSystem()
-        return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-
     def read_dataset(self, split: str | None = None, columns: list[str] | None = None):
         """Ray Dataset over the committed shards (optionally one split). Convert batches with
         ``to_torch`` (use ``batch_format="pyarrow"`` for zero-copy tensor views)."""
@@ -399,7 +391,7 @@ class FeatureStore:
         paths = self.shard_paths()
         if not paths:
             raise FileNotFoundError(f"{self}: no committed shards")
-        ds = ray.data.read_parquet(paths, filesystem=self.pyarrow_filesystem(), columns=columns)
+        ds = ray.data.read_parquet(paths, filesystem=self.storage.pyarrow_filesystem(), columns=columns)
         if split is not None:
             from ray.data.expressions import col
             ds = ds.filter(expr=col("split") == split)

@@ -61,6 +61,14 @@ class Storage:
     def child(self, *parts: str) -> "Storage":
         return Storage(self.url(*parts), self.options)
 
+    def pyarrow_filesystem(self):
+        """This storage as a pyarrow filesystem (Ray Data readers, Ray Train's storage_filesystem):
+        pyarrow's own for local paths, the fsspec one (endpoint/options included) wrapped otherwise."""
+        import pyarrow.fs as pafs
+        if self.protocol == "file":
+            return pafs.LocalFileSystem()
+        return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
+
     def exists(self, *parts: str) -> bool:
         return self.fs.exists(self.path(*parts))
 

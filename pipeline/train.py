@@ -308,12 +308,6 @@ def _warm_start_version(job: JobConfig, storage: Storage, converter, head) -> st
     return latest["version"]
 
 
-def _pyarrow_fs(storage: Storage):
-    """Ray wants a pyarrow filesystem; wrap the fsspec one (s3 endpoint/options included)."""
-    import pyarrow.fs as pafs
-    return pafs.PyFileSystem(pafs.FSSpecHandler(storage.fs))
-
-
 def _rel(storage: Storage, path: str) -> str:
     root = storage.root.rstrip("/")
     path = path.split("://", 1)[-1] if storage.protocol != "file" else path
@@ -356,7 +350,7 @@ def run_train(job: JobConfig, storage: Storage) -> dict[str, Any]:
     storage.fs.makedirs(runs_dir, exist_ok=True)
     run_config = ray.train.RunConfig(
         name=run_name, storage_path=runs_dir,
-        storage_filesystem=_pyarrow_fs(storage) if storage.protocol != "file" else None,
+        storage_filesystem=storage.pyarrow_filesystem() if storage.protocol != "file" else None,
         failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2))
     # absolute root: a relative local URL would resolve against each worker's own cwd
