@@ -23,7 +23,6 @@ for the statistics are computed on the GPU; Parquet encoding/upload runs in sepa
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import time
 from typing import Any
@@ -51,9 +50,7 @@ def model_specs(cfg: ModelsConfig, storage_options: dict | None = None) -> dict:
         for name in bb.MODEL_NAMES:
             src, cls = getattr(cfg, name), bb.MODEL_CLASSES[name].config_class
             if "://" in src.source and not src.source.startswith("file://"):
-                import fsspec
-                with fsspec.open(src.source.rstrip("/") + "/config.json", **(storage_options or {})) as f:
-                    configs[name] = cls.from_dict(json.load(f))
+                configs[name] = cls.from_dict(Storage(src.source, storage_options).read_json("config.json"))
             else:
                 configs[name] = cls.from_pretrained(src.source.removeprefix("file://"), revision=src.revision)
     return {n: bb.layout_spec(n, configs[n]) for n in bb.MODEL_NAMES}
