@@ -24,24 +24,37 @@ Layout notes (transformers 5.x):
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
+import json
 import math
 import os
+import shutil
 import tempfile
 import types
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (PreTrainedConfig, TimesformerConfig, TimesformerModel, VideoMAEConfig, VideoMAEModel,
-                          VivitConfig, VivitModel, VJEPA2Config, VJEPA2Model)
+from transformers import (
+    PreTrainedConfig,
+    TimesformerConfig,
+    TimesformerModel,
+    VideoMAEConfig,
+    VideoMAEModel,
+    VivitConfig,
+    VivitModel,
+    VJEPA2Config,
+    VJEPA2Model,
+)
+from transformers.activations import FastGELUActivation
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.models.timesformer.modeling_timesformer import TimesformerSelfAttention
+from transformers.models.vjepa2.modeling_vjepa2 import VJEPA2RopeAttention
 
 from pipeline.config import ModelsConfig
 from pipeline.storage import Storage
@@ -265,6 +278,57 @@ def use_sdpa_timesformer(model: TimesformerModel) -> TimesformerModel:
     return model
 
 
+def _rope_block(size: int, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (n, size) of one RoPE block, computed exactly as ``rotate_queries_or_keys`` does (in ``dtype``)."""
+    omega = torch.arange(size // 2, dtype=dtype, device=pos.device)
+    omega /= size / 2.0
+    omega = 1.0 / 10000**omega
+    freq = pos.unsqueeze(-1) * omega  # (n, size/2)
+    return freq.cos().repeat(1, 2), freq.sin().repeat(1, 2)
+
+
+def _rope_tables(self: VJEPA2RopeAttention, pos_ids, n: int, dtype: torch.dtype):
+    """(cos, sin), each (n, head_dim), for all three (frame, height, width) blocks at once; cached per
+    (n, dtype, device). Dims past the three blocks get cos 1, sin 0 (left unrotated, as upstream)."""
+    key = (n, dtype, pos_ids[0].device)
+    cache = self.__dict__.setdefault("_rope_cache", {})
+    if key not in cache:
+        blocks = [_rope_block(size, pos, dtype) for pos, size in zip(pos_ids, (self.d_dim, self.h_dim, self.w_dim))]
+        rest = self.attention_head_size - self.d_dim - self.h_dim - self.w_dim
+        ones = torch.ones(n, rest, dtype=dtype, device=key[2])
+        cache[key] = (torch.cat([c for c, _ in blocks] + [ones], -1),
+                      torch.cat([s for _, s in blocks] + [ones * 0], -1))
+    return cache[key]
+
+
+def _cached_rotary_embeddings(self: VJEPA2RopeAttention, qk: torch.Tensor, pos_ids) -> torch.Tensor:
+    """VJEPA2RopeAttention.apply_rotary_embeddings with the sin/cos tables built once instead of per
+    layer and block: qk (B, heads, n, head_dim) -> same. Same values (tested against upstream)."""
+    if pos_ids[0].dim() != 1:  # per-sample masked positions (the predictor): upstream path
+        return VJEPA2RopeAttention.apply_rotary_embeddings(self, qk, pos_ids)
+    cos, sin = _rope_tables(self, pos_ids, qk.shape[-2], qk.dtype)
+    swapped = torch.stack((-qk[..., 1::2], qk[..., 0::2]), dim=-1).flatten(-2)  # pairs (a, b) -> (-b, a)
+    return (qk * cos) + (swapped * sin)
+
+
+def use_cached_rope_vjepa2(model: VJEPA2Model) -> VJEPA2Model:
+    """Route every V-JEPA 2 RoPE through :func:`_cached_rotary_embeddings` (fewer, larger kernels)."""
+    for m in model.modules():
+        if isinstance(m, VJEPA2RopeAttention):
+            m.apply_rotary_embeddings = types.MethodType(_cached_rotary_embeddings, m)
+    return model
+
+
+def fuse_fast_gelu(model: nn.Module) -> nn.Module:
+    """transformers' FastGELUActivation (ViViT's ``gelu_fast``: six elementwise kernels over the MLP's widest
+    activation) -> ``nn.GELU(approximate="tanh")``, the same formula in one kernel (computed in float32)."""
+    for parent in list(model.modules()):
+        for child_name, child in parent.named_children():
+            if isinstance(child, FastGELUActivation):
+                setattr(parent, child_name, nn.GELU(approximate="tanh"))
+    return model
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -289,6 +353,32 @@ def _local_copy(source: str, storage_options: dict | None = None) -> str:
     return str(dest)
 
 
+def _seeded_init(name: str, config: PreTrainedConfig, seed: int, kw: dict) -> nn.Module:
+    """Random float32 init on the CPU RNG: the same seed gives the same weights on every device (CUDA's
+    generator would draw different ones); the global RNG is left alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MODEL_CLASSES[name]._from_config(config, dtype=torch.float32, **kw)
+
+
+def _random_checkpoint(name: str, config: PreTrainedConfig, seed: int, kw: dict) -> str:
+    """A save_pretrained directory of :func:`_seeded_init`'s weights, cached under TOKCONV_MODEL_CACHE by
+    (class, config, seed): drawing ViT-L-size weights takes ~13 s of CPU per process, loading them ~1 s."""
+    key = hashlib.sha1(json.dumps([name, config.to_dict(), seed, sorted(kw.items())], sort_keys=True,
+                                  default=str).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("TOKCONV_MODEL_CACHE", Path(tempfile.gettempdir()) / "tokconv-models"))
+    dest = root / f"random-{name}-{key}"
+    if not (dest / "config.json").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root))
+        _seeded_init(name, config, seed, kw).save_pretrained(tmp)
+        try:
+            tmp.rename(dest)  # concurrent actors: the first rename wins, the others' copies are dropped
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(dest)
+
+
 def _finish(name: str, model: nn.Module) -> nn.Module:
     if name == "timesformer":
         # its layers reshape with config.num_frames (see module doc): give them a copy holding the frames fed,
@@ -298,6 +388,9 @@ def _finish(name: str, model: nn.Module) -> nn.Module:
         for layer in model.encoder.layer:
             layer.config = layer_config
         use_sdpa_timesformer(model)
+    if name == "student":
+        use_cached_rope_vjepa2(model)
+    fuse_fast_gelu(model)
     model.eval().requires_grad_(False)
     return model
 
@@ -322,13 +415,11 @@ def build_models(cfg: ModelsConfig, *, device: str | torch.device | None = None,
             source = _local_copy(spec.source, storage_options) if "://" in spec.source and not \
                 spec.source.startswith("file://") else spec.source.removeprefix("file://")
             model = cls.from_pretrained(source, revision=spec.revision, dtype=dtype, **kw).to(device)
+        elif cfg.weights == "random":  # full size: drawn once per (config, seed), then loaded like a checkpoint
+            model = cls.from_pretrained(_random_checkpoint(name, configs[name], cfg.seed + i, kw),
+                                        dtype=dtype, **kw).to(device)
         else:
-            # Initialised on the CPU RNG, then moved: the same seed gives the same weights on
-            # every device (CUDA's generator would draw different ones).
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed + i)
-                model = cls._from_config(configs[name], dtype=torch.float32, **kw)
-            model = model.to(device=device, dtype=dtype)
+            model = _seeded_init(name, configs[name], cfg.seed + i, kw).to(device=device, dtype=dtype)
         models[name] = _finish(name, model)
     return models
 
@@ -346,8 +437,12 @@ def _tokens(name: str, hidden: torch.Tensor, spec: TargetSpec) -> torch.Tensor:
 class FeatureExtractor:
     """The four backbones behind one call: decoded window -> {name: tokens (B, tokens, dim)}.
 
-    CUDA: weights in ``cfg.dtype`` under autocast; CPU: float32. ``cfg.compile`` names the models to
-    ``torch.compile`` (compile per model: it regresses some).
+    CUDA: weights and activations in ``cfg.dtype`` (``cfg.autocast`` adds torch.autocast: norms and
+    softmax in float32), SDPA backend per ``cfg.attention``; CPU: float32. ``cfg.compile`` names the
+    models to ``torch.compile`` on CUDA (compile per model: it regresses some); they compile at the
+    first call (~10-20 s each, less with a warm inductor cache). Not on a side thread while eager
+    calls go on: FX tracing patches ``nn.Module.__call__`` process-wide, so a concurrent eager call
+    fails ("FX to symbolically trace a dynamo-optimized function", seen on the H200).
     """
 
     def __init__(self, cfg: ModelsConfig, device: str | torch.device | None = None, *,
@@ -359,17 +454,28 @@ class FeatureExtractor:
         self.dtype = DTYPES[cfg.dtype] if self.device.type == "cuda" else torch.float32
         self.models = build_models(cfg, device=self.device, storage_options=storage_options)
         self.specs: dict[str, TargetSpec] = {n: layout_spec(n, m.config) for n, m in self.models.items()}
-        self._run = {n: (torch.compile(m) if n in cfg.compile else m) for n, m in self.models.items()}
+        self.compiled = [n for n in MODEL_NAMES if n in cfg.compile] if self.device.type == "cuda" else []
+        self._run: dict[str, nn.Module] = {n: (torch.compile(m) if n in self.compiled else m)
+                                           for n, m in self.models.items()}
+        self.autocast = cfg.autocast and self.device.type == "cuda" and self.dtype != torch.float32
+        self.attention = cfg.attention
 
-    def _autocast(self):
-        if self.device.type == "cuda" and self.dtype != torch.float32:
-            return torch.autocast("cuda", dtype=self.dtype)
-        return nullcontext()
+    def _context(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        if self.autocast:
+            stack.enter_context(torch.autocast("cuda", dtype=self.dtype))
+        if self.attention != "auto" and self.device.type == "cuda":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            order = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                     "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+            first = order.pop(self.attention)
+            stack.enter_context(sdpa_kernel([first, *order.values()], set_priority=True))
+        return stack
 
     @torch.inference_mode()
     def run(self, name: str, pixel_values: torch.Tensor) -> torch.Tensor:
         """One model on its own input (B, T, 3, H, W) -> (B, tokens, dim)."""
-        with self._autocast():
+        with self._context():
             if name == "student":
                 out = self._run[name](pixel_values_videos=pixel_values, skip_predictor=True)
             else:

@@ -74,7 +74,13 @@ class ModelsConfig(_Strict):
     vivit: ModelSpec = ModelSpec(source="google/vivit-b-16x2-kinetics400")
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    compile: list[str] = Field(default_factory=list, description="model names to torch.compile")
+    compile: list[str] = Field(default_factory=lambda: ["student", "videomae", "timesformer"],
+                               description="model names to torch.compile on CUDA (it regresses ViViT; measured "
+                               "in bench/RESULTS.md); ignored on CPU")
+    autocast: bool = Field(False, description="CUDA: torch.autocast on top of dtype weights (norms and softmax "
+                           "in float32); False runs activations in dtype too (faster; bench/RESULTS.md)")
+    attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = Field(
+        "auto", description="preferred SDPA backend (others stay as fallbacks); auto: PyTorch's order")
     seed: int = 0
 
 
@@ -88,12 +94,14 @@ class ExtractConfig(_Strict):
     decoders: int | None = Field(None, ge=1, description="None: sized to the cluster's CPUs")
     shard_clips: int = Field(256, ge=1, description="clips per Parquet shard")
     out_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
-    writers: int = Field(1, ge=1, description="shard-writer actors (Parquet encode + upload)")
+    writers: int | None = Field(None, ge=1, description="shard-writer actors (Parquet encode + upload); "
+                                "None: 2 per model actor (one writes ~0.5-1 GB/s, a GPU makes ~1 GB/s)")
     cpus_per_writer: float = Field(0.0, ge=0.0, description="I/O bound; 0 keeps it off the CPU budget")
     actor_concurrency: int = Field(2, ge=1, description="batches in flight per model actor on CUDA (one CUDA "
                                    "stream each: copies of one batch overlap compute of another)")
     retry_failed: bool = Field(False, description="re-try videos in the failed manifest (default: skip them)")
     limit_videos: int | None = Field(None, ge=1, description="process at most this many pending videos per run")
+    log_stats: bool = Field(False, description="print Ray Data's per-operator stats (time, throughput) at the end")
 
 
 class OptimConfig(_Strict):

@@ -1,14 +1,36 @@
 """Backbones: token layouts, weight loading, FeatureExtractor (real transformers classes, tiny configs, CPU)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import fsspec
 import pytest
 import torch
-from transformers import (TimesformerForVideoClassification, TimesformerModel, VideoMAEForPreTraining,
-                          VivitForVideoClassification, VJEPA2Model)
+from transformers import (
+    TimesformerForVideoClassification,
+    TimesformerModel,
+    VideoMAEForPreTraining,
+    VivitForVideoClassification,
+    VJEPA2Model,
+)
+from transformers.activations import FastGELUActivation
 
-from pipeline.backbones import (INPUT_SPECS, MODEL_CLASSES, MODEL_NAMES, FeatureExtractor, build_models,
-                                derive_inputs, full_configs, layout_spec, tiny_configs, use_sdpa_timesformer)
+from pipeline.backbones import (
+    INPUT_SPECS,
+    MODEL_CLASSES,
+    MODEL_NAMES,
+    FeatureExtractor,
+    _random_checkpoint,
+    _seeded_init,
+    build_models,
+    derive_inputs,
+    full_configs,
+    fuse_fast_gelu,
+    layout_spec,
+    tiny_configs,
+    use_cached_rope_vjepa2,
+    use_sdpa_timesformer,
+)
 from pipeline.config import ModelsConfig, ModelSpec
 from tokconv.targets import ALL_SPECS
 
@@ -88,6 +110,7 @@ def test_grid_tokens_are_flattened_t_h_w(name, frame, patch):
         _finish(name, model)
     fe = FeatureExtractor.__new__(FeatureExtractor)  # the real run/_tokens path around this one model
     fe.device, fe.dtype, fe._run = torch.device("cpu"), torch.float32, {name: model}
+    fe.autocast, fe.attention = False, "auto"
     fe.specs = {name: layout_spec(name, cfg)}
     spec_in, (t_grid, h_grid, w_grid) = INPUT_SPECS[name], fe.specs[name].grid
     p = spec_in.crop // h_grid
@@ -222,6 +245,49 @@ def test_pretrained_from_s3(frames, tiny_out, hub_dirs, s3_server, tmp_path, mon
         assert torch.equal(out[n], tiny_out[n]), n
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_rope_gives_exactly_upstreams_values(dtype):
+    """The RoPE tables built once per length give bit-identical outputs to transformers' per-layer RoPE."""
+    torch.manual_seed(0)
+    model = VJEPA2Model(tiny_configs()["student"]).eval().to(dtype)
+    x = torch.randn(2, 16, 3, 256, 256).to(dtype)
+    with torch.inference_mode():
+        upstream = model(pixel_values_videos=x, skip_predictor=True).last_hidden_state
+        use_cached_rope_vjepa2(model)
+        cached = model(pixel_values_videos=x, skip_predictor=True).last_hidden_state
+        model(pixel_values_videos=x, skip_predictor=False)  # the predictor's masked positions still run
+    assert torch.equal(cached, upstream)
+    attn = next(m for m in model.modules() if "_rope_cache" in m.__dict__)
+    assert list(attn._rope_cache) == [(2048, dtype, torch.device("cpu"))]
+
+
+def test_fused_fast_gelu_keeps_vivit_outputs():
+    torch.manual_seed(0)
+    model = MODEL_CLASSES["vivit"](tiny_configs()["vivit"], add_pooling_layer=False).eval()
+    x = torch.randn(1, 32, 3, 224, 224)
+    with torch.inference_mode():
+        before = model(pixel_values=x).last_hidden_state
+        fuse_fast_gelu(model)
+        after = model(pixel_values=x).last_hidden_state
+    assert not any(isinstance(m, FastGELUActivation) for m in model.modules())
+    assert sum(isinstance(m, torch.nn.GELU) and m.approximate == "tanh" for m in model.modules()) == 2
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_random_weights_are_drawn_once_and_loaded_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKCONV_MODEL_CACHE", str(tmp_path))
+    cfg = tiny_configs()["videomae"]
+    first = _random_checkpoint("videomae", cfg, 3, {})
+    assert _random_checkpoint("videomae", tiny_configs()["videomae"], 3, {}) == first  # cache hit
+    assert _random_checkpoint("videomae", cfg, 4, {}) != first  # another seed, another draw
+    loaded = MODEL_CLASSES["videomae"].from_pretrained(first).state_dict()
+    drawn = _seeded_init("videomae", cfg, 3, {}).state_dict()
+    assert loaded.keys() == drawn.keys()
+    assert all(torch.equal(loaded[k], drawn[k]) for k in drawn)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([Path(first).name, Path(
+        _random_checkpoint("videomae", cfg, 4, {})).name])  # no temporary copies left behind
+
+
 def test_feature_extractor_rejects_unknown_compile_names():
     with pytest.raises(ValueError, match="unknown model names"):
         FeatureExtractor(ModelsConfig(weights="tiny", compile=["vivitt"]), device="cpu")
@@ -232,6 +298,6 @@ def test_cuda_bf16_matches_cpu_fp32(tiny, frames, tiny_out):
     gpu = FeatureExtractor(ModelsConfig(weights="tiny", compile=["videomae"]), device="cuda")
     out = gpu(frames.pin_memory())
     for n in MODEL_NAMES:
-        assert out[n].device.type == "cuda" and out[n].dtype in (torch.bfloat16, torch.float32)  # autocast LN: fp32
+        assert out[n].device.type == "cuda" and out[n].dtype in (torch.bfloat16, torch.float32)  # bf16; float32 if autocast
         cos = torch.nn.functional.cosine_similarity(out[n].float().cpu(), tiny_out[n], dim=-1)
         assert cos.min() > 0.98, (n, cos.min())
