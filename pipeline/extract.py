@@ -17,7 +17,8 @@ every listed video is either complete in the store or in the failed manifest.
 
 GPU path (issue 4): each model actor runs ``actor_concurrency`` batches at once on separate CUDA
 streams, so the pinned-memory H2D copy and D2H copy-back of one batch overlap the compute of
-another; bf16 autocast and per-model ``torch.compile`` live in ``FeatureExtractor``; channel sums
+another; bf16 compute, the SDPA backend and per-model ``torch.compile`` live in ``FeatureExtractor``
+(a short last batch is padded to the compiled batch shape); channel sums
 for the statistics are computed on the GPU; Parquet encoding/upload runs in separate writer actors.
 """
 from __future__ import annotations
@@ -106,9 +107,12 @@ class ModelActor:
         self.out_dtype = _TORCH_DTYPES[out_dtype]
         self.cuda = self.device.type == "cuda"
         self._local = threading.local()
+        # compiled models see one batch shape only: a short last batch is padded up to it, so it does
+        # not trigger a recompile (rows are independent in all four models; the padding is dropped)
+        self.pad_to = warmup_shape[0] if self.cuda and warmup_shape and self.fx.compiled else None
         if self.cuda and warmup_shape:
-            # one batch before the concurrent calls start: torch.compile traces once, cuDNN/cuBLAS
-            # pick their kernels, and the first real batch does not pay for it
+            # one batch before the concurrent calls start: torch.compile traces once (never while another
+            # thread runs the models), cuDNN/cuBLAS pick their kernels
             self.features(np.zeros(warmup_shape, np.uint8))
 
     def _staging(self, key: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
@@ -133,19 +137,24 @@ class ModelActor:
         (B, dim) float64 channel sums over tokens}, on the host, owned by the caller.
 
         The same code runs on CPU (plain buffers, synchronous copies) and CUDA (this thread's stream,
-        pinned buffers, non-blocking copies, one event wait at the end that releases the GIL).
+        a reused pinned input buffer, fresh pinned outputs, non-blocking copies, one event wait at the
+        end that releases the GIL).
         """
         x = torch.from_numpy(np.ascontiguousarray(frames))
+        n_real = x.shape[0]
+        rows = max(n_real, self.pad_to or 0)
         with self._stream():
-            host_in = self._staging("frames", tuple(x.shape), torch.uint8)
-            host_in.copy_(x)
+            host_in = self._staging("frames", (rows, *x.shape[1:]), torch.uint8)
+            host_in[:n_real].copy_(x)  # rows past n_real (padding) hold stale frames: computed, then dropped
             out = self.fx(host_in.to(self.device, non_blocking=True))
             staged = {}
             for n, o in out.items():
-                o = o.to(self.out_dtype)
+                o = o[:n_real].to(self.out_dtype)
                 of = o.float()  # channel sums on the device, in float32 over one clip's tokens
                 for key, val in ((n, o), (SUM_PREFIX + n, of.sum(1)), (SQ_PREFIX + n, of.square().sum(1))):
-                    buf = self._staging(key, tuple(val.shape), val.dtype)
+                    # a fresh buffer per call (pinned ones come from torch's caching host allocator, so
+                    # this is cheap): the caller owns it, no copy out of a reused buffer (~365 MB/batch)
+                    buf = torch.empty(val.shape, dtype=val.dtype, pin_memory=self.cuda)
                     buf.copy_(val, non_blocking=True)
                     staged[key] = buf
             done = torch.cuda.Event() if self.cuda else None
@@ -153,8 +162,7 @@ class ModelActor:
                 done.record()
         if done is not None:
             done.synchronize()  # releases the GIL: other threads keep the GPU busy meanwhile
-        # copy out of the reused staging buffers (Ray serialises the result after we return)
-        return {k: (v.double() if k.startswith((SUM_PREFIX, SQ_PREFIX)) else v.clone()) for k, v in staged.items()}
+        return {k: (v.double() if k.startswith((SUM_PREFIX, SQ_PREFIX)) else v) for k, v in staged.items()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         feats = self.features(batch["frames"])
@@ -194,10 +202,11 @@ def _resources(job: JobConfig) -> dict[str, Any]:
     cpus, gpus = int(res.get("CPU", 1)), res.get("GPU", 0)
     use_gpu = gpus > 0 and job.models.device != "cpu" and ec.gpus_per_actor > 0
     actors = ec.model_actors or (max(1, int(gpus // ec.gpus_per_actor)) if use_gpu else 1)
-    free = cpus - actors * ec.cpus_per_actor - ec.writers * ec.cpus_per_writer
+    writers = ec.writers or 2 * actors
+    free = cpus - actors * ec.cpus_per_actor - writers * ec.cpus_per_writer
     decoders = ec.decoders or max(1, int(free // ec.cpus_per_decoder))
-    return {"use_gpu": use_gpu, "model_actors": actors, "decoders": decoders, "cluster_cpus": cpus,
-            "cluster_gpus": gpus}
+    return {"use_gpu": use_gpu, "model_actors": actors, "decoders": decoders, "writers": writers,
+            "cluster_cpus": cpus, "cluster_gpus": gpus}
 
 
 def _decode_memory(job: JobConfig) -> int:
@@ -237,7 +246,7 @@ def build_pipeline(job: JobConfig, store: FeatureStore, pending: list[dict], res
                      num_gpus=ec.gpus_per_actor if res["use_gpu"] else 0, num_cpus=ec.cpus_per_actor)
         .map_batches(ShardWriter, batch_size=ec.shard_clips, batch_format="pyarrow",
                      fn_constructor_kwargs={"store": store},
-                     compute=ray.data.ActorPoolStrategy(size=ec.writers), num_cpus=ec.cpus_per_writer)
+                     compute=ray.data.ActorPoolStrategy(size=res["writers"]), num_cpus=ec.cpus_per_writer)
     )
 
 
@@ -274,9 +283,10 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
         ray.data.DataContext.get_current().enable_progress_bars = True
         res = _resources(job)
         print(f"[extract] {res['decoders']} decoders, {res['model_actors']} model actor(s) "
-              f"({'GPU' if res['use_gpu'] else 'CPU'}), {ec.writers} writer(s)", flush=True)
+              f"({'GPU' if res['use_gpu'] else 'CPU'}), {res['writers']} writer(s)", flush=True)
         t_start = time.perf_counter()
-        for row in build_pipeline(job, store, pending, res).iter_rows():
+        ds = build_pipeline(job, store, pending, res)
+        for row in ds.iter_rows():
             clips, nbytes, shards = clips + int(row["rows"]), nbytes + int(row["bytes"]), shards + 1
             dt = time.perf_counter() - t_start
             if shards == 1:  # time to first shard: actor start-up, model load/compile, pipeline fill
@@ -284,6 +294,8 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
             last = (dt, clips)
             print(f"[extract] shard {shards} committed: {clips} clips, {clips / dt:.2f} clips/s, "
                   f"{nbytes / 2**20:.1f} MiB", flush=True)
+        if ec.log_stats:  # Ray Data's per-operator breakdown: where the time went
+            print(f"[extract] Ray Data stats:\n{ds.stats()}", flush=True)
 
     stats = store.compute_stats() if store.commits() else {}
     check = check_complete(records, store, cpv)

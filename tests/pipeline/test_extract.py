@@ -61,6 +61,22 @@ def test_model_actor_outputs_match_feature_extractor(actor, tmp_path):
     assert store.done_clips() == {"a": {0}, "b": {1}}
 
 
+def test_a_short_batch_padded_to_the_compiled_shape_gives_the_same_features(tmp_path):
+    """With compiled models a short last batch is padded up to the warm-up batch (one shape, no recompile):
+    the padded rows are computed and dropped, the real rows come out as an unpadded call gives them."""
+    actor = ModelActor(models=TINY.model_dump(), out_dtype="float16")
+    frames = np.random.default_rng(1).integers(0, 256, (3, 32, 64, 80, 3), dtype=np.uint8)
+    plain = actor.features(frames[:2])
+    actor.pad_to = 3
+    actor.features(frames)  # fills the staging buffer: the padding row of the next call holds these stale frames
+    padded = actor.features(frames[:2])
+    assert actor._staging("frames", (3, 32, 64, 80, 3), torch.uint8).shape[0] == 3
+    assert plain.keys() == padded.keys()
+    for k in plain:
+        assert padded[k].shape == plain[k].shape and padded[k].shape[0] == 2, k
+        torch.testing.assert_close(padded[k], plain[k], rtol=1e-4, atol=1e-3)
+
+
 def test_plan_and_completeness(tmp_path):
     store = FeatureStore(Storage(str(tmp_path)), "f")
     spec = {"student": model_specs(TINY)["vivit"]}
