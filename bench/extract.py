@@ -13,7 +13,7 @@ Prints clips/s for each, GPU utilisation (nvidia-smi sampled every 0.5 s), the r
 H200 (full-size architectures, random init; ~5-8 min; .bench-videos = a copy of the sample tree):
     python bench/extract.py --videos .bench-videos --clips 2048 --clips-per-video 4 --batch-size 32 \
         --out $OUT/extract-h200-eager.json
-    ... --compile student,videomae,timesformer --phases models,pipeline   (torch.compile per model)
+    ... --compile none --autocast --phases models    (the old eager + autocast settings)
     ... --num-gpus 2 --cpus 32 --clips 4096 --phases decode,models,pipeline   (2-GPU scaling)
 CPU dry run (tiny models): python bench/extract.py --tiny --clips 8 --cpus 2
 """
@@ -146,9 +146,11 @@ def phase_models(fx, frames: torch.Tensor, batches: int, batch_size: int, warmup
     x = frames.to(dev)
     reps = math.ceil(batch_size / x.shape[0])
     x = x.repeat(reps, 1, 1, 1, 1)[:batch_size].contiguous()
-    for _ in range(warmup):
+    t0 = time.perf_counter()
+    for _ in range(warmup):  # the first call compiles (models.compile)
         {k: v.to(torch.float16) for k, v in fx(x).items()}
     sync(dev)
+    warmup_s = time.perf_counter() - t0
     with GpuSampler() as gpu:
         t0 = time.perf_counter()
         for _ in range(batches):
@@ -156,7 +158,7 @@ def phase_models(fx, frames: torch.Tensor, batches: int, batch_size: int, warmup
         sync(dev)
         dt = time.perf_counter() - t0
     res = {"clips": batches * batch_size, "seconds": round(dt, 2), "clips_per_s": round(batches * batch_size / dt, 2),
-           "gpu": gpu.summary()}
+           "gpu": gpu.summary(), "compiled": fx.compiled, "warmup_s_incl_compile": round(warmup_s, 1)}
     # where the time goes: each model alone on its derived input (and the input derivation)
     from pipeline.backbones import derive_inputs
     per = {}
@@ -176,6 +178,32 @@ def phase_models(fx, frames: torch.Tensor, batches: int, batch_size: int, warmup
         per[name] = round(n * batch_size / (time.perf_counter() - t0), 2)
     res["per_model_clips_per_s"] = per
     return res
+
+
+def phase_actor(models: ModelsConfig, frames: torch.Tensor, batches: int, batch_size: int, concurrency: int) -> dict:
+    """The model actor's host path without Ray: ``ModelActor.__call__`` (pinned staging, H2D, four models,
+    D2H, Arrow table) on numpy batches, ``concurrency`` calls at once as Ray runs them. Against (1) it
+    gives the actor's own overhead; against (3) what Ray's transport and the rest of the pipeline add."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.extract import ModelActor
+    clips = frames.numpy()
+    clips = np.ascontiguousarray(np.concatenate([clips] * math.ceil(batch_size / len(clips)))[:batch_size])
+    batch = {"video_id": np.array([f"v{i}" for i in range(batch_size)]), "clip_index": np.zeros(batch_size, np.int64),
+             "label_index": np.zeros(batch_size, np.int64), "split": np.array(["train"] * batch_size),
+             "frames": clips}
+    t0 = time.perf_counter()
+    actor = ModelActor(models=models.model_dump(), out_dtype="float16", warmup_shape=clips.shape)
+    init_s = time.perf_counter() - t0
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(actor, [batch] * concurrency))
+        with GpuSampler() as gpu:
+            t0 = time.perf_counter()
+            rows = sum(t.num_rows for t in pool.map(actor, [batch] * batches))
+            dt = time.perf_counter() - t0
+    del actor
+    return {"clips": rows, "seconds": round(dt, 2), "clips_per_s": round(rows / dt, 2), "init_s": round(init_s, 1),
+            "concurrency": concurrency, "gpu": gpu.summary()}
 
 
 class _ClipDataset(torch.utils.data.Dataset):
@@ -227,7 +255,8 @@ def phase_pipeline(video_dir: Path, workdir: Path, args, models: ModelsConfig, d
         "extract": {"batch_size": args.batch_size, "shard_clips": args.shard_clips, "writers": args.writers,
                     "gpus_per_actor": 1.0 if torch.cuda.is_available() else 0.0, "cpus_per_actor": 1.0,
                     "model_actors": args.num_gpus if torch.cuda.is_available() else 1,
-                    "actor_concurrency": args.actor_concurrency, "out_dtype": "float16"},
+                    "actor_concurrency": args.actor_concurrency, "out_dtype": "float16",
+                    "log_stats": True},
     })
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Ray workers of a local cluster inherit the driver's environment: make the project importable
@@ -260,16 +289,19 @@ def main(argv=None) -> dict:
     p.add_argument("--clips-per-video", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--model-batches", type=int, default=None, help="timed batches in phase 1 (default clips/batch)")
-    p.add_argument("--compile", default="", help="comma-separated model names to torch.compile")
+    p.add_argument("--compile", default=None, help="comma-separated model names to torch.compile "
+                   "(default: the config's default; 'none': all eager)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--autocast", action="store_true", help="torch.autocast over dtype weights (old default)")
+    p.add_argument("--attention", default="auto", choices=["auto", "cudnn", "flash", "efficient", "math"])
     p.add_argument("--tiny", action="store_true", help="tiny models on CPU (dry run)")
     p.add_argument("--num-gpus", type=int, default=1, help="GPUs for the pipeline (one model actor each)")
     p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs for decode pool / loader / Ray")
     p.add_argument("--shard-clips", type=int, default=64)
-    p.add_argument("--writers", type=int, default=2)
+    p.add_argument("--writers", type=int, default=None, help="default: 2 per model actor")
     p.add_argument("--actor-concurrency", type=int, default=2)
     p.add_argument("--object-store-gb", type=float, default=None)
-    p.add_argument("--phases", default="decode,models,loop,pipeline")
+    p.add_argument("--phases", default="decode,models,actor,loop,pipeline")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "tokconv-bench-extract")
     p.add_argument("--keep-store", action="store_true")
     p.add_argument("--out", type=Path, default=None, help="JSON results (default <workdir>/results.json)")
@@ -281,9 +313,13 @@ def main(argv=None) -> dict:
         args.shard_clips = min(args.shard_clips, 4)
         args.clips_per_video = min(args.clips_per_video, 2)
         args.writers = 1
+        args.compile = "none"
     models = ModelsConfig(weights="tiny" if args.tiny else "random", device="cuda" if cuda else "cpu",
                           dtype=args.dtype if cuda else "float32",
-                          compile=[c for c in args.compile.split(",") if c])
+                          **({} if args.compile is None else
+                             {"compile": [c for c in args.compile.split(",") if c and c != "none"]}),
+                          autocast=args.autocast,
+                          attention=args.attention)
     dcfg = DecodeConfig(window=32, stride=2, clips_per_video=args.clips_per_video, short_side=256, short_video="loop")
 
     src = args.videos
@@ -317,7 +353,7 @@ def main(argv=None) -> dict:
 
     if "decode" in phases:  # first: no CUDA context yet in this process
         log("decode_only", phase_decode(videos, dcfg, args.cpus))
-    if "models" in phases or "loop" in phases:
+    if "models" in phases or "loop" in phases or "actor" in phases:
         from pipeline.backbones import FeatureExtractor
         from pipeline.decode import decode_clips
         t0 = time.perf_counter()
@@ -328,6 +364,11 @@ def main(argv=None) -> dict:
             frames = torch.from_numpy(np.stack(clips))
             batches = args.model_batches or max(2, args.clips // args.batch_size)
             log("model_only", phase_models(fx, frames, batches, args.batch_size))
+        if "actor" in phases:
+            clips = [c for v in videos[:8] for _, c in decode_clips(str(v), dcfg)][: args.batch_size]
+            log("actor_host_path", phase_actor(models, torch.from_numpy(np.stack(clips)),
+                                               args.model_batches or max(2, args.clips // args.batch_size),
+                                               args.batch_size, args.actor_concurrency))
         if "loop" in phases:
             log("plain_loop", phase_plain_loop(fx, videos, dcfg, args.batch_size, max(1, args.cpus - 1)))
         del fx
@@ -359,7 +400,8 @@ def main(argv=None) -> dict:
 
 
 def markdown(results: dict) -> str:
-    rows = [("(1) model-only ceiling", "model_only"), ("(2) decode-only ceiling", "decode_only"),
+    rows = [("(1) model-only ceiling", "model_only"), ("(1b) model actor host path, no Ray", "actor_host_path"),
+            ("(2) decode-only ceiling", "decode_only"),
             ("(3) pipeline end to end", "pipeline"), ("(4) plain DataLoader loop", "plain_loop")]
     cfg = results["config"]
     title = (f"Extraction benchmark: {results['host']['gpu'] or 'CPU'}, models {cfg['models']['weights']} "

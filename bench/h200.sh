@@ -2,7 +2,7 @@
 # The GPU runs behind bench/RESULTS.md, one step per argument, on the device host from the
 # repo root, after `source .gpu-bundle/gpu-env.sh .gpu-bundle [--mamba]`:
 #   OUT=/tmp/out bash bench/h200.sh tests extract converters      (one H200: GPU 0, 16 cores)
-#   OUT=/tmp/out bash bench/h200.sh extract-compile scaling       (2 GPUs, 32 cores)
+#   OUT=/tmp/out bash bench/h200.sh models decode-types disk scaling   (model variants; 2 GPUs, 32 cores)
 # Videos: VIDEOS (default .bench-videos: 10 s h264 loops of the sample videos at 360p/720p and
 # the original 640x272 bikes clip, made with ffmpeg). Every step logs to $OUT/<step>.log.
 set -uo pipefail
@@ -25,8 +25,8 @@ for what in "$@"; do case $what in
     step gpu-tests "${one_gpu[@]}" python -m pytest -q -rs -p no:cacheprovider \
       tests/tokconv/test_selective_scan_gpu.py tests/pipeline/test_backbones.py \
       tests/pipeline/test_evaluate.py -m gpu ;;
-  extract)  # the four paths of issue 4 on one GPU, eager; keeps the store for `converters`
-    step extract-1gpu "${one_gpu[@]}" python bench/extract.py --videos "$VIDEOS" --clips 1024 \
+  extract)  # the four paths of issue 4 on one GPU (default model settings); keeps the store for `converters`
+    step extract-1gpu "${one_gpu[@]}" python bench/extract.py --videos "$VIDEOS" --clips 2048 \
       --clips-per-video 4 --batch-size 32 --cpus 16 --keep-store --workdir "$WORK" \
       --out "$OUT/extract-1gpu.json" ;;
   converters)
@@ -34,13 +34,29 @@ for what in "$@"; do case $what in
       --store "$(ls -d "$WORK"/store-* | tail -1)" --device cuda --dtype bfloat16 --steps 200 \
       --batch-size 16 --train-clips 512 --eval-clips 128 --latency-batch 32 \
       --out "$OUT/converters-h200.json" ;;
-  extract-compile)
-    step extract-compile "${one_gpu[@]}" python bench/extract.py --videos "$VIDEOS" --clips 1024 \
-      --clips-per-video 4 --batch-size 32 --cpus 16 --compile student,videomae,timesformer \
-      --phases models,pipeline --workdir "$WORK-c" --out "$OUT/extract-compile.json" ;;
   scaling)  # same per-GPU resources (16 cores each): 1 GPU vs 2 GPUs, pipeline end to end
-    step scaling-2gpu python bench/extract.py --videos "$VIDEOS" --clips 2048 --clips-per-video 4 \
+    step scaling-2gpu python bench/extract.py --videos "$VIDEOS" --clips 4096 --clips-per-video 4 \
       --batch-size 32 --cpus 32 --num-gpus 2 --phases decode,pipeline --workdir "$WORK-2" \
       --out "$OUT/extract-2gpu.json" ;;
+  models)  # model-side variants (autocast / bf16 / cached RoPE / SDPA backends / compile), GPU 0
+    step models "${one_gpu[@]}" python bench/models.py --videos "$VIDEOS" --batch-size 32 --iters 10 \
+      --out "$OUT/models.json" ;;
+  decode-types)  # decode-only ceiling per source file (16 processes, 256 clips of each)
+    for f in "$VIDEOS"/*.mp4; do
+      d="$WORK-d/$(basename "$f" .mp4)"; mkdir -p "$d/src"; ln -sf "$(realpath "$f")" "$d/src/"
+      step "decode-$(basename "$f" .mp4)" python bench/extract.py --videos "$d/src" --clips 256 \
+        --clips-per-video 4 --cpus 16 --phases decode --workdir "$d/w" --out "$d/w/r.json"
+    done 2>&1 | grep -h "decode_only" | tee "$OUT/decode-types.log" ;;
+  disk)  # sequential write bandwidth of the store's disk (4 GiB, direct I/O)
+    mkdir -p "$WORK"; step disk dd if=/dev/zero of="$WORK/dd.bin" bs=16M count=256 oflag=direct
+    rm -f "$WORK/dd.bin" ;;
+  pipeline-1gpu)  # a longer pipeline-only run (1 GPU, 16 cores), with Ray Data's per-operator stats
+    step pipeline-1gpu "${one_gpu[@]}" python bench/extract.py --videos "$VIDEOS" --clips 4096 \
+      --clips-per-video 4 --batch-size 32 --cpus 16 --phases pipeline --workdir "$WORK-1" \
+      --out "$OUT/pipeline-1gpu.json" ;;
+  pipeline-2gpu)  # the same on 2 GPUs, 32 cores
+    step pipeline-2gpu python bench/extract.py --videos "$VIDEOS" --clips 4096 --clips-per-video 4 \
+      --batch-size 32 --cpus 32 --num-gpus 2 --phases pipeline --workdir "$WORK-2" \
+      --out "$OUT/pipeline-2gpu.json" ;;
   *) echo "unknown step $what" >&2; exit 2 ;;
 esac; done
