@@ -415,6 +415,9 @@ def build_models(cfg: ModelsConfig, *, device: str | torch.device | None = None,
             source = _local_copy(spec.source, storage_options) if "://" in spec.source and not \
                 spec.source.startswith("file://") else spec.source.removeprefix("file://")
             model = cls.from_pretrained(source, revision=spec.revision, dtype=dtype, **kw).to(device)
+        elif device.type == "meta":  # shapes only: nothing to draw
+            with torch.device("meta"):
+                model = cls._from_config(configs[name], dtype=dtype, **kw)
         elif cfg.weights == "random":  # full size: drawn once per (config, seed), then loaded like a checkpoint
             model = cls.from_pretrained(_random_checkpoint(name, configs[name], cfg.seed + i, kw),
                                         dtype=dtype, **kw).to(device)
