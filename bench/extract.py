@@ -12,8 +12,9 @@ Prints clips/s for each, GPU utilisation (nvidia-smi sampled every 0.5 s), the r
 
 H200 (full-size architectures, random init; ~5-8 min; .bench-videos = a copy of the sample tree):
     python bench/extract.py --videos .bench-videos --clips 2048 --clips-per-video 4 --batch-size 32 \
-        --out $OUT/extract-h200-eager.json
+        --out $OUT/extract-h200.json
     ... --compile none --autocast --phases models    (the old eager + autocast settings)
+    ... --compile-scope layers --phases models,pipeline   (regional compilation; not yet measured here)
     ... --num-gpus 2 --cpus 32 --clips 4096 --phases decode,models,pipeline   (2-GPU scaling)
 CPU dry run (tiny models): python bench/extract.py --tiny --clips 8 --cpus 2
 """
@@ -292,6 +293,8 @@ def main(argv=None) -> dict:
     p.add_argument("--compile", default=None, help="comma-separated model names to torch.compile "
                    "(default: the config's default; 'none': all eager)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--compile-scope", default="model", choices=["model", "layers"],
+                   help="layers: regional compilation (each repeated block)")
     p.add_argument("--autocast", action="store_true", help="torch.autocast over dtype weights (old default)")
     p.add_argument("--attention", default="auto", choices=["auto", "cudnn", "flash", "efficient", "math"])
     p.add_argument("--tiny", action="store_true", help="tiny models on CPU (dry run)")
@@ -318,7 +321,7 @@ def main(argv=None) -> dict:
                           dtype=args.dtype if cuda else "float32",
                           **({} if args.compile is None else
                              {"compile": [c for c in args.compile.split(",") if c and c != "none"]}),
-                          autocast=args.autocast,
+                          compile_scope=args.compile_scope, autocast=args.autocast,
                           attention=args.attention)
     dcfg = DecodeConfig(window=32, stride=2, clips_per_video=args.clips_per_video, short_side=256, short_video="loop")
 

@@ -458,10 +458,24 @@ class FeatureExtractor:
         self.models = build_models(cfg, device=self.device, storage_options=storage_options)
         self.specs: dict[str, TargetSpec] = {n: layout_spec(n, m.config) for n, m in self.models.items()}
         self.compiled = [n for n in MODEL_NAMES if n in cfg.compile] if self.device.type == "cuda" else []
-        self._run: dict[str, nn.Module] = {n: (torch.compile(m) if n in self.compiled else m)
+        self.compile_scope = cfg.compile_scope
+        self._run: dict[str, nn.Module] = {n: (self._compile(m) if n in self.compiled else m)
                                            for n, m in self.models.items()}
         self.autocast = cfg.autocast and self.device.type == "cuda" and self.dtype != torch.float32
         self.attention = cfg.attention
+
+    def _compile(self, model: nn.Module, backend: str = "inductor") -> nn.Module:
+        """torch.compile per ``compile_scope``: the whole model (a wrapper is returned), or each block of
+        the model's repeated-layer ModuleLists in place (regional compilation: same-class blocks share
+        one compiled graph, since dynamo treats their parameters as inputs). Compiles at the first call."""
+        if self.compile_scope == "model":
+            return torch.compile(model, backend=backend)
+        blocks = [b for m in model.modules() if isinstance(m, nn.ModuleList) for b in m]
+        if not blocks:
+            raise ValueError(f"compile_scope=layers: {type(model).__name__} has no ModuleList of blocks")
+        for block in blocks:
+            block.compile(backend=backend)
+        return model
 
     def _context(self) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()

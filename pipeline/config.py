@@ -77,6 +77,10 @@ class ModelsConfig(_Strict):
     compile: list[str] = Field(default_factory=lambda: ["student", "videomae", "timesformer"],
                                description="model names to torch.compile on CUDA (it regresses ViViT; measured "
                                "in bench/RESULTS.md); ignored on CPU")
+    compile_scope: Literal["model", "layers"] = Field(
+        "model", description="model: torch.compile the whole model; layers: compile each repeated transformer "
+        "block in place (PyTorch's regional compilation: one block compiled, reused by every layer, a fraction of "
+        "the cold compile time; its speed on the H200 is not measured yet)")
     autocast: bool = Field(False, description="CUDA: torch.autocast on top of dtype weights (norms and softmax "
                            "in float32); False runs activations in dtype too (faster; bench/RESULTS.md)")
     attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = Field(

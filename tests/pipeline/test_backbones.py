@@ -288,6 +288,22 @@ def test_random_weights_are_drawn_once_and_loaded_from_the_cache(tmp_path, monke
         _random_checkpoint("videomae", cfg, 4, {})).name])  # no temporary copies left behind
 
 
+def test_layer_scope_compiles_each_block_in_place_with_the_same_tokens(frames, tiny_out):
+    """compile_scope=layers compiles every repeated block (not the model) and changes no output.
+    (CPU: dynamo's real tracing with its ``eager`` backend; CUDA compiles with inductor.)"""
+    fx = FeatureExtractor(ModelsConfig(weights="tiny", compile_scope="layers"), device="cpu")
+    assert fx.compiled == [] and fx._run == fx.models  # CPU: nothing compiled by default
+    for name in ("student", "vivit"):
+        model = fx.models[name]
+        assert fx._compile(model, backend="eager") is model  # in place
+        blocks = [b for m in model.modules() if isinstance(m, torch.nn.ModuleList) for b in m]
+        assert blocks and all(b._compiled_call_impl is not None for b in blocks)
+    torch._dynamo.reset()
+    out = fx(frames)
+    for n in MODEL_NAMES:
+        torch.testing.assert_close(out[n], tiny_out[n], rtol=1e-4, atol=1e-4)
+
+
 def test_feature_extractor_rejects_unknown_compile_names():
     with pytest.raises(ValueError, match="unknown model names"):
         FeatureExtractor(ModelsConfig(weights="tiny", compile=["vivitt"]), device="cpu")
