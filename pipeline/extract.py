@@ -57,9 +57,11 @@ def model_specs(cfg: ModelsConfig, storage_options: dict | None = None) -> dict:
     return {n: bb.layout_spec(n, configs[n]) for n in bb.MODEL_NAMES}
 
 
-def plan(records: list[dict], store: FeatureStore, *, clips_per_video: int, retry_failed: bool) -> dict:
-    """Split listed videos into done / failed (skipped) / pending (with the clip indices still missing)."""
-    done, failed = store.done_clips(), store.failed()
+def plan(records: list[dict], store: FeatureStore, *, clips_per_video: int, retry_failed: bool,
+         commits: list[dict] | None = None) -> dict:
+    """Split listed videos into done / failed (skipped) / pending (with the clip indices still missing).
+    ``commits``: the store's commit records if already read."""
+    done, failed = store.done_clips(commits), store.failed()
     want = set(range(clips_per_video))
     out = {"done": [], "skipped_failed": [], "pending": [], "retried": []}
     for r in records:
@@ -76,15 +78,18 @@ def plan(records: list[dict], store: FeatureStore, *, clips_per_video: int, retr
     return out
 
 
-def check_complete(records: list[dict], store: FeatureStore, clips_per_video: int) -> dict:
-    """processed + failed == listed: every listed video complete in the store or in the failed manifest."""
-    done, failed = store.done_clips(), store.failed()
+def check_complete(records: list[dict], store: FeatureStore, clips_per_video: int, *,
+                   commits: list[dict] | None = None, failed: dict | None = None) -> dict:
+    """processed + failed == listed: every listed video complete in the store or in the failed manifest.
+    ``commits``/``failed``: the store's records if already read."""
+    commits = store.commits() if commits is None else commits
+    done, failed = store.done_clips(commits), store.failed() if failed is None else failed
     want = set(range(clips_per_video))
     ids = [r["video_id"] for r in records]
     complete = {v for v in ids if want <= done.get(v, set())}
     bad = {v for v in ids if v in failed and v not in complete}
     missing = sorted(set(ids) - complete - bad)
-    dups = store.duplicates()
+    dups = store.duplicates(commits)
     return {"listed": len(ids), "processed": len(complete), "failed": len(bad), "missing": missing,
             "duplicates": len(dups), "ok": len(complete) + len(bad) == len(ids) and not dups}
 
@@ -260,14 +265,15 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
     ec, cpv = job.extract, job.decode.clips_per_video
     store = FeatureStore(storage, ec.store)
     records = list_videos(job.sources, storage_options=job.sources.storage_options or None)
-    orphans = store.cleanup()  # shards from a crashed run that never got their commit record
+    commits = store.commits()  # read once before the run (large stores hold many records) and once after
+    orphans = store.cleanup(commits)  # shards from a crashed run that never got their commit record
     specs = model_specs(job.models, job.sources.storage_options or None)
-    _check_layout(store, specs, ec.out_dtype)
+    _check_layout(store, specs, ec.out_dtype, has_commits=bool(commits))
     store.write_meta(specs=specs, dtype=ec.out_dtype, class_names=class_names(records),
                      sources={n: getattr(job.models, n).source for n in specs},
                      extra={"weights": job.models.weights, "decode": job.decode.model_dump()})
 
-    todo = plan(records, store, clips_per_video=cpv, retry_failed=ec.retry_failed)
+    todo = plan(records, store, clips_per_video=cpv, retry_failed=ec.retry_failed, commits=commits)
     pending = todo["pending"][: ec.limit_videos] if ec.limit_videos else todo["pending"]
     for r in pending:
         if r["video_id"] in todo["retried"]:
@@ -297,10 +303,11 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
         if ec.log_stats:  # Ray Data's per-operator breakdown: where the time went
             print(f"[extract] Ray Data stats:\n{ds.stats()}", flush=True)
 
-    stats = store.compute_stats() if store.commits() else {}
-    check = check_complete(records, store, cpv)
+    commits, failed_after = store.commits(), store.failed()
+    stats = store.compute_stats(commits) if commits else {}
+    check = check_complete(records, store, cpv, commits=commits, failed=failed_after)
     elapsed = time.perf_counter() - t0
-    new_failed = sorted(set(store.failed()) - failed_before)
+    new_failed = sorted(set(failed_after) - failed_before)
     summary = {
         "store_url": store.storage.url(),
         "listed": check["listed"], "processed": check["processed"], "failed": check["failed"],
@@ -314,7 +321,7 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
         # shards to mean anything: the stream's tail flushes shards in a burst)
         "first_shard_s": round(first[0], 2) if shards else None,
         "steady_clips_per_s": round((last[1] - first[1]) / (last[0] - first[0]), 3) if shards >= 4 else None,
-        "store_clips": sum(len(v) for v in store.done_clips().values()),
+        "store_clips": sum(len(v) for v in store.done_clips(commits).values()),
         "stats_targets": sorted(stats.get("all", {})), **{f"resources_{k}": v for k, v in res.items()},
     }
     print(f"[extract] {clips} clips in {elapsed:.1f}s ({summary['clips_per_s']} clips/s), "
@@ -327,12 +334,12 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
     return summary
 
 
-def _check_layout(store: FeatureStore, specs: dict, dtype: str) -> None:
+def _check_layout(store: FeatureStore, specs: dict, dtype: str, *, has_commits: bool) -> None:
     """A re-run must not mix layouts in one store (e.g. tiny and full models)."""
     if not store.storage.exists("meta.json"):
         return
     old = store.read_meta()
     want = {k: {"shape": [s.tokens, s.dim], "dtype": dtype} for k, s in specs.items()}
-    if old.get("tensors") != want and store.commits():
+    if old.get("tensors") != want and has_commits:
         raise ValueError(f"feature store {store.storage.url()} holds layout {old.get('tensors')}, "
                          f"this job produces {want}: use another extract.store name")

@@ -294,11 +294,12 @@ class FeatureStore:
         """Commit records of all committed shards, oldest first."""
         return sorted(self._read_jsons("commits"), key=lambda r: (r["committed"], r["shard"]))
 
-    def duplicates(self) -> dict[tuple[str, int], list[str]]:
+    def duplicates(self, commits: list[dict] | None = None) -> dict[tuple[str, int], list[str]]:
         """(video_id, clip_index) pairs committed in more than one shard -> those shard ids.
-        Empty unless something wrote the same clip twice under different groupings."""
+        Empty unless something wrote the same clip twice under different groupings.
+        ``commits``: records already read (each call otherwise reads them all: large on big stores)."""
         seen: dict[tuple[str, int], list[str]] = {}
-        for r in self.commits():
+        for r in self.commits() if commits is None else commits:
             for v, c in r["clips"]:
                 seen.setdefault((v, int(c)), []).append(r["shard"])
         return {k: v for k, v in seen.items() if len(v) > 1}
@@ -307,9 +308,10 @@ class FeatureStore:
         """Filesystem paths (no protocol) of committed shards."""
         return [self.storage.path(r["path"]) for r in self.commits()]
 
-    def done_clips(self) -> dict[str, set[int]]:
+    def done_clips(self, commits: list[dict] | None = None) -> dict[str, set[int]]:
+        """video_id -> committed clip indices (from ``commits`` when given, else read)."""
         done: dict[str, set[int]] = {}
-        for r in self.commits():
+        for r in self.commits() if commits is None else commits:
             for v, c in r["clips"]:
                 done.setdefault(v, set()).add(int(c))
         return done
@@ -317,9 +319,9 @@ class FeatureStore:
     def failed(self) -> dict[str, dict]:
         return {r["video_id"]: r for r in self._read_jsons("failed")}
 
-    def cleanup(self) -> list[str]:
+    def cleanup(self, commits: list[dict] | None = None) -> list[str]:
         """Delete temporary and uncommitted shards (left by a crash). Call when no writer is running."""
-        committed = {f"{r['shard']}.parquet" for r in self.commits()}
+        committed = {f"{r['shard']}.parquet" for r in (self.commits() if commits is None else commits)}
         fs, removed = self.storage.fs, []
         for n in self._ls("shards/_tmp"):
             removed.append(self.storage.path("shards", "_tmp", n))

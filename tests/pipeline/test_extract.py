@@ -93,6 +93,13 @@ def test_plan_and_completeness(tmp_path):
     assert [r["video_id"] for r in p["pending"]] == ["half", "bad", "new"] and p["retried"] == ["bad"]
     c = check_complete(records, store, 2)
     assert (c["processed"], c["failed"], c["ok"], c["missing"]) == (1, 1, False, ["half", "new"])
+    # records read once and handed in (run_extract reads the commit log once before and once after a
+    # run) give the same answers; a stale snapshot is what the caller asked for
+    commits = store.commits()
+    assert plan(records, store, clips_per_video=2, retry_failed=False, commits=commits) == \
+        plan(records, store, clips_per_video=2, retry_failed=False)
+    assert check_complete(records, store, 2, commits=commits, failed=store.failed()) == c
+    assert check_complete(records, store, 2, commits=[], failed={})["missing"] == ["bad", "done", "half", "new"]
 
 
 # ------------------------------------------------------------------------------ integration (Ray)
