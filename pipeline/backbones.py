@@ -345,7 +345,7 @@ def _local_copy(source: str, storage_options: dict | None = None) -> str:
             raise FileNotFoundError(f"model source {source!r}: no config.json there")
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root))  # copy aside, then rename: concurrent actors never see half a copy
-        src.fs.get(src.path() + "/", f"{tmp}/", recursive=True)
+        src.download("", str(tmp), recursive=True)
         try:
             tmp.rename(dest)
         except OSError:  # another process finished first

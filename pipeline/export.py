@@ -32,7 +32,7 @@ import torch
 from .config import JobConfig
 from .featurestore import FeatureStore
 from .storage import Storage
-from .train import download_dir, load_trained
+from .train import load_trained
 
 MODEL_FILES = ("model.safetensors", "config.json", "head.safetensors", "head.json")
 
@@ -221,4 +221,4 @@ def download_model(storage: Storage, name: str, version: str = "latest", dest: s
     version = resolve_version(storage, name, version)
     if not storage.exists("models", name, version):
         raise FileNotFoundError(f"model {name}/{version} not found at {storage.url('models', name, version)}")
-    return download_dir(storage, f"models/{name}/{version}", dest or tempfile.mkdtemp(prefix=f"{name}-{version}-"))
+    return storage.download(f"models/{name}/{version}", dest or tempfile.mkdtemp(prefix=f"{name}-{version}-"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 from typing import Any
 
@@ -60,6 +61,21 @@ class Storage:
 
     def child(self, *parts: str) -> "Storage":
         return Storage(self.url(*parts), self.options)
+
+    def download(self, rel: str, dest: str, *, recursive: bool = False) -> str:
+        """Copy the files directly under ``rel`` ("" = the root) into local directory ``dest``, and its
+        subdirectories too when ``recursive``; returns ``dest``. FileNotFoundError if ``rel`` is no directory."""
+        src = self.path(rel) if rel else self.path()
+        if not self.fs.isdir(src):
+            raise FileNotFoundError(f"{self.url(rel) if rel else self.url()} is not a directory")
+        os.makedirs(dest, exist_ok=True)
+        if recursive:
+            self.fs.get(src.rstrip("/") + "/", dest.rstrip("/") + "/", recursive=True)
+            return dest
+        for info in self.fs.ls(src, detail=True):
+            if info["type"] == "file":
+                self.fs.get_file(info["name"], os.path.join(dest, posixpath.basename(info["name"].rstrip("/"))))
+        return dest
 
     def pyarrow_filesystem(self):
         """This storage as a pyarrow filesystem (Ray Data readers, Ray Train's storage_filesystem):

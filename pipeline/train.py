@@ -388,18 +388,6 @@ def run_train(job: JobConfig, storage: Storage) -> dict[str, Any]:
     return summary
 
 
-def download_dir(storage: Storage, rel: str, dest: str) -> str:
-    """Copy the files directly under ``rel`` (a flat model/checkpoint dir) into local ``dest``."""
-    src = storage.path(rel)
-    if not storage.fs.isdir(src):
-        raise FileNotFoundError(f"{storage.url(rel)} is not a directory")
-    os.makedirs(dest, exist_ok=True)
-    for info in storage.fs.ls(src, detail=True):
-        if info["type"] == "file":
-            storage.fs.get_file(info["name"], os.path.join(dest, posixpath.basename(info["name"].rstrip("/"))))
-    return dest
-
-
 def load_trained(job: JobConfig, storage: Storage, dest: str) -> tuple[nn.Module, nn.Module | None, dict]:
     """Download the checkpoint named by runs/<job>/train.json into ``dest``; load converter + head."""
     from tokconv.io import load_converter, load_head
@@ -407,7 +395,7 @@ def load_trained(job: JobConfig, storage: Storage, dest: str) -> tuple[nn.Module
     if info is None:
         raise FileNotFoundError(f"no training result at {storage.url('runs', job.name, 'train.json')}; "
                                 f"run the train stage first")
-    download_dir(storage, info["checkpoint_rel"], dest)
+    storage.download(info["checkpoint_rel"], dest)
     converter = load_converter(dest).eval()
     head = load_head(dest).eval() if os.path.exists(os.path.join(dest, "head.json")) else None
     return converter, head, info
