@@ -363,7 +363,8 @@ def _seeded_init(name: str, config: PreTrainedConfig, seed: int, kw: dict) -> nn
 
 def _random_checkpoint(name: str, config: PreTrainedConfig, seed: int, kw: dict) -> str:
     """A save_pretrained directory of :func:`_seeded_init`'s weights, cached under TOKCONV_MODEL_CACHE by
-    (class, config, seed): drawing ViT-L-size weights takes ~13 s of CPU per process, loading them ~1 s."""
+    (class, config, seed): drawing the four full-size models took 13 s of CPU per process on the H200
+    host; actors load them instead."""
     key = hashlib.sha1(json.dumps([name, config.to_dict(), seed, sorted(kw.items())], sort_keys=True,
                                   default=str).encode()).hexdigest()[:16]
     root = Path(os.environ.get("TOKCONV_MODEL_CACHE", Path(tempfile.gettempdir()) / "tokconv-models"))
