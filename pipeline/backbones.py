@@ -335,22 +335,36 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return torch.device(device)
 
 
-def _local_copy(source: str, storage_options: dict | None = None) -> str:
-    """fsspec URL (s3://...) -> a local directory holding its files (cached per URL; see TOKCONV_MODEL_CACHE)."""
-    src = Storage(source, storage_options)
+def _cached_model_dir(name: str, fill) -> str:
+    """``TOKCONV_MODEL_CACHE/<name>`` holding a model directory (it has a config.json); made once by
+    ``fill(tmp_dir)`` in a temporary directory beside it, then renamed: concurrent actors never see half a
+    copy, and a copy that loses the race is removed."""
     root = Path(os.environ.get("TOKCONV_MODEL_CACHE", Path(tempfile.gettempdir()) / "tokconv-models"))
-    dest = root / hashlib.sha1(source.encode()).hexdigest()[:16]
+    dest = root / name
     if not (dest / "config.json").exists():
-        if not src.exists("config.json"):
-            raise FileNotFoundError(f"model source {source!r}: no config.json there")
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root))  # copy aside, then rename: concurrent actors never see half a copy
-        src.download("", str(tmp), recursive=True)
+        tmp = Path(tempfile.mkdtemp(dir=root))
+        try:
+            fill(str(tmp))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         try:
             tmp.rename(dest)
         except OSError:  # another process finished first
-            pass
+            shutil.rmtree(tmp, ignore_errors=True)
     return str(dest)
+
+
+def _local_copy(source: str, storage_options: dict | None = None) -> str:
+    """fsspec URL (s3://...) -> a local directory holding its files (cached per URL; see TOKCONV_MODEL_CACHE)."""
+    src = Storage(source, storage_options)
+
+    def fill(tmp: str) -> None:
+        if not src.exists("config.json"):
+            raise FileNotFoundError(f"model source {source!r}: no config.json there")
+        src.download("", tmp, recursive=True)
+    return _cached_model_dir(hashlib.sha1(source.encode()).hexdigest()[:16], fill)
 
 
 def _seeded_init(name: str, config: PreTrainedConfig, seed: int, kw: dict) -> nn.Module:
@@ -367,17 +381,8 @@ def _random_checkpoint(name: str, config: PreTrainedConfig, seed: int, kw: dict)
     host; actors load them instead."""
     key = hashlib.sha1(json.dumps([name, config.to_dict(), seed, sorted(kw.items())], sort_keys=True,
                                   default=str).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("TOKCONV_MODEL_CACHE", Path(tempfile.gettempdir()) / "tokconv-models"))
-    dest = root / f"random-{name}-{key}"
-    if not (dest / "config.json").exists():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root))
-        _seeded_init(name, config, seed, kw).save_pretrained(tmp)
-        try:
-            tmp.rename(dest)  # concurrent actors: the first rename wins, the others' copies are dropped
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(dest)
+    return _cached_model_dir(f"random-{name}-{key}",
+                             lambda tmp: _seeded_init(name, config, seed, kw).save_pretrained(tmp))
 
 
 def _finish(name: str, model: nn.Module) -> nn.Module:
