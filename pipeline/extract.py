@@ -120,12 +120,12 @@ class ModelActor:
             # thread runs the models), cuDNN/cuBLAS pick their kernels
             self.features(np.zeros(warmup_shape, np.uint8))
 
-    def _staging(self, key: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-        """A per-thread host buffer (pinned on CUDA, so copies run asynchronously), reused across calls."""
-        bufs = self._local.__dict__.setdefault("bufs", {})
-        n, buf = int(np.prod(shape)), bufs.get(key)
-        if buf is None or buf.numel() < n or buf.dtype != dtype:
-            buf = bufs[key] = torch.empty(n, dtype=dtype, pin_memory=self.cuda)
+    def _input_buffer(self, shape: tuple) -> torch.Tensor:
+        """This thread's uint8 host buffer for input frames (pinned on CUDA, so the copy to the device
+        runs asynchronously), reused across calls and grown when a batch needs more."""
+        n, buf = int(np.prod(shape)), getattr(self._local, "frames", None)
+        if buf is None or buf.numel() < n:
+            buf = self._local.frames = torch.empty(n, dtype=torch.uint8, pin_memory=self.cuda)
         return buf[:n].view(shape)
 
     def _stream(self):
@@ -149,7 +149,7 @@ class ModelActor:
         n_real = x.shape[0]
         rows = max(n_real, self.pad_to or 0)
         with self._stream():
-            host_in = self._staging("frames", (rows, *x.shape[1:]), torch.uint8)
+            host_in = self._input_buffer((rows, *x.shape[1:]))
             host_in[:n_real].copy_(x)  # rows past n_real (padding) hold stale frames: computed, then dropped
             out = self.fx(host_in.to(self.device, non_blocking=True))
             staged = {}

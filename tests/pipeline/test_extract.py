@@ -70,7 +70,7 @@ def test_a_short_batch_padded_to_the_compiled_shape_gives_the_same_features(tmp_
     actor.pad_to = 3
     actor.features(frames)  # fills the staging buffer: the padding row of the next call holds these stale frames
     padded = actor.features(frames[:2])
-    assert actor._staging("frames", (3, 32, 64, 80, 3), torch.uint8).shape[0] == 3
+    assert actor._input_buffer((3, 32, 64, 80, 3)).shape[0] == 3
     assert plain.keys() == padded.keys()
     for k in plain:
         assert padded[k].shape == plain[k].shape and padded[k].shape[0] == 2, k
