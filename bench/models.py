@@ -17,7 +17,6 @@ each variant's output with the ``autocast`` output; writes JSON to --out.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -28,13 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend
 
 from pipeline import backbones as bb
 from pipeline.config import DecodeConfig, ModelsConfig
 
-BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+SDPA_BACKENDS = ("cudnn", "flash", "efficient")  # models.attention values timed (math: far slower)
 
 
 def timed(fn, iters: int, warmup: int = 2) -> float:
@@ -56,22 +53,20 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return round(float(c.mean()), 5), round(float(c.min()), 5)
 
 
-def _caller(name: str, model, x: torch.Tensor, spec, autocast: bool = False, backend: str | None = None):
-    """A no-arg function running ``model`` on ``x`` under the given autocast / SDPA backend preference."""
-    from torch.nn.attention import sdpa_kernel
-    order = [BACKENDS[backend], *[b for k, b in BACKENDS.items() if k != backend]] if backend else None
-
+def _caller(fx: bb.FeatureExtractor, name: str, x: torch.Tensor, *, autocast: bool = False,
+            attention: str = "auto", module=None):
+    """A no-arg function running ``fx.run(name, x)`` with this variant's autocast / SDPA preference and
+    module (default: the eager model), set at each call since variants share one FeatureExtractor."""
     def fn():
-        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=autocast), \
-                (sdpa_kernel(order, set_priority=True) if order else contextlib.nullcontext()):
-            out = model(pixel_values_videos=x, skip_predictor=True) if name == "student" else model(pixel_values=x)
-        return bb._tokens(name, out.last_hidden_state, spec)
+        fx.autocast, fx.attention = autocast, attention
+        fx._run[name] = fx.models[name] if module is None else module
+        return fx.run(name, x)
     return fn
 
 
-def bench_model(name: str, model, x: torch.Tensor, args) -> dict:
+def bench_model(fx: bb.FeatureExtractor, name: str, x: torch.Tensor, args) -> dict:
     """Every variant of one model; returns {variant: {clips_per_s, ms_per_batch, x_autocast, cos...}}."""
-    spec = bb.layout_spec(name, model.config)
+    model = fx.models[name]
     res, outs = {}, {}
 
     def measure(label, fn):
@@ -86,22 +81,21 @@ def bench_model(name: str, model, x: torch.Tensor, args) -> dict:
     if name == "student":  # upstream RoPE for the first two variants
         for m in model.modules():
             m.__dict__.pop("apply_rotary_embeddings", None)
-    measure("autocast", _caller(name, model, x, spec, autocast=True))
-    measure("bf16", _caller(name, model, x, spec))
+    measure("autocast", _caller(fx, name, x, autocast=True))
+    measure("bf16", _caller(fx, name, x))
     base = "bf16"
     if name == "student":
         bb.use_cached_rope_vjepa2(model)
         base = "bf16+rope"
-        measure(base, _caller(name, model, x, spec))
-    for k in BACKENDS:
-        if k != "math":
-            measure(f"{base}+{k}", _caller(name, model, x, spec, backend=k))
+        measure(base, _caller(fx, name, x))
+    for k in SDPA_BACKENDS:
+        measure(f"{base}+{k}", _caller(fx, name, x, attention=k))
     eager = {k: v for k, v in res.items() if "clips_per_s" in v and k != "autocast"}
     best = max(eager, key=lambda k: eager[k]["clips_per_s"])
-    backend = next((k for k in BACKENDS if best.endswith("+" + k)), None)
+    attention = next((k for k in SDPA_BACKENDS if best.endswith("+" + k)), "auto")
     if not args.no_compile:
         torch._dynamo.reset()
-        fn = _caller(name, torch.compile(model), x, spec, backend=backend)
+        fn = _caller(fx, name, x, attention=attention, module=torch.compile(model))
         t0 = time.perf_counter()
         fn()
         torch.cuda.synchronize()
@@ -139,14 +133,14 @@ def main(argv=None) -> dict:
     frames = frames.repeat(-(-args.batch_size // len(frames)), 1, 1, 1, 1)[: args.batch_size].to(dev)
     inputs = bb.derive_inputs(frames, dtype=torch.bfloat16)
 
-    cfg = ModelsConfig(weights="random", device="cuda", dtype="bfloat16")
+    cfg = ModelsConfig(weights="random", device="cuda", dtype="bfloat16", compile=[])  # variants compile
     t0 = time.perf_counter()
-    models = bb.build_models(cfg)
+    fx = bb.FeatureExtractor(cfg)
     results = {"host": {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__},
                "batch_size": args.batch_size, "build_s": round(time.perf_counter() - t0, 2), "models": {}}
     print(f"[models] built in {results['build_s']} s", flush=True)
     for name in names:
-        results["models"][name] = bench_model(name, models[name], inputs[name], args)
+        results["models"][name] = bench_model(fx, name, inputs[name], args)
         torch.cuda.empty_cache()
 
     # the four in sequence (sum of per-model batch times): old default, best eager, best of eager/compiled
