@@ -362,16 +362,14 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         fx = FeatureExtractor(models)
         print(f"[bench] models built in {time.perf_counter() - t0:.1f}s", flush=True)
+        if "models" in phases or "actor" in phases:  # one batch of real decoded clips serves both
+            frames = torch.from_numpy(np.stack([c for v in videos[:8] for _, c in decode_clips(str(v), dcfg)]
+                                               [: args.batch_size]))
+        batches = args.model_batches or max(2, args.clips // args.batch_size)
         if "models" in phases:
-            clips = [c for v in videos[:8] for _, c in decode_clips(str(v), dcfg)][: args.batch_size]
-            frames = torch.from_numpy(np.stack(clips))
-            batches = args.model_batches or max(2, args.clips // args.batch_size)
             log("model_only", phase_models(fx, frames, batches, args.batch_size))
         if "actor" in phases:
-            clips = [c for v in videos[:8] for _, c in decode_clips(str(v), dcfg)][: args.batch_size]
-            log("actor_host_path", phase_actor(models, torch.from_numpy(np.stack(clips)),
-                                               args.model_batches or max(2, args.clips // args.batch_size),
-                                               args.batch_size, args.actor_concurrency))
+            log("actor_host_path", phase_actor(models, frames, batches, args.batch_size, args.actor_concurrency))
         if "loop" in phases:
             log("plain_loop", phase_plain_loop(fx, videos, dcfg, args.batch_size, max(1, args.cpus - 1)))
         del fx
