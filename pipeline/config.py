@@ -56,6 +56,11 @@ class DecodeConfig(_Strict):
     short_video: Literal["fail", "pad", "loop"] = Field(
         "fail", description="a video shorter than one window: fail it (recorded), pad with the last frame, or loop")
     num_threads: int = Field(1, ge=1, description="decord threads per reader; parallelism comes from Ray")
+    decoder_resize_ratio: float = Field(2.0, ge=1.0, description="sources whose short side is at least this "
+                                        "multiple of short_side are downscaled inside decord, smaller ones with torch "
+                                        "after a source-size decode (faster below ~2x, measured)")
+    decode_chunk: int = Field(32, ge=1, description="frames decoded at source size before each crop/resize "
+                              "(bounds a decoder's memory on large sources: 32 frames of 4K are 0.8 GB)")
 
 
 class ModelSpec(_Strict):
