@@ -4,10 +4,16 @@
 #   OUT=/tmp/out bash bench/h200.sh tests extract converters      (one H200: GPU 0, 16 cores)
 #   OUT=/tmp/out bash bench/h200.sh models decode-types disk scaling   (model variants; 2 GPUs, 32 cores)
 # Videos: VIDEOS (default .bench-videos: 10 s h264 loops of the sample videos at 360p/720p and
-# the original 640x272 bikes clip, made with ffmpeg). Every step logs to $OUT/<step>.log.
+# the original 640x272 bikes clip, made with ffmpeg); VIDEO_SET=low keeps the sources <= 360p
+# (Kinetics-like sizes). CLIPS: clips of the extract step (default 2048). Every step logs to $OUT/<step>.log.
 set -uo pipefail
 OUT=${OUT:-/tmp/h200-out}; VIDEOS=${VIDEOS:-.bench-videos}; WORK=${WORK:-/tmp/tokconv-bench-extract}
 mkdir -p "$OUT"
+if [[ ${VIDEO_SET:-all} == low ]]; then
+  mkdir -p /tmp/bench-videos-low && cp "$VIDEOS"/*_360p.mp4 "$VIDEOS"/bikes_orig.mp4 /tmp/bench-videos-low/
+  VIDEOS=/tmp/bench-videos-low
+fi
+CLIPS=${CLIPS:-2048}
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled
 one_gpu=(env CUDA_VISIBLE_DEVICES=0)
 
@@ -26,8 +32,8 @@ for what in "$@"; do case $what in
       tests/tokconv/test_selective_scan_gpu.py tests/pipeline/test_backbones.py \
       tests/pipeline/test_evaluate.py -m gpu ;;
   extract)  # the four paths of issue 4 on one GPU (default model settings); keeps the store for `converters`
-    step extract-1gpu "${one_gpu[@]}" python bench/extract.py --videos "$VIDEOS" --clips 2048 \
-      --clips-per-video 4 --batch-size 32 --cpus 16 --keep-store --workdir "$WORK" \
+    step extract-1gpu "${one_gpu[@]}" python bench/extract.py --videos "$VIDEOS" --clips "$CLIPS" \
+      --clips-per-video 4 --batch-size 32 --cpus 16 --model-batches 32 --keep-store --workdir "$WORK" \
       --out "$OUT/extract-1gpu.json" ;;
   converters)
     step converters "${one_gpu[@]}" python bench/converters.py \

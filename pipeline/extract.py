@@ -96,15 +96,47 @@ def check_complete(records: list[dict], store: FeatureStore, clips_per_video: in
 
 # -------------------------------------------------------------------------------------- the actors
 
+class CallTimes:
+    """Where a model actor's calls spend their time, summed over calls (thread-safe); with ``every`` > 0
+    one line is printed every ``every`` calls. ``busy`` = summed call time / (wall time x concurrency):
+    near 1, the actor's own calls are the limit; well below, the calls wait on input (Ray's side)."""
+
+    STAGES = ("stage", "gpu", "table")
+
+    def __init__(self, every: int = 0, concurrency: int = 1):
+        self.every, self.concurrency, self.lock = every, concurrency, threading.Lock()
+        self.calls = self.clips = 0
+        self.first: float | None = None
+        self.sums = dict.fromkeys((*self.STAGES, "call"), 0.0)
+
+    def add(self, clips: int, start: float, **stages: float) -> None:
+        now = time.perf_counter()
+        with self.lock:
+            self.first = start if self.first is None else self.first
+            self.calls, self.clips = self.calls + 1, self.clips + clips
+            for k, v in {**stages, "call": now - start}.items():
+                self.sums[k] += v
+            line = self.summary(now) if self.every and self.calls % self.every == 0 else None
+        if line:
+            print(f"[model actor] {line}", flush=True)
+
+    def summary(self, now: float | None = None) -> str:
+        wall = max((now or time.perf_counter()) - (self.first or 0.0), 1e-9)
+        per = ", ".join(f"{k} {1e3 * self.sums[k] / max(self.calls, 1):.0f}" for k in (*self.STAGES, "call"))
+        return (f"{self.calls} calls, {self.clips} clips in {wall:.1f} s ({self.clips / wall:.1f} clips/s); "
+                f"ms per call: {per}; busy {self.sums['call'] / (wall * self.concurrency):.2f}")
+
+
 class ModelActor:
     """Holds the four backbones; clip batch -> Arrow table of raw-bytes features + channel sums.
 
     Thread-safe: with ``actor_concurrency`` > 1 Ray runs several calls at once; each thread gets
     its own CUDA stream and pinned staging buffers, so copies and compute of different batches overlap.
+    ``log_every`` > 0 prints where the calls spend their time (``CallTimes``) every that many calls.
     """
 
     def __init__(self, *, models: dict, out_dtype: str, storage_options: dict | None = None,
-                 warmup_shape: tuple[int, ...] | None = None):
+                 warmup_shape: tuple[int, ...] | None = None, log_every: int = 0, concurrency: int = 1):
         from pipeline.backbones import FeatureExtractor
         cfg = ModelsConfig.model_validate(models)
         self.fx = FeatureExtractor(cfg, storage_options=storage_options)
@@ -115,6 +147,7 @@ class ModelActor:
         # compiled models see one batch shape only: a short last batch is padded up to it, so it does
         # not trigger a recompile (rows are independent in all four models; the padding is dropped)
         self.pad_to = warmup_shape[0] if self.cuda and warmup_shape and self.fx.compiled else None
+        self.times = CallTimes(log_every, concurrency)
         if self.cuda and warmup_shape:
             # one batch before the concurrent calls start: torch.compile traces once (never while another
             # thread runs the models), cuDNN/cuBLAS pick their kernels
@@ -137,20 +170,23 @@ class ModelActor:
         return torch.cuda.stream(self._local.stream)
 
     @torch.inference_mode()
-    def features(self, frames: np.ndarray) -> dict[str, torch.Tensor]:
+    def features(self, frames: np.ndarray, times: dict | None = None) -> dict[str, torch.Tensor]:
         """uint8 (B, window, S, S, 3) -> {name: (B, tokens, dim) out_dtype, ``_sum:``/``_sq:`` name:
         (B, dim) float64 channel sums over tokens}, on the host, owned by the caller.
 
         The same code runs on CPU (plain buffers, synchronous copies) and CUDA (this thread's stream,
         a reused pinned input buffer, fresh pinned outputs, non-blocking copies, one event wait at the
-        end that releases the GIL).
+        end that releases the GIL). ``times``: filled with the seconds of the host copy ("stage") and of
+        the GPU part from its launch to the outputs on the host ("gpu").
         """
+        t0 = time.perf_counter()
         x = torch.from_numpy(np.ascontiguousarray(frames))
         n_real = x.shape[0]
         rows = max(n_real, self.pad_to or 0)
         with self._stream():
             host_in = self._input_buffer((rows, *x.shape[1:]))
             host_in[:n_real].copy_(x)  # rows past n_real (padding) hold stale frames: computed, then dropped
+            t1 = time.perf_counter()
             out = self.fx(host_in.to(self.device, non_blocking=True))
             staged = {}
             for n, o in out.items():
@@ -167,10 +203,14 @@ class ModelActor:
                 done.record()
         if done is not None:
             done.synchronize()  # releases the GIL: other threads keep the GPU busy meanwhile
+        if times is not None:
+            times.update(stage=t1 - t0, gpu=time.perf_counter() - t1)
         return {k: (v.double() if k.startswith((SUM_PREFIX, SQ_PREFIX)) else v) for k, v in staged.items()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        feats = self.features(batch["frames"])
+        start, stages = time.perf_counter(), {}
+        feats = self.features(batch["frames"], stages)
+        t_table = time.perf_counter()
         cols = {
             "video_id": pa.array(np.asarray(batch["video_id"]).astype(str)),
             "clip_index": pa.array(np.asarray(batch["clip_index"], dtype=np.int32)),
@@ -178,7 +218,9 @@ class ModelActor:
             "split": pa.array(np.asarray(batch["split"]).astype(str)),
         }
         cols.update({k: tensor_to_binary(v) for k, v in feats.items()})
-        return pa.table(cols)
+        table = pa.table(cols)
+        self.times.add(table.num_rows, start, table=time.perf_counter() - t_table, **stages)
+        return table
 
 
 class ShardWriter:
@@ -243,6 +285,7 @@ def build_pipeline(job: JobConfig, store: FeatureStore, pending: list[dict], res
         .map_batches(ModelActor, batch_size=ec.batch_size, batch_format="numpy",
                      fn_constructor_kwargs={"models": job.models.model_dump(), "out_dtype": ec.out_dtype,
                                             "storage_options": job.sources.storage_options or None,
+                                            "log_every": 16 if ec.log_stats else 0, "concurrency": concurrency,
                                             "warmup_shape": (ec.batch_size, job.decode.window,
                                                              job.decode.short_side, job.decode.short_side, 3)},
                      compute=ray.data.ActorPoolStrategy(size=res["model_actors"],

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from pipeline.config import JobConfig, ModelsConfig
-from pipeline.extract import ModelActor, ShardWriter, check_complete, model_specs, plan
+from pipeline.extract import CallTimes, ModelActor, ShardWriter, check_complete, model_specs, plan
 from pipeline.featurestore import FeatureStore
 from pipeline.storage import Storage
 
@@ -75,6 +76,30 @@ def test_a_short_batch_padded_to_the_compiled_shape_gives_the_same_features(tmp_
     for k in plain:
         assert padded[k].shape == plain[k].shape and padded[k].shape[0] == 2, k
         torch.testing.assert_close(padded[k], plain[k], rtol=1e-4, atol=1e-3)
+
+
+def test_call_times_add_up_and_print_every_n_calls(capsys):
+    times = CallTimes(every=2, concurrency=2)
+    t0 = time.perf_counter() - 1.0  # each call below started 1 s ago
+    for _ in range(3):
+        times.add(32, t0, stage=0.1, gpu=0.6, table=0.05)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[model actor]")]
+    assert len(lines) == 1 and lines[0].startswith("[model actor] 2 calls, 64 clips in ")
+    assert times.calls == 3 and times.clips == 96
+    assert times.sums["stage"] == pytest.approx(0.3) and times.sums["gpu"] == pytest.approx(1.8)
+    summary = times.summary()  # three 1-s calls in ~1 s of wall time on 2 threads: busy ~1.5
+    assert "ms per call: stage 100, gpu 600, table 50, call 10" in summary
+    assert 1.3 < float(summary.rsplit("busy ", 1)[1]) <= 1.5
+
+
+def test_model_actor_records_its_call_times(actor):
+    frames = np.zeros((2, 32, 64, 80, 3), np.uint8)
+    before = actor.times.calls
+    actor({"video_id": np.array(["a", "b"]), "clip_index": np.array([0, 1]), "label_index": np.array([0, 0]),
+           "split": np.array(["train", "train"]), "frames": frames})
+    assert actor.times.calls == before + 1
+    assert all(actor.times.sums[k] > 0 for k in ("stage", "gpu", "table", "call"))
+    assert actor.times.sums["call"] >= actor.times.sums["gpu"]
 
 
 def test_plan_and_completeness(tmp_path):
