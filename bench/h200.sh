@@ -5,7 +5,9 @@
 #   OUT=/tmp/out bash bench/h200.sh models decode-types disk scaling   (model variants; 2 GPUs, 32 cores)
 # Videos: VIDEOS (default .bench-videos: 10 s h264 loops of the sample videos at 360p/720p and
 # the original 640x272 bikes clip, made with ffmpeg); VIDEO_SET=low keeps the sources <= 360p
-# (Kinetics-like sizes). CLIPS: clips of the extract step (default 2048). Every step logs to $OUT/<step>.log.
+# (Kinetics-like sizes). CLIPS: clips of the extract step (default 2048; pipeline steps 4096, 2 GPUs
+# twice that); BENCH_ARGS: extra bench/extract.py flags (e.g. "--compile-scope layers --actor-concurrency 3").
+# Every step logs to $OUT/<step>.log.
 set -uo pipefail
 OUT=${OUT:-/tmp/h200-out}; VIDEOS=${VIDEOS:-.bench-videos}; WORK=${WORK:-/tmp/tokconv-bench-extract}
 mkdir -p "$OUT"
@@ -13,7 +15,7 @@ if [[ ${VIDEO_SET:-all} == low ]]; then
   mkdir -p /tmp/bench-videos-low && cp "$VIDEOS"/*_360p.mp4 "$VIDEOS"/bikes_orig.mp4 /tmp/bench-videos-low/
   VIDEOS=/tmp/bench-videos-low
 fi
-CLIPS=${CLIPS:-2048}
+CLIPS=${CLIPS:-2048}; PCLIPS=${PCLIPS:-4096}; read -ra extra <<<"${BENCH_ARGS:-}"
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled
 one_gpu=(env CUDA_VISIBLE_DEVICES=0)
 
@@ -34,7 +36,7 @@ for what in "$@"; do case $what in
   extract)  # the four paths of issue 4 on one GPU (default model settings); keeps the store for `converters`
     step extract-1gpu "${one_gpu[@]}" python bench/extract.py --videos "$VIDEOS" --clips "$CLIPS" \
       --clips-per-video 4 --batch-size 32 --cpus 16 --model-batches 32 --keep-store --workdir "$WORK" \
-      --out "$OUT/extract-1gpu.json" ;;
+      --out "$OUT/extract-1gpu.json" "${extra[@]}" ;;
   converters)
     step converters "${one_gpu[@]}" python bench/converters.py \
       --store "$(ls -d "$WORK"/store-* | tail -1)" --device cuda --dtype bfloat16 --steps 200 \
@@ -44,6 +46,9 @@ for what in "$@"; do case $what in
     step scaling-2gpu python bench/extract.py --videos "$VIDEOS" --clips 4096 --clips-per-video 4 \
       --batch-size 32 --cpus 32 --num-gpus 2 --phases decode,pipeline --workdir "$WORK-2" \
       --out "$OUT/extract-2gpu.json" ;;
+  model-ceiling)  # the model-only ceiling alone under BENCH_ARGS (e.g. --compile-scope layers), GPU 0
+    step model-ceiling "${one_gpu[@]}" python bench/extract.py --videos "$VIDEOS" --clips 1024 \
+      --batch-size 32 --model-batches 32 --phases models --workdir "$WORK-m" --out "$OUT/model-ceiling.json" "${extra[@]}" ;;
   models)  # model-side variants (autocast / bf16 / cached RoPE / SDPA backends / compile), GPU 0
     step models "${one_gpu[@]}" python bench/models.py --videos "$VIDEOS" --batch-size 32 --iters 10 \
       --out "$OUT/models.json" ;;
@@ -57,12 +62,12 @@ for what in "$@"; do case $what in
     mkdir -p "$WORK"; step disk dd if=/dev/zero of="$WORK/dd.bin" bs=16M count=256 oflag=direct
     rm -f "$WORK/dd.bin" ;;
   pipeline-1gpu)  # a longer pipeline-only run (1 GPU, 16 cores), with Ray Data's per-operator stats
-    step pipeline-1gpu "${one_gpu[@]}" python bench/extract.py --videos "$VIDEOS" --clips 4096 \
+    step pipeline-1gpu "${one_gpu[@]}" python bench/extract.py --videos "$VIDEOS" --clips "$PCLIPS" \
       --clips-per-video 4 --batch-size 32 --cpus 16 --phases pipeline --workdir "$WORK-1" \
-      --out "$OUT/pipeline-1gpu.json" ;;
-  pipeline-2gpu)  # the same on 2 GPUs, 32 cores
-    step pipeline-2gpu python bench/extract.py --videos "$VIDEOS" --clips 4096 --clips-per-video 4 \
+      --out "$OUT/pipeline-1gpu.json" "${extra[@]}" ;;
+  pipeline-2gpu)  # the same on 2 GPUs, 32 cores, twice the clips
+    step pipeline-2gpu python bench/extract.py --videos "$VIDEOS" --clips $((2 * PCLIPS)) --clips-per-video 4 \
       --batch-size 32 --cpus 32 --num-gpus 2 --phases pipeline --workdir "$WORK-2" \
-      --out "$OUT/pipeline-2gpu.json" ;;
+      --out "$OUT/pipeline-2gpu.json" "${extra[@]}" ;;
   *) echo "unknown step $what" >&2; exit 2 ;;
 esac; done
