@@ -14,7 +14,7 @@ H200 (full-size architectures, random init; ~5-8 min; .bench-videos = a copy of 
     python bench/extract.py --videos .bench-videos --clips 2048 --clips-per-video 4 --batch-size 32 \
         --out $OUT/extract-h200.json
     ... --compile none --autocast --phases models    (the old eager + autocast settings)
-    ... --compile-scope layers --phases models,pipeline   (regional compilation; not yet measured here)
+    ... --compile-scope model --phases models,pipeline   (whole-model compile, the earlier default)
     ... --num-gpus 2 --cpus 32 --clips 4096 --phases decode,models,pipeline   (2-GPU scaling)
 CPU dry run (tiny models): python bench/extract.py --tiny --clips 8 --cpus 2
 """
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
-from pipeline.config import DecodeConfig, JobConfig, ModelsConfig
+from pipeline.config import DecodeConfig, ExtractConfig, JobConfig, ModelsConfig
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -256,7 +256,8 @@ def phase_pipeline(video_dir: Path, workdir: Path, args, models: ModelsConfig, d
         "extract": {"batch_size": args.batch_size, "shard_clips": args.shard_clips, "writers": args.writers,
                     "gpus_per_actor": 1.0 if torch.cuda.is_available() else 0.0, "cpus_per_actor": 1.0,
                     "model_actors": args.num_gpus if torch.cuda.is_available() else 1,
-                    "actor_concurrency": args.actor_concurrency, "out_dtype": "float16",
+                    **({} if args.actor_concurrency is None else {"actor_concurrency": args.actor_concurrency}),
+                    "out_dtype": "float16",
                     "log_stats": True},
     })
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -293,8 +294,8 @@ def main(argv=None) -> dict:
     p.add_argument("--compile", default=None, help="comma-separated model names to torch.compile "
                    "(default: the config's default; 'none': all eager)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--compile-scope", default="model", choices=["model", "layers"],
-                   help="layers: regional compilation (each repeated block)")
+    p.add_argument("--compile-scope", default=None, choices=["model", "layers"],
+                   help="layers: regional compilation (each repeated block); default: the config's")
     p.add_argument("--autocast", action="store_true", help="torch.autocast over dtype weights (old default)")
     p.add_argument("--attention", default="auto", choices=["auto", "cudnn", "flash", "efficient", "math"])
     p.add_argument("--tiny", action="store_true", help="tiny models on CPU (dry run)")
@@ -302,7 +303,7 @@ def main(argv=None) -> dict:
     p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs for decode pool / loader / Ray")
     p.add_argument("--shard-clips", type=int, default=64)
     p.add_argument("--writers", type=int, default=None, help="default: 2 per model actor")
-    p.add_argument("--actor-concurrency", type=int, default=2)
+    p.add_argument("--actor-concurrency", type=int, default=None, help="default: the config's")
     p.add_argument("--object-store-gb", type=float, default=None)
     p.add_argument("--phases", default="decode,models,actor,loop,pipeline")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "tokconv-bench-extract")
@@ -321,7 +322,8 @@ def main(argv=None) -> dict:
                           dtype=args.dtype if cuda else "float32",
                           **({} if args.compile is None else
                              {"compile": [c for c in args.compile.split(",") if c and c != "none"]}),
-                          compile_scope=args.compile_scope, autocast=args.autocast,
+                          **({} if args.compile_scope is None else {"compile_scope": args.compile_scope}),
+                          autocast=args.autocast,
                           attention=args.attention)
     dcfg = DecodeConfig(window=32, stride=2, clips_per_video=args.clips_per_video, short_side=256, short_video="loop")
 
@@ -369,7 +371,8 @@ def main(argv=None) -> dict:
         if "models" in phases:
             log("model_only", phase_models(fx, frames, batches, args.batch_size))
         if "actor" in phases:
-            log("actor_host_path", phase_actor(models, frames, batches, args.batch_size, args.actor_concurrency))
+            concurrency = args.actor_concurrency or ExtractConfig().actor_concurrency
+            log("actor_host_path", phase_actor(models, frames, batches, args.batch_size, concurrency))
         if "loop" in phases:
             log("plain_loop", phase_plain_loop(fx, videos, dcfg, args.batch_size, max(1, args.cpus - 1)))
         del fx

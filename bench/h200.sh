@@ -69,5 +69,7 @@ for what in "$@"; do case $what in
     step pipeline-2gpu python bench/extract.py --videos "$VIDEOS" --clips $((2 * PCLIPS)) --clips-per-video 4 \
       --batch-size 32 --cpus 32 --num-gpus 2 --phases pipeline --workdir "$WORK-2" \
       --out "$OUT/pipeline-2gpu.json" "${extra[@]}" ;;
+  clean)  # drop the kept feature stores (a 4096-clip store is 45 GB; the single-GPU host has a 64 GB disk)
+    rm -rf "$WORK"/store-* "$WORK"-?/store-* ;;
   *) echo "unknown step $what" >&2; exit 2 ;;
 esac; done
