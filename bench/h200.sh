@@ -43,9 +43,9 @@ for what in "$@"; do case $what in
       --batch-size 16 --train-clips 512 --eval-clips 128 --latency-batch 32 \
       --out "$OUT/converters-h200.json" ;;
   scaling)  # same per-GPU resources (16 cores each): 1 GPU vs 2 GPUs, pipeline end to end
-    step scaling-2gpu python bench/extract.py --videos "$VIDEOS" --clips 4096 --clips-per-video 4 \
+    step scaling-2gpu python bench/extract.py --videos "$VIDEOS" --clips $((2 * PCLIPS)) --clips-per-video 4 \
       --batch-size 32 --cpus 32 --num-gpus 2 --phases decode,pipeline --workdir "$WORK-2" \
-      --out "$OUT/extract-2gpu.json" ;;
+      --out "$OUT/extract-2gpu.json" "${extra[@]}" ;;
   model-ceiling)  # the model-only ceiling alone under BENCH_ARGS (e.g. --compile-scope layers), GPU 0
     step model-ceiling "${one_gpu[@]}" python bench/extract.py --videos "$VIDEOS" --clips 1024 \
       --batch-size 32 --model-batches 32 --phases models --workdir "$WORK-m" --out "$OUT/model-ceiling.json" "${extra[@]}" ;;
