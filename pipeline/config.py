@@ -102,6 +102,10 @@ class ExtractConfig(_Strict):
     cpus_per_actor: float = Field(1.0, ge=0.0)
     cpus_per_decoder: float = Field(1.0, gt=0.0)
     decoders: int | None = Field(None, ge=1, description="None: sized to the cluster's CPUs")
+    videos_per_decode_task: int | None = Field(
+        None, ge=1, description="None: batch_size / clips_per_video when that divides evenly, else 1. A decode "
+        "block of exactly one model batch reaches the model actor as a zero-copy view; smaller blocks are "
+        "concatenated there first (a copy of ~201 MB per batch of 32; bench/actor_input.py)")
     shard_clips: int = Field(256, ge=1, description="clips per Parquet shard")
     out_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     writers: int | None = Field(None, ge=1, description="shard-writer actors (Parquet encode + upload); "

@@ -2,8 +2,8 @@
 
 A streaming Ray Data pipeline that reads top to bottom (cosmos-curate ``splitting_pipeline.py``)::
 
-    from_items(video records)                       one block per video
-      .map_batches(decode fn, CPU tasks)            video -> clips uint8 (window, S, S, 3); bad video -> failed/
+    from_items(video records)                       one block per decode task (batch_size / clips_per_video videos)
+      .map_batches(decode fn, CPU tasks)            videos -> clips uint8 (window, S, S, 3); bad video -> failed/
       .map_batches(ModelActor, GPU actor pool)      clips -> raw-bytes Arrow table (+ float64 channel sums)
       .map_batches(ShardWriter, actor pool)         ~shard_clips rows -> one committed Parquet shard
     driver iterates the small commit rows           progress + summary
@@ -180,12 +180,13 @@ class ModelActor:
         the GPU part from its launch to the outputs on the host ("gpu").
         """
         t0 = time.perf_counter()
-        x = torch.from_numpy(np.ascontiguousarray(frames))
-        n_real = x.shape[0]
+        n_real = frames.shape[0]
         rows = max(n_real, self.pad_to or 0)
         with self._stream():
-            host_in = self._input_buffer((rows, *x.shape[1:]))
-            host_in[:n_real].copy_(x)  # rows past n_real (padding) hold stale frames: computed, then dropped
+            host_in = self._input_buffer((rows, *frames.shape[1:]))
+            # frames may be a read-only view of Ray's object store; rows past n_real (padding) hold stale
+            # frames: computed, then dropped
+            np.copyto(host_in[:n_real].numpy(), frames)
             t1 = time.perf_counter()
             out = self.fx(host_in.to(self.device, non_blocking=True))
             staged = {}
@@ -256,12 +257,25 @@ def _resources(job: JobConfig) -> dict[str, Any]:
             "cluster_cpus": cpus, "cluster_gpus": gpus}
 
 
+def videos_per_decode_task(job: JobConfig) -> int:
+    """Videos per decode task: by default as many as fill one model batch exactly (see ExtractConfig)."""
+    ec, cpv = job.extract, job.decode.clips_per_video
+    if ec.videos_per_decode_task:
+        return ec.videos_per_decode_task
+    return ec.batch_size // cpv if ec.batch_size % cpv == 0 else 1
+
+
+def _clip_bytes(job: JobConfig) -> int:
+    d = job.decode
+    return d.window * d.short_side * d.short_side * 3
+
+
 def _decode_memory(job: JobConfig) -> int:
     """Bytes one decode task holds: a worker process (~650 MiB RSS measured with decord + numpy +
-    torch loaded) plus its clips (uint8) about 3x over (decoded, cropped, stacked)."""
-    d = job.decode
-    clip = d.window * d.short_side * d.short_side * 3
-    return 640 * 2**20 + 3 * d.clips_per_video * clip
+    torch loaded), the clips of its videos (uint8, stacked once), and one video's clips twice more
+    in flight (decoded, cropped)."""
+    cpv = job.decode.clips_per_video
+    return 640 * 2**20 + (videos_per_decode_task(job) + 2) * cpv * _clip_bytes(job)
 
 
 def build_pipeline(job: JobConfig, store: FeatureStore, pending: list[dict], res: dict):
@@ -274,9 +288,20 @@ def build_pipeline(job: JobConfig, store: FeatureStore, pending: list[dict], res
     decode = make_decode_fn(job.decode, record_failure=store.record_failure,
                             storage_options=job.sources.storage_options or None)
     concurrency = ec.actor_concurrency if res["use_gpu"] else 1
+    per_task = videos_per_decode_task(job)
+    # a decode block of one whole model batch must stay one block (Ray splits blocks above
+    # target_max_block_size, 128 MiB by default; 32 clips are 201 MB): the dataset keeps a copy of the
+    # context taken at from_items, so the driver's own context is restored right after
+    ctx = ray.data.DataContext.get_current()
+    default_block = ctx.target_max_block_size
+    ctx.target_max_block_size = max(default_block or 0, 2 * per_task * job.decode.clips_per_video * _clip_bytes(job))
+    try:
+        source = ray.data.from_items(pending, override_num_blocks=max(1, -(-len(pending) // per_task)))
+    finally:
+        ctx.target_max_block_size = default_block
     return (
-        ray.data.from_items(pending, override_num_blocks=max(1, len(pending)))
-        .map_batches(decode, batch_size=1, num_cpus=ec.cpus_per_decoder,
+        source
+        .map_batches(decode, batch_size=per_task, num_cpus=ec.cpus_per_decoder,
                      compute=ray.data.TaskPoolStrategy(size=res["decoders"]),
                      # the memory request also keeps Ray Data from fusing decode INTO the model actors
                      # (it fuses when sizes and resources match, e.g. 1 decoder + 1 CPU actor): fused,

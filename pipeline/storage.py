@@ -59,7 +59,7 @@ class Storage:
         p = self.path(*parts)
         return p if self.protocol == "file" else f"{self.protocol}://{p}"
 
-    def child(self, *parts: str) -> "Storage":
+    def child(self, *parts: str) -> Storage:
         return Storage(self.url(*parts), self.options)
 
     def download(self, rel: str, dest: str, *, recursive: bool = False) -> str:

@@ -231,3 +231,54 @@ def test_extract_failures_resume_and_new_videos(ray_cluster, tmp_path, sample_fi
     assert sum(len(b["video_id"]) for b in got) == want[sp]
     assert got[0]["student"].shape[1:] == (2048, 64) and set(got[0]["split"]) == {sp}
     assert got[0]["student"].dtype == torch.float16 and torch.isfinite(got[0]["student"].float()).all()
+
+
+def test_decode_tasks_fill_one_model_batch_and_keep_it_one_block(tmp_path):
+    from pipeline.extract import build_pipeline, videos_per_decode_task
+    assert videos_per_decode_task(_job(tmp_path, "x", batch_size=32)) == 16  # 2 clips per video
+    assert videos_per_decode_task(_job(tmp_path, "x", batch_size=5)) == 1  # 2 does not divide 5
+    assert videos_per_decode_task(_job(tmp_path, "x", batch_size=32, videos_per_decode_task=3)) == 3
+
+    import ray.data
+    job = _job(tmp_path, str(tmp_path / "store"), batch_size=32)
+    store = FeatureStore(Storage(str(tmp_path / "store")), "f")
+    before = ray.data.DataContext.get_current().target_max_block_size
+    pending = [{"video_id": f"v{i}", "path": "/none", "label_index": 0, "split": "train"} for i in range(40)]
+    res = {"use_gpu": False, "model_actors": 1, "decoders": 1, "writers": 1}
+    ds = build_pipeline(job, store, pending, res)
+    one_batch = 32 * 32 * 128 * 128 * 3  # 32 clips of 32 frames at 128x128
+    assert ds.context.target_max_block_size >= one_batch  # a decode block of one batch is not split
+    assert ray.data.DataContext.get_current().target_max_block_size == before  # the driver's is restored
+
+
+def test_model_actor_reads_frames_from_a_read_only_view(actor):
+    """Ray hands a whole-block batch as a read-only view of its object store: the actor copies from it."""
+    frames = np.random.default_rng(2).integers(0, 256, (2, 32, 64, 80, 3), dtype=np.uint8)
+    ref = actor.features(frames.copy())
+    frames.setflags(write=False)
+    got = actor.features(frames)
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_extract_with_several_videos_per_decode_task(ray_cluster, tmp_path, sample_files, bad_videos):
+    """Two videos per decode task (batch 4, 2 clips each), bad ones mixed in: every good clip stored
+    once, every bad video failed with its reason, counts add up."""
+    from pipeline.extract import run_extract, videos_per_decode_task
+    from pipeline.sources import list_videos
+    videos = tmp_path / "videos"
+    (videos / "ok").mkdir(parents=True)
+    for name in ("carphone_pristine.mp4", "bikes.mp4", "carphone_distorted.mp4"):
+        shutil.copy(sample_files[name], videos / "ok" / name)
+    (videos / "bad").mkdir()
+    for name in ("truncated", "too_short"):
+        shutil.copy(bad_videos[name], videos / "bad" / f"{name}{bad_videos[name].suffix}")
+    storage = Storage(str(tmp_path / "store"))
+    job = _job(videos, storage.root_url, batch_size=4, shard_clips=4)
+    assert videos_per_decode_task(job) == 2
+    s = run_extract(job, storage)
+    assert (s["listed"], s["processed"], s["failed"], s["invariant_ok"]) == (5, 3, 2, True)
+    store = FeatureStore(storage, job.extract.store)
+    good = {r["video_id"] for r in list_videos(job.sources) if r["label"] == "ok"}
+    pairs = _stored_pairs(store)
+    assert len(pairs) == len(set(pairs)) and set(pairs) == {(v, c) for v in good for c in (0, 1)}
+    assert all(f["reason"] for f in store.failed().values()) and len(store.failed()) == 2
