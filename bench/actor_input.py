@@ -13,7 +13,8 @@ time that holds no CPU):
   with ``DataContext.target_max_block_size`` raised so Ray does not split a 201 MB block.
 
 Prints ms per batch of Ray-side handling for each and the ratio; also whether the actor's array was a
-zero-copy (read-only) view.
+zero-copy (read-only) view. ``--output-mb``: each call also returns a table of that many MB of raw
+bytes (the model actor returns ~365 MB of fp16 features per batch of 32), to time the output side.
 
     python bench/actor_input.py --batches 12            # full-size clips (needs ~6 GB of object store)
     python bench/actor_input.py --side 64 --batches 12  # small dry run
@@ -42,16 +43,24 @@ def make_blocks(n_clips: int, clips_per_block: int, shape: tuple[int, ...]):
 class SleepyActor:
     """Sleeps ``seconds`` per call; records when each call starts and ends and whether its input was a view."""
 
-    def __init__(self, seconds: float):
+    def __init__(self, seconds: float, output_mb: float = 0.0):
         self.seconds, self.last_end, self.gaps = seconds, None, []
+        self.output_bytes = int(output_mb * 2**20)
 
     def __call__(self, batch: dict) -> dict:
         start = time.perf_counter()
         gap = None if self.last_end is None else start - self.last_end
         view = not batch["frames"].flags.writeable
         time.sleep(self.seconds)
+        out = {"gap_s": [np.nan if gap is None else gap], "view": [view], "rows": [len(batch["frames"])]}
+        if self.output_bytes:  # one fresh buffer per call, wrapped without a copy (as tensor_to_binary does)
+            import pyarrow as pa
+
+            from pipeline.featurestore import tensor_to_binary
+            payload = tensor_to_binary(np.ones((1, self.output_bytes), np.uint8))
+            out = pa.table({**{k: pa.array(v) for k, v in out.items()}, "features": payload})
         self.last_end = time.perf_counter()
-        return {"gap_s": [np.nan if gap is None else gap], "view": [view], "rows": [len(batch["frames"])]}
+        return out
 
 
 def run(layout: str, args) -> dict:
@@ -69,9 +78,10 @@ def run(layout: str, args) -> dict:
         ds = ds.map_batches(make_blocks(n_clips, per_block, shape), batch_size=1).materialize()
     finally:
         ctx.target_max_block_size = default_block
-    out = ds.map_batches(SleepyActor, fn_constructor_kwargs={"seconds": args.call_s}, batch_size=args.batch,
+    out = ds.map_batches(SleepyActor, fn_constructor_kwargs={"seconds": args.call_s, "output_mb": args.output_mb},
+                         batch_size=args.batch,
                          compute=ray.data.ActorPoolStrategy(size=1, max_concurrent_calls_per_actor=1),
-                         num_cpus=0.5).take_all()
+                         num_cpus=0.5).select_columns(["gap_s", "view", "rows"]).take_all()
     gaps = [r["gap_s"] for r in out if not np.isnan(r["gap_s"])][1:]  # the first gap includes start-up
     return {"layout": layout, "clips_per_block": per_block, "batches": len(out),
             "ms_per_batch_median": round(1e3 * float(np.median(gaps)), 1),
@@ -87,6 +97,7 @@ def main(argv=None) -> dict:
     p.add_argument("--side", type=int, default=256)
     p.add_argument("--batches", type=int, default=12)
     p.add_argument("--call-s", type=float, default=0.3, help="seconds each actor call sleeps (GPU stand-in)")
+    p.add_argument("--output-mb", type=float, default=0.0, help="MB of raw bytes each call returns")
     p.add_argument("--object-store-gb", type=float, default=8.0)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
