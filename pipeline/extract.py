@@ -199,7 +199,9 @@ class ModelActor:
                     buf = torch.empty(val.shape, dtype=val.dtype, pin_memory=self.cuda)
                     buf.copy_(val, non_blocking=True)
                     staged[key] = buf
-            done = torch.cuda.Event() if self.cuda else None
+            # blocking: the waiting thread sleeps instead of spinning (CUDA's default with one context on
+            # many cores), so up to actor_concurrency waits leave the host's cores to the decoders
+            done = torch.cuda.Event(blocking=True) if self.cuda else None
             if done is not None:
                 done.record()
         if done is not None:
