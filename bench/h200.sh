@@ -32,7 +32,7 @@ for what in "$@"; do case $what in
   tests)
     step gpu-tests "${one_gpu[@]}" python -m pytest -q -rs -p no:cacheprovider \
       tests/tokconv/test_selective_scan_gpu.py tests/pipeline/test_backbones.py \
-      tests/pipeline/test_evaluate.py -m gpu ;;
+      tests/pipeline/test_evaluate.py tests/pipeline/test_extract.py -m gpu ;;
   extract)  # the four paths of issue 4 on one GPU (default model settings); keeps the store for `converters`
     step extract-1gpu "${one_gpu[@]}" python bench/extract.py --videos "$VIDEOS" --clips "$CLIPS" \
       --clips-per-video 4 --batch-size 32 --cpus 16 --model-batches 32 --keep-store --workdir "$WORK" \

@@ -282,3 +282,22 @@ def test_extract_with_several_videos_per_decode_task(ray_cluster, tmp_path, samp
     pairs = _stored_pairs(store)
     assert len(pairs) == len(set(pairs)) and set(pairs) == {(v, c) for v in good for c in (0, 1)}
     assert all(f["reason"] for f in store.failed().values()) and len(store.failed()) == 2
+
+
+@pytest.mark.gpu
+def test_cuda_actor_threads_share_the_gpu_and_match_one_call():
+    """CUDA path: pinned staging, one stream per thread, a blocking event per call, a read-only input view,
+    a short batch padded to the warm-up shape; six calls on three threads give what one call gives."""
+    from concurrent.futures import ThreadPoolExecutor
+    cfg = ModelsConfig(weights="tiny", device="cuda", dtype="bfloat16", compile=["videomae"])
+    actor = ModelActor(models=cfg.model_dump(), out_dtype="float16", warmup_shape=(4, 32, 64, 80, 3), concurrency=3)
+    assert actor.pad_to == 4
+    frames = np.random.default_rng(0).integers(0, 256, (4, 32, 64, 80, 3), dtype=np.uint8)
+    ref = actor.features(frames.copy())
+    frames.setflags(write=False)
+    with ThreadPoolExecutor(3) as pool:
+        outs = list(pool.map(actor.features, [frames] * 6))
+    assert all(torch.equal(o[k], ref[k]) for o in outs for k in ref)
+    short = actor.features(frames[:3])  # padded to 4 rows on the device, 3 rows back
+    assert all(short[k].shape[0] == 3 for k in short)
+    torch.testing.assert_close(short["student"].float(), ref["student"][:3].float(), atol=2e-2, rtol=1e-2)
