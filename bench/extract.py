@@ -15,6 +15,7 @@ H200 (full-size architectures, random init; ~5-8 min; .bench-videos = a copy of 
         --out $OUT/extract-h200.json
     ... --compile none --autocast --phases models    (the old eager + autocast settings)
     ... --compile-scope model --phases models,pipeline   (whole-model compile, the earlier default)
+    ... --write-in-actor --actor-concurrency 4 --phases models,pipeline   (shards written in the model actors)
     ... --num-gpus 2 --cpus 32 --clips 4096 --phases decode,models,pipeline   (2-GPU scaling)
 CPU dry run (tiny models): python bench/extract.py --tiny --clips 8 --cpus 2
 """
@@ -257,6 +258,7 @@ def phase_pipeline(video_dir: Path, workdir: Path, args, models: ModelsConfig, d
                     "gpus_per_actor": 1.0 if torch.cuda.is_available() else 0.0, "cpus_per_actor": 1.0,
                     "model_actors": args.num_gpus if torch.cuda.is_available() else 1,
                     **({} if args.actor_concurrency is None else {"actor_concurrency": args.actor_concurrency}),
+                    "write_in_actor": args.write_in_actor,
                     "out_dtype": "float16",
                     "log_stats": True},
     })
@@ -304,6 +306,8 @@ def main(argv=None) -> dict:
     p.add_argument("--shard-clips", type=int, default=64)
     p.add_argument("--writers", type=int, default=None, help="default: 2 per model actor")
     p.add_argument("--actor-concurrency", type=int, default=None, help="default: the config's")
+    p.add_argument("--write-in-actor", action="store_true", help="extract.write_in_actor: shards written by the "
+                   "model actors (one per batch), no writer actors")
     p.add_argument("--object-store-gb", type=float, default=None)
     p.add_argument("--phases", default="decode,models,actor,loop,pipeline")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "tokconv-bench-extract")

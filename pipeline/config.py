@@ -115,6 +115,11 @@ class ExtractConfig(_Strict):
                                    "stream each: copies of one batch overlap compute of another; with 2, Ray's "
                                    "per-batch input/output handling left the actor's calls busy 73% of the time, "
                                    "with 3 82%, measured on an H200)")
+    write_in_actor: bool = Field(False, description="model actors write each batch as one committed shard "
+                                 "themselves (shard_clips = batch_size, no writer actors): the ~365 MB of features "
+                                 "per batch of 32 skip the object store (storing it costs the actor ~54 ms per "
+                                 "batch, bench/actor_input.py); the write then runs in the actor's call, so raise "
+                                 "actor_concurrency to keep the GPU fed. Not yet measured on a GPU")
     retry_failed: bool = Field(False, description="re-try videos in the failed manifest (default: skip them)")
     limit_videos: int | None = Field(None, ge=1, description="process at most this many pending videos per run")
     log_stats: bool = Field(False, description="print Ray Data's per-operator stats (time, throughput) at the "

@@ -101,7 +101,7 @@ class CallTimes:
     one line is printed every ``every`` calls. ``busy`` = summed call time / (wall time x concurrency):
     near 1, the actor's own calls are the limit; well below, the calls wait on input (Ray's side)."""
 
-    STAGES = ("stage", "gpu", "table")
+    STAGES = ("stage", "gpu", "table", "write")
 
     def __init__(self, every: int = 0, concurrency: int = 1):
         self.every, self.concurrency, self.lock = every, concurrency, threading.Lock()
@@ -133,10 +133,13 @@ class ModelActor:
     Thread-safe: with ``actor_concurrency`` > 1 Ray runs several calls at once; each thread gets
     its own CUDA stream and pinned staging buffers, so copies and compute of different batches overlap.
     ``log_every`` > 0 prints where the calls spend their time (``CallTimes``) every that many calls.
+    ``store``: write each batch as one committed shard here and return its commit row (``ShardWriter``'s
+    output) instead of the features table.
     """
 
     def __init__(self, *, models: dict, out_dtype: str, storage_options: dict | None = None,
-                 warmup_shape: tuple[int, ...] | None = None, log_every: int = 0, concurrency: int = 1):
+                 warmup_shape: tuple[int, ...] | None = None, log_every: int = 0, concurrency: int = 1,
+                 store: FeatureStore | None = None):
         from pipeline.backbones import FeatureExtractor
         cfg = ModelsConfig.model_validate(models)
         self.fx = FeatureExtractor(cfg, storage_options=storage_options)
@@ -148,6 +151,7 @@ class ModelActor:
         # not trigger a recompile (rows are independent in all four models; the padding is dropped)
         self.pad_to = warmup_shape[0] if self.cuda and warmup_shape and self.fx.compiled else None
         self.times = CallTimes(log_every, concurrency)
+        self.writer = ShardWriter(store=store) if store is not None else None
         if self.cuda and warmup_shape:
             # one batch before the concurrent calls start: torch.compile traces once (never while another
             # thread runs the models), cuDNN/cuBLAS pick their kernels
@@ -210,7 +214,7 @@ class ModelActor:
             times.update(stage=t1 - t0, gpu=time.perf_counter() - t1)
         return {k: (v.double() if k.startswith((SUM_PREFIX, SQ_PREFIX)) else v) for k, v in staged.items()}
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table | dict[str, np.ndarray]:
         start, stages = time.perf_counter(), {}
         feats = self.features(batch["frames"], stages)
         t_table = time.perf_counter()
@@ -222,8 +226,13 @@ class ModelActor:
         }
         cols.update({k: tensor_to_binary(v) for k, v in feats.items()})
         table = pa.table(cols)
-        self.times.add(table.num_rows, start, table=time.perf_counter() - t_table, **stages)
-        return table
+        stages["table"] = time.perf_counter() - t_table
+        if self.writer is None:
+            self.times.add(table.num_rows, start, **stages)
+            return table
+        commit = self.writer(table)
+        self.times.add(table.num_rows, start, write=time.perf_counter() - t_table - stages["table"], **stages)
+        return commit
 
 
 class ShardWriter:
@@ -252,7 +261,7 @@ def _resources(job: JobConfig) -> dict[str, Any]:
     cpus, gpus = int(res.get("CPU", 1)), res.get("GPU", 0)
     use_gpu = gpus > 0 and job.models.device != "cpu" and ec.gpus_per_actor > 0
     actors = ec.model_actors or (max(1, int(gpus // ec.gpus_per_actor)) if use_gpu else 1)
-    writers = ec.writers or 2 * actors
+    writers = 0 if ec.write_in_actor else ec.writers or 2 * actors
     free = cpus - actors * ec.cpus_per_actor - writers * ec.cpus_per_writer
     decoders = ec.decoders or max(1, int(free // ec.cpus_per_decoder))
     return {"use_gpu": use_gpu, "model_actors": actors, "decoders": decoders, "writers": writers,
@@ -291,6 +300,7 @@ def build_pipeline(job: JobConfig, store: FeatureStore, pending: list[dict], res
                             storage_options=job.sources.storage_options or None)
     concurrency = ec.actor_concurrency if res["use_gpu"] else 1
     per_task = videos_per_decode_task(job)
+    in_actor = {"store": store} if ec.write_in_actor else {}
     # a decode block of one whole model batch must stay one block (Ray splits blocks above
     # target_max_block_size, 128 MiB by default; 32 clips are 201 MB): the dataset keeps a copy of the
     # context taken at from_items, so the driver's own context is restored right after
@@ -301,7 +311,7 @@ def build_pipeline(job: JobConfig, store: FeatureStore, pending: list[dict], res
         source = ray.data.from_items(pending, override_num_blocks=max(1, -(-len(pending) // per_task)))
     finally:
         ctx.target_max_block_size = default_block
-    return (
+    ds = (
         source
         .map_batches(decode, batch_size=per_task, num_cpus=ec.cpus_per_decoder,
                      compute=ray.data.TaskPoolStrategy(size=res["decoders"]),
@@ -313,16 +323,19 @@ def build_pipeline(job: JobConfig, store: FeatureStore, pending: list[dict], res
                      fn_constructor_kwargs={"models": job.models.model_dump(), "out_dtype": ec.out_dtype,
                                             "storage_options": job.sources.storage_options or None,
                                             "log_every": 16 if ec.log_stats else 0, "concurrency": concurrency,
+                                            **in_actor,
                                             "warmup_shape": (ec.batch_size, job.decode.window,
                                                              job.decode.short_side, job.decode.short_side, 3)},
                      compute=ray.data.ActorPoolStrategy(size=res["model_actors"],
                                                         max_concurrent_calls_per_actor=concurrency,
                                                         enable_true_multi_threading=concurrency > 1),
                      num_gpus=ec.gpus_per_actor if res["use_gpu"] else 0, num_cpus=ec.cpus_per_actor)
-        .map_batches(ShardWriter, batch_size=ec.shard_clips, batch_format="pyarrow",
-                     fn_constructor_kwargs={"store": store},
-                     compute=ray.data.ActorPoolStrategy(size=res["writers"]), num_cpus=ec.cpus_per_writer)
     )
+    if ec.write_in_actor:  # the model actors already returned commit rows
+        return ds
+    return ds.map_batches(ShardWriter, batch_size=ec.shard_clips, batch_format="pyarrow",
+                          fn_constructor_kwargs={"store": store},
+                          compute=ray.data.ActorPoolStrategy(size=res["writers"]), num_cpus=ec.cpus_per_writer)
 
 
 def run_extract(job: JobConfig, storage: Storage) -> dict:
@@ -359,7 +372,9 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
         ray.data.DataContext.get_current().enable_progress_bars = True
         res = _resources(job)
         print(f"[extract] {res['decoders']} decoders, {res['model_actors']} model actor(s) "
-              f"({'GPU' if res['use_gpu'] else 'CPU'}), {res['writers']} writer(s)", flush=True)
+              f"({'GPU' if res['use_gpu'] else 'CPU'}), "
+              + ("shards written by the model actors" if ec.write_in_actor else f"{res['writers']} writer(s)"),
+              flush=True)
         t_start = time.perf_counter()
         ds = build_pipeline(job, store, pending, res)
         for row in ds.iter_rows():

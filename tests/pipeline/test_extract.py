@@ -88,7 +88,7 @@ def test_call_times_add_up_and_print_every_n_calls(capsys):
     assert times.calls == 3 and times.clips == 96
     assert times.sums["stage"] == pytest.approx(0.3) and times.sums["gpu"] == pytest.approx(1.8)
     summary = times.summary()  # three 1-s calls in ~1 s of wall time on 2 threads: busy ~1.5
-    assert "ms per call: stage 100, gpu 600, table 50, call 10" in summary
+    assert "ms per call: stage 100, gpu 600, table 50, write 0, call 10" in summary
     assert 1.3 < float(summary.rsplit("busy ", 1)[1]) <= 1.5
 
 
@@ -99,6 +99,7 @@ def test_model_actor_records_its_call_times(actor):
            "split": np.array(["train", "train"]), "frames": frames})
     assert actor.times.calls == before + 1
     assert all(actor.times.sums[k] > 0 for k in ("stage", "gpu", "table", "call"))
+    assert actor.times.sums["write"] == 0  # no store: the table goes to the writer actors
     assert actor.times.sums["call"] >= actor.times.sums["gpu"]
 
 
@@ -231,6 +232,38 @@ def test_extract_failures_resume_and_new_videos(ray_cluster, tmp_path, sample_fi
     assert sum(len(b["video_id"]) for b in got) == want[sp]
     assert got[0]["student"].shape[1:] == (2048, 64) and set(got[0]["split"]) == {sp}
     assert got[0]["student"].dtype == torch.float16 and torch.isfinite(got[0]["student"].float()).all()
+
+
+def test_extract_with_shards_written_in_the_model_actor(ray_cluster, tmp_path, sample_files, bad_videos):
+    """extract.write_in_actor: one committed shard per model batch, no writer actors; failures, counts,
+    statistics and a resume after a lost commit behave as with writer actors."""
+    from pipeline.extract import build_pipeline, run_extract
+    from pipeline.sources import list_videos
+    videos = tmp_path / "videos"
+    (videos / "ok").mkdir(parents=True)
+    for name in ("carphone_pristine.mp4", "bikes.mp4", "carphone_distorted.mp4"):
+        shutil.copy(sample_files[name], videos / "ok" / name)
+    (videos / "bad").mkdir()
+    shutil.copy(bad_videos["truncated"], videos / "bad" / f"truncated{bad_videos['truncated'].suffix}")
+    storage = Storage(str(tmp_path / "store"))
+    job = _job(videos, storage.root_url, batch_size=4, write_in_actor=True)
+    store = FeatureStore(storage, job.extract.store)
+    ops = str(build_pipeline(job, store, [{"video_id": "v", "path": "/none", "label_index": 0, "split": "train"}],
+                             {"use_gpu": False, "model_actors": 1, "decoders": 1, "writers": 0}))
+    assert "ModelActor" in ops and "ShardWriter" not in ops
+    s = run_extract(job, storage)
+    assert (s["listed"], s["processed"], s["failed"], s["invariant_ok"]) == (4, 3, 1, True)
+    assert s["resources_writers"] == 0 and s["clips"] == 6
+    assert all(c["rows"] <= 4 for c in store.commits())  # one shard per model batch (shard_clips unused)
+    good = {r["video_id"] for r in list_videos(job.sources) if r["label"] == "ok"}
+    assert sorted(_stored_pairs(store)) == sorted((v, c) for v in good for c in (0, 1))
+    assert store.stats()["student"]["std"].shape == (64,)
+    rec = store.commits()[0]  # lose one commit: the re-run redoes exactly those clips
+    store.storage.fs.rm(store.storage.path("commits", f"{rec['shard']}.json"))
+    s2 = run_extract(job, storage)
+    assert s2["invariant_ok"] and s2["clips"] == rec["rows"] and s2["orphans_removed"] == 1
+    pairs = _stored_pairs(store)
+    assert len(pairs) == len(set(pairs)) == 6
 
 
 def test_decode_tasks_fill_one_model_batch_and_keep_it_one_block(tmp_path):
