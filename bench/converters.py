@@ -82,7 +82,7 @@ def load_store_pairs(args) -> tuple[dict, dict, dict[str, TargetSpec], dict, str
         raise SystemExit(f"--store {args.store}: no 'train' clips")
     held = take("val", args.eval_clips)
     if held is None:  # no val split: hold out the tail of train
-        n_hold = max(1, min(args.eval_clips, int(round(train["student"].shape[0] * args.holdout))))
+        n_hold = max(1, min(args.eval_clips, round(train["student"].shape[0] * args.holdout)))
         held = {k: v[-n_hold:] for k, v in train.items()}
         train = {k: v[:-n_hold] for k, v in train.items()}
     train = {k: v[:args.train_clips] for k, v in train.items()}
@@ -328,9 +328,9 @@ def markdown(rows, args, desc, device, dev_name, backend) -> str:
     date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     tag = " **SYNTHETIC DATA (script smoke test, not a result)**" if args.synthetic else ""
     lines = [f"### Converters, {date}, {device} ({dev_name}), {args.dtype}{tag}", "",
-             f"{desc}; {args.steps} steps x batch {args.batch_size}, lr {args.lr}; latency: median of "
-             f"{args.iters} forward passes of batch {args.latency_batch}; selective scan backend: {backend}; "
-             f"ratios and deltas vs `{BASELINE}` in the same run.", "",
+             (f"{desc}; {args.steps} steps x batch {args.batch_size}, lr {args.lr}; latency: median of "
+              f"{args.iters} forward passes of batch {args.latency_batch}; selective scan backend: {backend}; "
+              f"ratios and deltas vs `{BASELINE}` in the same run."), "",
              "| preset | target | params (M) | GFLOP/clip | x base | latency ms/batch | x base | cosine | d cos | R^2 | d R^2 |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
