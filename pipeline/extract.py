@@ -19,7 +19,9 @@ GPU path (issue 4): each model actor runs ``actor_concurrency`` batches at once 
 streams, so the pinned-memory H2D copy and D2H copy-back of one batch overlap the compute of
 another; bf16 compute, the SDPA backend and per-model ``torch.compile`` live in ``FeatureExtractor``
 (a short last batch is padded to the compiled batch shape); channel sums
-for the statistics are computed on the GPU; Parquet encoding/upload runs in separate writer actors.
+for the statistics are computed on the GPU; Parquet encoding/upload runs in separate writer actors
+(or, with ``extract.write_in_actor``, in the model actor's call). A decode task takes as many videos as
+fill one model batch, so the batch reaches the actor as one zero-copy block of the object store.
 """
 from __future__ import annotations
 
