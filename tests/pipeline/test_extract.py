@@ -87,9 +87,12 @@ def test_call_times_add_up_and_print_every_n_calls(capsys):
     assert len(lines) == 1 and lines[0].startswith("[model actor] 2 calls, 64 clips in ")
     assert times.calls == 3 and times.clips == 96
     assert times.sums["stage"] == pytest.approx(0.3) and times.sums["gpu"] == pytest.approx(1.8)
-    summary = times.summary()  # three 1-s calls in ~1 s of wall time on 2 threads: busy ~1.5
+    # three ~1-s calls (each started at t0), read 2 s after the first began, on 2 threads:
+    # busy = 3 s / (2 s x 2) = 0.75, 96 clips / 2 s = 48 clips/s
+    summary = times.summary(now=t0 + 2.0)
+    assert summary.startswith("3 calls, 96 clips in 2.0 s (48.0 clips/s); ")
     assert "ms per call: stage 100, gpu 600, table 50, write 0, call 10" in summary
-    assert 1.3 < float(summary.rsplit("busy ", 1)[1]) <= 1.5
+    assert float(summary.rsplit("busy ", 1)[1]) == pytest.approx(0.75, abs=0.01)
 
 
 def test_model_actor_records_its_call_times(actor):
