@@ -193,7 +193,7 @@ def decode_clips(path: str, cfg: DecodeConfig, *, clip_indices=None,
             raise VideoError("cannot open: not a video, unsupported or truncated container", path) from None
         raise VideoError(f"corrupt or truncated stream while {stage}: {_short_error(e)}", path) from None
     # each unique frame was cropped once; expanding repeated indices (pad/loop) comes last
-    if unique.size != inverse.size or (np.diff(inverse) != 1).any():
+    if not np.array_equal(inverse, np.arange(inverse.size)):
         square = square[inverse]
     frames = square.reshape(len(wanted), cfg.window, s, s, 3)
     return [(ci, frames[j]) for j, ci in enumerate(wanted)]

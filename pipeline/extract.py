@@ -232,8 +232,9 @@ class ModelActor:
         if self.writer is None:
             self.times.add(table.num_rows, start, **stages)
             return table
+        t_write = time.perf_counter()
         commit = self.writer(table)
-        self.times.add(table.num_rows, start, write=time.perf_counter() - t_table - stages["table"], **stages)
+        self.times.add(table.num_rows, start, write=time.perf_counter() - t_write, **stages)
         return commit
 
 
