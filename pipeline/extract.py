@@ -142,9 +142,11 @@ class ModelActor:
     def __init__(self, *, models: dict, out_dtype: str, storage_options: dict | None = None,
                  warmup_shape: tuple[int, ...] | None = None, log_every: int = 0, concurrency: int = 1,
                  store: FeatureStore | None = None):
+        t0 = time.perf_counter()
         from pipeline.backbones import FeatureExtractor
         cfg = ModelsConfig.model_validate(models)
         self.fx = FeatureExtractor(cfg, storage_options=storage_options)
+        t_models = time.perf_counter()
         self.device = self.fx.device
         self.out_dtype = _TORCH_DTYPES[out_dtype]
         self.cuda = self.device.type == "cuda"
@@ -158,6 +160,10 @@ class ModelActor:
             # one batch before the concurrent calls start: torch.compile traces once (never while another
             # thread runs the models), cuDNN/cuBLAS pick their kernels
             self.features(np.zeros(warmup_shape, np.uint8))
+        if log_every:  # start-up is what a short run's overall rate pays for: say where it goes
+            now = time.perf_counter()
+            print(f"[model actor] ready in {now - t0:.1f} s: imports + models {t_models - t0:.1f} s, "
+                  f"warm-up {now - t_models:.1f} s", flush=True)
 
     def _input_buffer(self, shape: tuple) -> torch.Tensor:
         """This thread's uint8 host buffer for input frames (pinned on CUDA, so the copy to the device

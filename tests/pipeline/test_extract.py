@@ -3,6 +3,7 @@ cluster with real sample and broken videos (integration): failed manifest, count
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 
@@ -76,6 +77,16 @@ def test_a_short_batch_padded_to_the_compiled_shape_gives_the_same_features(tmp_
     for k in plain:
         assert padded[k].shape == plain[k].shape and padded[k].shape[0] == 2, k
         torch.testing.assert_close(padded[k], plain[k], rtol=1e-4, atol=1e-3)
+
+
+def test_model_actor_says_where_its_start_up_went_only_when_logging(capsys):
+    ModelActor(models=TINY.model_dump(), out_dtype="float16")
+    assert "[model actor] ready" not in capsys.readouterr().out
+    ModelActor(models=TINY.model_dump(), out_dtype="float16", log_every=16)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    total, models, warmup = (float(x) for x in re.findall(r"(\d+\.\d) s", line))
+    assert line.startswith("[model actor] ready in ") and "imports + models" in line
+    assert total == pytest.approx(models + warmup, abs=0.11)  # each rounded to 0.1 s
 
 
 def test_call_times_add_up_and_print_every_n_calls(capsys):
