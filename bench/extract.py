@@ -258,7 +258,7 @@ def phase_pipeline(video_dir: Path, workdir: Path, args, models: ModelsConfig, d
                     "gpus_per_actor": 1.0 if torch.cuda.is_available() else 0.0, "cpus_per_actor": 1.0,
                     "model_actors": args.num_gpus if torch.cuda.is_available() else 1,
                     **({} if args.actor_concurrency is None else {"actor_concurrency": args.actor_concurrency}),
-                    "write_in_actor": args.write_in_actor,
+                    "write_in_actor": args.write_in_actor, "decoders": args.decoders,
                     "out_dtype": "float16",
                     "log_stats": True},
     })
@@ -306,6 +306,8 @@ def main(argv=None) -> dict:
     p.add_argument("--shard-clips", type=int, default=64)
     p.add_argument("--writers", type=int, default=None, help="default: 2 per model actor")
     p.add_argument("--actor-concurrency", type=int, default=None, help="default: the config's")
+    p.add_argument("--decoders", type=int, default=None,
+                   help="decode tasks at once (default: the CPUs left after the actors)")
     p.add_argument("--write-in-actor", action="store_true", help="extract.write_in_actor: shards written by the "
                    "model actors (one per batch), no writer actors")
     p.add_argument("--object-store-gb", type=float, default=None)

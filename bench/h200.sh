@@ -17,7 +17,10 @@ if [[ ${VIDEO_SET:-all} == low ]]; then
 fi
 CLIPS=${CLIPS:-2048}; PCLIPS=${PCLIPS:-4096}; read -ra extra <<<"${BENCH_ARGS:-}"
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled
+# one GPU gets 16 cores (its processes, Ray's workers included, inherit the affinity), so a one-GPU
+# figure on the 32-core x2 host is the same per-GPU share as the two-GPU run's
 one_gpu=(env CUDA_VISIBLE_DEVICES=0)
+command -v taskset >/dev/null && one_gpu=(taskset -c 0-15 "${one_gpu[@]}")
 
 step() {  # step NAME CMD...: run, log, never stop the other steps
   local name=$1; shift
