@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.config import JobConfig, ModelsConfig
+from pipeline.config import ExtractConfig, JobConfig, ModelsConfig
 from pipeline.featurestore import SQ_PREFIX, SUM_PREFIX, FeatureStore, tensor_to_binary
 from pipeline.storage import Storage
 
@@ -262,19 +262,29 @@ class ShardWriter:
 
 # ------------------------------------------------------------------------------------- the stage
 
-def _resources(job: JobConfig) -> dict[str, Any]:
-    """Actor/decoder counts from the cluster: one model actor per GPU, decoders on the remaining CPUs."""
-    import ray
-    ec = job.extract
-    res = ray.cluster_resources()
-    cpus, gpus = int(res.get("CPU", 1)), res.get("GPU", 0)
-    use_gpu = gpus > 0 and job.models.device != "cpu" and ec.gpus_per_actor > 0
+def plan_resources(ec: ExtractConfig, *, cpus: int, gpus: float, max_node_gpus: float,
+                   use_gpu: bool) -> dict[str, Any]:
+    """Actor/decoder counts: one model actor per GPU, decoders on the CPUs left after the actors, the
+    writers and, where one node holds several model actors, ``spare_cpus_per_actor`` per actor."""
     actors = ec.model_actors or (max(1, int(gpus // ec.gpus_per_actor)) if use_gpu else 1)
     writers = 0 if ec.write_in_actor else ec.writers or 2 * actors
-    free = cpus - actors * ec.cpus_per_actor - writers * ec.cpus_per_writer
+    actors_per_node = min(actors, int(max_node_gpus // ec.gpus_per_actor)) if use_gpu else 1
+    spare = ec.spare_cpus_per_actor * actors if actors_per_node > 1 else 0.0
+    free = cpus - actors * ec.cpus_per_actor - writers * ec.cpus_per_writer - spare
     decoders = ec.decoders or max(1, int(free // ec.cpus_per_decoder))
     return {"use_gpu": use_gpu, "model_actors": actors, "decoders": decoders, "writers": writers,
             "cluster_cpus": cpus, "cluster_gpus": gpus}
+
+
+def _resources(job: JobConfig) -> dict[str, Any]:
+    """plan_resources for the running Ray cluster."""
+    import ray
+    res = ray.cluster_resources()
+    cpus, gpus = int(res.get("CPU", 1)), res.get("GPU", 0)
+    node_gpus = [n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive")]
+    use_gpu = gpus > 0 and job.models.device != "cpu" and job.extract.gpus_per_actor > 0
+    return plan_resources(job.extract, cpus=cpus, gpus=gpus, max_node_gpus=max(node_gpus, default=0),
+                          use_gpu=use_gpu)
 
 
 def videos_per_decode_task(job: JobConfig) -> int:

@@ -11,8 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import JobConfig, ModelsConfig
-from pipeline.extract import CallTimes, ModelActor, ShardWriter, check_complete, model_specs, plan
+from pipeline.config import ExtractConfig, JobConfig, ModelsConfig
+from pipeline.extract import (
+    CallTimes,
+    ModelActor,
+    ShardWriter,
+    check_complete,
+    model_specs,
+    plan,
+    plan_resources,
+)
 from pipeline.featurestore import FeatureStore
 from pipeline.storage import Storage
 
@@ -77,6 +85,20 @@ def test_a_short_batch_padded_to_the_compiled_shape_gives_the_same_features(tmp_
     for k in plain:
         assert padded[k].shape == plain[k].shape and padded[k].shape[0] == 2, k
         torch.testing.assert_close(padded[k], plain[k], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("cpus, gpus, max_node_gpus, decoders", [
+    (16, 1, 1, 15),   # one H200 on 16 cores: every CPU but the actor's decodes
+    (32, 2, 2, 27),   # two actors on one 32-core node: 1.5 CPUs each kept for their host work and Ray's
+    (32, 2, 1, 30),   # two one-GPU nodes of 16 cores: nothing kept
+    (0, 0, 0, 1),     # never fewer than one decoder
+])
+def test_decoders_fill_the_cpus_left_after_actors_and_a_spare_per_shared_node(cpus, gpus, max_node_gpus, decoders):
+    res = plan_resources(ExtractConfig(), cpus=cpus, gpus=gpus, max_node_gpus=max_node_gpus, use_gpu=gpus > 0)
+    assert res["decoders"] == decoders and res["model_actors"] == max(1, gpus) and res["writers"] == 2 * max(1, gpus)
+    explicit = ExtractConfig(decoders=5, write_in_actor=True)
+    assert plan_resources(explicit, cpus=32, gpus=2, max_node_gpus=2, use_gpu=True) | {"cluster_cpus": 0} == {
+        "use_gpu": True, "model_actors": 2, "decoders": 5, "writers": 0, "cluster_cpus": 0, "cluster_gpus": 2}
 
 
 def test_model_actor_says_where_its_start_up_went_only_when_logging(capsys):
