@@ -80,6 +80,18 @@ def plan(records: list[dict], store: FeatureStore, *, clips_per_video: int, retr
     return out
 
 
+def window_rate(commit_times: list[tuple[float, int]], lo: float = 0.2, hi: float = 0.9) -> float | None:
+    """Committed clips/s between the commits that pass ``lo`` and ``hi`` of the run's clips: neither
+    start-up nor the burst of shards flushed at the end of the stream moves it. ``commit_times``:
+    (seconds, cumulative clips) per commit, in order. None when the window spans no time."""
+    if not commit_times:
+        return None
+    total = commit_times[-1][1]
+    t_lo, c_lo = next(p for p in commit_times if p[1] >= lo * total)
+    t_hi, c_hi = next(p for p in commit_times if p[1] >= hi * total)
+    return round((c_hi - c_lo) / (t_hi - t_lo), 3) if t_hi > t_lo else None
+
+
 def check_complete(records: list[dict], store: FeatureStore, clips_per_video: int, *,
                    commits: list[dict] | None = None, failed: dict | None = None) -> dict:
     """processed + failed == listed: every listed video complete in the store or in the failed manifest.
@@ -385,6 +397,7 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
           + (f", {len(orphans)} orphaned shard(s) removed" if orphans else ""), flush=True)
 
     clips = nbytes = shards = 0
+    commit_times: list[tuple[float, int]] = []  # (seconds since the pipeline started, clips committed)
     res: dict = {}
     failed_before = set(store.failed())
     if pending:
@@ -402,6 +415,7 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
             if shards == 1:  # time to first shard: actor start-up, model load/compile, pipeline fill
                 first = (dt, clips)
             last = (dt, clips)
+            commit_times.append(last)
             print(f"[extract] shard {shards} committed: {clips} clips, {clips / dt:.2f} clips/s, "
                   f"{nbytes / 2**20:.1f} MiB", flush=True)
         if ec.log_stats:  # Ray Data's per-operator breakdown: where the time went
@@ -425,6 +439,7 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
         # shards to mean anything: the stream's tail flushes shards in a burst)
         "first_shard_s": round(first[0], 2) if shards else None,
         "steady_clips_per_s": round((last[1] - first[1]) / (last[0] - first[0]), 3) if shards >= 4 else None,
+        "window_clips_per_s": window_rate(commit_times),
         "store_clips": sum(len(v) for v in store.done_clips(commits).values()),
         "stats_targets": sorted(stats.get("all", {})), **{f"resources_{k}": v for k, v in res.items()},
     }

@@ -20,6 +20,7 @@ from pipeline.extract import (
     model_specs,
     plan,
     plan_resources,
+    window_rate,
 )
 from pipeline.featurestore import FeatureStore
 from pipeline.storage import Storage
@@ -99,6 +100,15 @@ def test_decoders_fill_the_cpus_left_after_actors_and_a_spare_per_shared_node(cp
     explicit = ExtractConfig(decoders=5, write_in_actor=True)
     assert plan_resources(explicit, cpus=32, gpus=2, max_node_gpus=2, use_gpu=True) | {"cluster_cpus": 0} == {
         "use_gpu": True, "model_actors": 2, "decoders": 5, "writers": 0, "cluster_cpus": 0, "cluster_gpus": 2}
+
+
+def test_window_rate_ignores_start_up_and_the_end_burst():
+    # 10 s of start-up, then 10 clips/s, then the last 40 clips flushed within 0.1 s
+    commits = [(10.0 + i, 10 * (i + 1)) for i in range(16)] + [(25.1, 200)]
+    # 20% = 40 clips (t 13), 90% = 180 clips: first reached by the burst commit (200 at t 25.1)
+    assert window_rate(commits) == pytest.approx((200 - 40) / (25.1 - 13.0), abs=1e-3)
+    assert window_rate(commits, hi=0.8) == pytest.approx(10.0)  # 40 -> 160 clips over 13 -> 25 s
+    assert window_rate([(5.0, 64)]) is None and window_rate([]) is None
 
 
 def test_model_actor_says_where_its_start_up_went_only_when_logging(capsys):
