@@ -7,9 +7,9 @@ leave a preset's defaults alone.
 from __future__ import annotations
 
 import fnmatch
-from typing import Callable
+from collections.abc import Callable
 
-import torch.nn as nn
+from torch import nn
 
 from .targets import STUDENT, TEACHERS, TargetSpec
 

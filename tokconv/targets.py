@@ -36,7 +36,7 @@ class TargetSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TargetSpec":
+    def from_dict(cls, d: dict) -> TargetSpec:
         grid = d.get("grid")
         return cls(name=d["name"], tokens=int(d["tokens"]), dim=int(d["dim"]),
                    grid=tuple(grid) if grid is not None else None)

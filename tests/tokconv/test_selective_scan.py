@@ -8,18 +8,17 @@ import tokconv.ops.selective_scan as ss
 from tokconv.ops import selective_scan_fn, selective_scan_naive, selective_scan_ref, use_backend
 
 
-
 def _inputs(batch=2, dim=6, dstate=4, length=37, bc="variable", groups=2, with_z=True, with_d=True,
             dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
     shape_bc = {"constant": (dim, dstate), "variable": (batch, dstate, length),
                 "grouped": (batch, groups, dstate, length)}[bc]
-    x = dict(u=r(batch, dim, length), delta=r(batch, dim, length) * 0.5,
-             A=-torch.rand(dim, dstate, generator=g, dtype=dtype) * 4 - 0.1,
-             B=r(*shape_bc), C=r(*shape_bc),
-             D=r(dim) if with_d else None, z=r(batch, dim, length) if with_z else None,
-             delta_bias=r(dim) * 0.1)
+    x = {"u": r(batch, dim, length), "delta": r(batch, dim, length) * 0.5,
+             "A": -torch.rand(dim, dstate, generator=g, dtype=dtype) * 4 - 0.1,
+             "B": r(*shape_bc), "C": r(*shape_bc),
+             "D": r(dim) if with_d else None, "z": r(batch, dim, length) if with_z else None,
+             "delta_bias": r(dim) * 0.1}
     return {k: (v.requires_grad_() if v is not None else None) for k, v in x.items()}
 
 
@@ -144,7 +143,6 @@ def test_override_and_cpu_fallback():
         with use_backend("fused"):
             torch.testing.assert_close(selective_scan_fn(**x, delta_softplus=True), expect)
     else:
-        with pytest.raises(RuntimeError, match="not importable"):
-            with use_backend("fused"):
-                pass
+        with pytest.raises(RuntimeError, match="not importable"), use_backend("fused"):
+            pass
         torch.testing.assert_close(selective_scan_fn(**x, delta_softplus=True), expect)

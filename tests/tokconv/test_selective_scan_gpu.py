@@ -21,10 +21,10 @@ def _inputs(dtype, batch=2, dim=64, dstate=16, length=2048, bc="variable", seed=
     g = torch.Generator(device=device).manual_seed(seed)
     r = lambda *s, dt=dtype: torch.randn(*s, generator=g, device=device, dtype=dt)
     shape_bc = {"variable": (batch, dstate, length), "grouped": (batch, 2, dstate, length)}[bc]
-    x = dict(u=r(batch, dim, length), delta=r(batch, dim, length) * 0.5,
-             A=-torch.rand(dim, dstate, generator=g, device=device) * 4 - 0.1,   # fp32, like mamba
-             B=r(*shape_bc), C=r(*shape_bc), D=r(dim, dt=torch.float32),
-             z=r(batch, dim, length), delta_bias=r(dim, dt=torch.float32) * 0.1)
+    x = {"u": r(batch, dim, length), "delta": r(batch, dim, length) * 0.5,
+             "A": -torch.rand(dim, dstate, generator=g, device=device) * 4 - 0.1,   # fp32, like mamba
+             "B": r(*shape_bc), "C": r(*shape_bc), "D": r(dim, dt=torch.float32),
+             "z": r(batch, dim, length), "delta_bias": r(dim, dt=torch.float32) * 0.1}
     return {k: v.requires_grad_() for k, v in x.items()}
 
 

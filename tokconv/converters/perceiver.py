@@ -20,8 +20,14 @@ from ..deficiency import selection_penalty
 from ..layers import AttentionBlock, CoordQueries, make_projection
 from ..registry import register_converter
 from ..targets import STUDENT, TargetSpec
-from .base import (Converter, QueryDecodeMixin, build_preset, param_budget, target_embeddings,
-                   target_outputs)
+from .base import (
+    Converter,
+    QueryDecodeMixin,
+    build_preset,
+    param_budget,
+    target_embeddings,
+    target_outputs,
+)
 
 
 class PerceiverConverter(QueryDecodeMixin, Converter):

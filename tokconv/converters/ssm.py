@@ -19,8 +19,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from ..layers import (
     CoordQueries,
@@ -82,7 +82,7 @@ class BiMambaBlock(nn.Module):
         inner = expand * dim
         self.norm = nn.LayerNorm(dim)
         self.in_proj = nn.Linear(dim, 2 * inner, bias=False)
-        ssm = dict(dim=inner, d_state=d_state, d_conv=d_conv, dt_rank=dt_rank)
+        ssm = {"dim": inner, "d_state": d_state, "d_conv": d_conv, "dt_rank": dt_rank}
         self.fwd, self.bwd = SelectiveSSM(**ssm), SelectiveSSM(**ssm)
         self.out_proj = nn.Linear(inner, dim, bias=False)
 
@@ -157,7 +157,7 @@ class SSMConverter(Converter):
 def ssm_base(*, student: TargetSpec = STUDENT, targets=None, **kwargs) -> Converter:
     """~2.4M params: width 384, 2 bidirectional Mamba blocks (d_state 16, expand 1)."""
     return build_preset(SSMConverter, "ssm_base", student=student, targets=targets,
-                        defaults=dict(dim=384, depth=2, d_state=16, expand=1, query_hidden=96),
+                        defaults={"dim": 384, "depth": 2, "d_state": 16, "expand": 1, "query_hidden": 96},
                        overrides=kwargs)
 
 
@@ -166,4 +166,4 @@ def ssm_base(*, student: TargetSpec = STUDENT, targets=None, **kwargs) -> Conver
 def ssm_small(*, student: TargetSpec = STUDENT, targets=None, **kwargs) -> Converter:
     """~1.4M params: width 256, 2 bidirectional Mamba blocks (d_state 8)."""
     return build_preset(SSMConverter, "ssm_small", student=student, targets=targets,
-                        defaults=dict(dim=256, depth=2, d_state=8, expand=1), overrides=kwargs)
+                        defaults={"dim": 256, "depth": 2, "d_state": 8, "expand": 1}, overrides=kwargs)

@@ -49,7 +49,7 @@ def _load_fused():
         return None
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as fn
-    except Exception:  # ImportError, missing .so, ABI mismatch with this torch: fall back
+    except Exception:  # noqa: BLE001 -- ImportError, missing .so, ABI mismatch with this torch: fall back
         return None
     return fn
 
