@@ -278,7 +278,8 @@ def phase_pipeline(video_dir: Path, workdir: Path, args, models: ModelsConfig, d
         shutil.rmtree(store_dir, ignore_errors=True)
     return {"clips": summary["clips"], "seconds": summary["elapsed_s"], "clips_per_s": summary["clips_per_s"],
             "steady_clips_per_s": summary["steady_clips_per_s"], "window_clips_per_s": summary["window_clips_per_s"],
-            "first_shard_s": summary["first_shard_s"], "bytes": summary["bytes"], "failed": summary["failed"], "invariant_ok": summary["invariant_ok"],
+            "first_shard_s": summary["first_shard_s"], "bytes": summary["bytes"], "failed": summary["failed"],
+            "invariant_ok": summary["invariant_ok"],
             "resources": {k.removeprefix("resources_"): v for k, v in summary.items() if k.startswith("resources_")},
             "gpu": gpu.summary()}
 
