@@ -412,10 +412,7 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
         for row in ds.iter_rows():
             clips, nbytes, shards = clips + int(row["rows"]), nbytes + int(row["bytes"]), shards + 1
             dt = time.perf_counter() - t_start
-            if shards == 1:  # time to first shard: actor start-up, model load/compile, pipeline fill
-                first = (dt, clips)
-            last = (dt, clips)
-            commit_times.append(last)
+            commit_times.append((dt, clips))
             print(f"[extract] shard {shards} committed: {clips} clips, {clips / dt:.2f} clips/s, "
                   f"{nbytes / 2**20:.1f} MiB", flush=True)
         if ec.log_stats:  # Ray Data's per-operator breakdown: where the time went
@@ -424,6 +421,7 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
     commits, failed_after = store.commits(), store.failed()
     stats = store.compute_stats(commits) if commits else {}
     check = check_complete(records, store, cpv, commits=commits, failed=failed_after)
+    first, last = (commit_times[0], commit_times[-1]) if commit_times else (None, None)
     elapsed = time.perf_counter() - t0
     new_failed = sorted(set(failed_after) - failed_before)
     summary = {
@@ -435,9 +433,10 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
         "skipped_failed": len(todo["skipped_failed"]), "new_failures": len(new_failed),
         "clips": clips, "shards": shards, "bytes": nbytes, "elapsed_s": round(elapsed, 2),
         "clips_per_s": round(clips / elapsed, 3) if clips else 0.0, "orphans_removed": len(orphans),
-        # steady state: clips committed after the first shard over the time since it (needs a few
-        # shards to mean anything: the stream's tail flushes shards in a burst)
-        "first_shard_s": round(first[0], 2) if shards else None,
+        # first shard: actor start-up, model load/compile, pipeline fill. Steady state: clips committed
+        # after the first shard over the time since it (needs a few shards to mean anything: the
+        # stream's tail flushes shards in a burst; window_clips_per_s leaves both ends out)
+        "first_shard_s": round(first[0], 2) if commit_times else None,
         "steady_clips_per_s": round((last[1] - first[1]) / (last[0] - first[0]), 3) if shards >= 4 else None,
         "window_clips_per_s": window_rate(commit_times),
         "store_clips": sum(len(v) for v in store.done_clips(commits).values()),
