@@ -319,6 +319,27 @@ def use_cached_rope_vjepa2(model: VJEPA2Model) -> VJEPA2Model:
     return model
 
 
+def _cls_only_vivit_layer(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
+    """VivitLayer.forward when only the CLS token is read after it: (B, N, C) -> (B, 1, C), the full
+    layer's row 0. Keys and values still come from every token; the query, the output projection and
+    the MLP run on the CLS row alone (ViViT keeps no attention mask)."""
+    att, b = self.attention, hidden_states.shape[0]
+    normed = self.layernorm_before(hidden_states)
+    q, k, v = (proj(x).view(b, x.shape[1], -1, att.head_dim).transpose(1, 2)
+               for proj, x in ((att.q_proj, normed[:, :1]), (att.k_proj, normed), (att.v_proj, normed)))
+    ctx = F.scaled_dot_product_attention(q, k, v, scale=att.scaling).transpose(1, 2).reshape(b, 1, -1)
+    cls = att.o_proj(ctx) + hidden_states[:, :1]
+    return self.mlp(self.layernorm_after(cls)) + cls
+
+
+def use_cls_only_last_layer_vivit(model: VivitModel) -> VivitModel:
+    """ViViT's last layer computes the CLS token only (the one token read: its 1 x 768 target), 1/12 of
+    ViViT's work less; ``last_hidden_state`` is then (B, 1, C)."""
+    last = model.layers[-1]
+    last.forward = types.MethodType(_cls_only_vivit_layer, last)
+    return model
+
+
 def fuse_fast_gelu(model: nn.Module) -> nn.Module:
     """transformers' FastGELUActivation (ViViT's ``gelu_fast``: six elementwise kernels over the MLP's widest
     activation) -> ``nn.GELU(approximate="tanh")``, the same formula in one kernel (computed in float32)."""
@@ -326,6 +347,30 @@ def fuse_fast_gelu(model: nn.Module) -> nn.Module:
         for child_name, child in parent.named_children():
             if isinstance(child, FastGELUActivation):
                 setattr(parent, child_name, nn.GELU(approximate="tanh"))
+    return model
+
+
+def use_float8_linears(model: nn.Module, granularity: str = "row") -> nn.Module:
+    """Every ``nn.Linear`` of ``model`` (on CUDA) -> torchao's dynamic float8: weights stored e4m3 with one
+    scale per output row (``granularity="tensor"``: one per tensor), activations scaled likewise at each
+    call, matmuls through ``torch._scaled_mm`` (twice the bf16 tensor-core rate on Hopper); outputs stay
+    in the weights' dtype. Needs ``torch.compile`` to pay off: eager, the scaling passes cost more than the
+    matmuls gain (bench/RESULTS.md)."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        raise ValueError(f"models.fp8: float8 matmuls need a CUDA device; {type(model).__name__} is on {device}")
+    if torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError(f"models.fp8: float8 matmuls need compute capability >= 8.9; "
+                         f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}")
+    try:
+        from torchao import quantization as ao
+    except ImportError as e:
+        raise ImportError("models.fp8 needs torchao: pip install 'tokconv-pipeline[cuda]'") from e
+    gran = {"row": ao.PerRow, "tensor": ao.PerTensor}[granularity]()
+    # activation_value_lb: an all-zero row (a zero-initialised CLS token after LayerNorm) would get scale 0
+    # and turn into NaN; set_inductor_config=False: its tuning is process-wide and lengthens every compile
+    ao.quantize_(model, ao.Float8DynamicActivationFloat8WeightConfig(
+        granularity=gran, activation_value_lb=1e-12, set_inductor_config=False))
     return model
 
 
@@ -396,6 +441,8 @@ def _finish(name: str, model: nn.Module) -> nn.Module:
         use_sdpa_timesformer(model)
     if name == "student":
         use_cached_rope_vjepa2(model)
+    if name == "vivit":
+        use_cls_only_last_layer_vivit(model)
     fuse_fast_gelu(model)
     model.eval().requires_grad_(False)
     return model
@@ -447,7 +494,8 @@ class FeatureExtractor:
     """The four backbones behind one call: decoded window -> {name: tokens (B, tokens, dim)}.
 
     CUDA: weights and activations in ``cfg.dtype`` (``cfg.autocast`` adds torch.autocast: norms and
-    softmax in float32), SDPA backend per ``cfg.attention``; CPU: float32. ``cfg.compile`` names the
+    softmax in float32), SDPA backend per ``cfg.attention``, float8 linears per ``cfg.fp8``
+    (:func:`use_float8_linears`); CPU: float32. ``cfg.compile`` names the
     models to ``torch.compile`` on CUDA (compile per model: it regresses some); they compile at the
     first call (~10-20 s each, less with a warm inductor cache). Not on a side thread while eager
     calls go on: FX tracing patches ``nn.Module.__call__`` process-wide, so a concurrent eager call
@@ -456,13 +504,17 @@ class FeatureExtractor:
 
     def __init__(self, cfg: ModelsConfig, device: str | torch.device | None = None, *,
                  storage_options: dict | None = None):
-        unknown = set(cfg.compile) - set(MODEL_NAMES)
-        if unknown:
-            raise ValueError(f"models.compile: unknown model names {sorted(unknown)}; known: {MODEL_NAMES}")
+        for field in ("compile", "fp8"):
+            unknown = set(getattr(cfg, field)) - set(MODEL_NAMES)
+            if unknown:
+                raise ValueError(f"models.{field}: unknown model names {sorted(unknown)}; known: {MODEL_NAMES}")
         self.device = resolve_device(cfg.device if device is None else device)
         self.dtype = DTYPES[cfg.dtype] if self.device.type == "cuda" else torch.float32
         self.models = build_models(cfg, device=self.device, storage_options=storage_options)
         self.specs: dict[str, TargetSpec] = {n: layout_spec(n, m.config) for n, m in self.models.items()}
+        self.fp8 = [n for n in MODEL_NAMES if n in cfg.fp8] if self.device.type == "cuda" else []
+        for n in self.fp8:  # before compiling: the compiled graphs see the float8 weights
+            use_float8_linears(self.models[n])
         self.compiled = [n for n in MODEL_NAMES if n in cfg.compile] if self.device.type == "cuda" else []
         self.compile_scope = cfg.compile_scope
         self._run: dict[str, nn.Module] = {n: (self._compile(m) if n in self.compiled else m)

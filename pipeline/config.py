@@ -89,6 +89,10 @@ class ModelsConfig(_Strict):
         "the pipeline's first shard 52 s vs 78 s (bench/RESULTS.md)")
     autocast: bool = Field(False, description="CUDA: torch.autocast on top of dtype weights (norms and softmax "
                            "in float32); False runs activations in dtype too (faster; bench/RESULTS.md)")
+    fp8: list[str] = Field(default_factory=list, description="model names whose nn.Linear layers run as float8 "
+                           "matmuls on CUDA (torchao dynamic float8: e4m3 weights and activations, per-row scales; "
+                           "needs compute capability >= 8.9 and the `cuda` extra); ignored on CPU. Changes the "
+                           "features a little: token cosine to bf16 is measured in bench/RESULTS.md")
     attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = Field(
         "auto", description="preferred SDPA backend (others stay as fallbacks); auto: PyTorch's order")
     seed: int = 0
