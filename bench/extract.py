@@ -299,6 +299,7 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--compile-scope", default=None, choices=["model", "layers"],
                    help="layers: regional compilation (each repeated block); default: the config's")
+    p.add_argument("--fp8", default="", help="comma-separated model names with float8 linears (models.fp8)")
     p.add_argument("--autocast", action="store_true", help="torch.autocast over dtype weights (old default)")
     p.add_argument("--attention", default="auto", choices=["auto", "cudnn", "flash", "efficient", "math"])
     p.add_argument("--tiny", action="store_true", help="tiny models on CPU (dry run)")
@@ -330,6 +331,7 @@ def main(argv=None) -> dict:
                           **({} if args.compile is None else
                              {"compile": [c for c in args.compile.split(",") if c and c != "none"]}),
                           **({} if args.compile_scope is None else {"compile_scope": args.compile_scope}),
+                          fp8=[c for c in args.fp8.split(",") if c],
                           autocast=args.autocast,
                           attention=args.attention)
     dcfg = DecodeConfig(window=32, stride=2, clips_per_video=args.clips_per_video, short_side=256, short_video="loop")
@@ -350,7 +352,8 @@ def main(argv=None) -> dict:
     video_dir = args.workdir / f"videos-{n_videos}"
     videos = make_video_set(src, video_dir, n_videos)
     print(f"[bench] {n_videos} videos x {args.clips_per_video} clips from {src}; models {models.weights} on "
-          f"{models.device} ({models.dtype}), batch {args.batch_size}, compile {models.compile or 'none'}", flush=True)
+          f"{models.device} ({models.dtype}), batch {args.batch_size}, compile {models.compile or 'none'}, "
+          f"fp8 {models.fp8 or 'none'}", flush=True)
 
     results: dict = {"config": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                                 "models": models.model_dump(), "decode": dcfg.model_dump()},
@@ -419,6 +422,7 @@ def markdown(results: dict) -> str:
     cfg = results["config"]
     title = (f"Extraction benchmark: {results['host']['gpu'] or 'CPU'}, models {cfg['models']['weights']} "
              f"({cfg['models']['dtype']}), batch {cfg['batch_size']}, compile {cfg['models']['compile'] or 'none'}, "
+             f"fp8 {cfg['models'].get('fp8') or 'none'}, "
              f"{cfg['clips_per_video']} clips/video, {cfg['cpus']} CPUs, {cfg['num_gpus']} GPU(s)")
     lines = [title, "",
              "| path | clips | s | clips/s | steady clips/s | GPU util % |", "|---|---:|---:|---:|---:|---:|"]

@@ -9,6 +9,10 @@ architectures), timed under variants measured in this one run:
 * ``+cudnn`` / ``+flash`` / ``+efficient``: that SDPA backend first;
 * ``compile``: ``torch.compile`` of the model with the fastest eager settings (first call timed apart).
 
+With ``--fp8``, instead: per model, bf16 (eager and compiled per block, ``compile_scope: layers`` as
+the pipeline compiles) vs float8 linears (``backbones.use_float8_linears``, per-row and per-tensor
+scales, compiled per block), cosine against the bf16 eager output.
+
 Prints clips/s per model and variant, the ratio to ``autocast``, and the agreement (token cosine) of
 each variant's output with the ``autocast`` output; writes JSON to --out.
 
@@ -17,6 +21,7 @@ each variant's output with the ``autocast`` output; writes JSON to --out.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -109,6 +114,32 @@ def bench_model(fx: bb.FeatureExtractor, name: str, x: torch.Tensor, args) -> di
     return res
 
 
+def bench_fp8(fx: bb.FeatureExtractor, name: str, x: torch.Tensor, args) -> dict:
+    """bf16 / fp8 x eager / compiled blocks for one model: {variant: {clips_per_s, ms_per_batch, cos...}}."""
+    res, outs = {}, {}
+    for variant in ("bf16", "bf16+compile", "fp8+compile", "fp8-tensor+compile"):
+        model = copy.deepcopy(fx.models[name])
+        if variant.startswith("fp8"):
+            bb.use_float8_linears(model, granularity="tensor" if variant.startswith("fp8-tensor") else "row")
+        if variant.endswith("+compile"):
+            torch._dynamo.reset()
+            fx.compile_scope = "layers"
+            model = fx._compile(model)
+        fn = _caller(fx, name, x, module=model)
+        t0 = time.perf_counter()
+        outs[variant] = fn()
+        torch.cuda.synchronize()
+        first_s = round(time.perf_counter() - t0, 1)
+        s = timed(fn, args.iters)
+        res[variant] = {"clips_per_s": round(args.batch_size / s, 2), "ms_per_batch": round(s * 1e3, 2),
+                        "first_call_s": first_s, "cos_vs_bf16_mean_min": cosine(outs[variant], outs["bf16"])}
+        res[variant]["x_bf16"] = round(res[variant]["clips_per_s"] / res["bf16"]["clips_per_s"], 3)
+        print(f"[models] {name} {variant}: {res[variant]}", flush=True)
+        del model
+        torch.cuda.empty_cache()
+    return res
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--videos", type=Path, default=None)
@@ -116,6 +147,7 @@ def main(argv=None) -> dict:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--models", default=",".join(bb.MODEL_NAMES))
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--fp8", action="store_true", help="bf16 vs float8 linears, eager and compiled, per model")
     p.add_argument("--out", type=Path, default=Path("models-bench.json"))
     args = p.parse_args(argv)
     dev = torch.device("cuda")
@@ -140,8 +172,19 @@ def main(argv=None) -> dict:
                "batch_size": args.batch_size, "build_s": round(time.perf_counter() - t0, 2), "models": {}}
     print(f"[models] built in {results['build_s']} s", flush=True)
     for name in names:
-        results["models"][name] = bench_model(fx, name, inputs[name], args)
+        results["models"][name] = (bench_fp8 if args.fp8 else bench_model)(fx, name, inputs[name], args)
         torch.cuda.empty_cache()
+    if args.fp8:  # the four in sequence, fastest of eager / compiled, per precision
+        total = {}
+        for prec in ("bf16", "fp8", "fp8-tensor"):
+            per = {n: min((r[k] for k in (prec, prec + "+compile") if k in r), key=lambda v: v["ms_per_batch"])
+                   for n, r in results["models"].items()}
+            total[prec] = round(args.batch_size / (sum(v["ms_per_batch"] for v in per.values()) / 1e3), 2)
+        results["four_models_clips_per_s"] = total
+        print(f"[models] four models, clips/s (best of eager/compiled each): {total}", flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+        return results
 
     # the four in sequence (sum of per-model batch times): old default, best eager, best of eager/compiled
     def ms(r, key):
