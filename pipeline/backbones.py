@@ -16,6 +16,8 @@ Layout notes (transformers 5.x):
 * V-JEPA 2 uses 3D RoPE whose row length is ``crop_size // patch_size``: inputs must be ``crop_size``
   square; any frame count works (``skip_predictor=True``: encoder output only).
 * VideoMAE and ViViT have fixed position tables: exactly ``config.num_frames`` frames at ``image_size``.
+  ViViT's target is its CLS token alone, so its last layer computes that row only
+  (:func:`use_cls_only_last_layer_vivit`: ``last_hidden_state`` is (B, 1, 768)).
 * TimeSformer interpolates its time embeddings to the frame count, but its divided space-time layers
   reshape with ``config.num_frames``; after loading the k400 checkpoint (8 frames) the layers get a
   config copy saying 16, else temporal attention silently groups the wrong tokens. Its
