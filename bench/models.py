@@ -117,13 +117,13 @@ def bench_model(fx: bb.FeatureExtractor, name: str, x: torch.Tensor, args) -> di
 def bench_fp8(fx: bb.FeatureExtractor, name: str, x: torch.Tensor, args) -> dict:
     """bf16 / fp8 x eager / compiled blocks for one model: {variant: {clips_per_s, ms_per_batch, cos...}}."""
     res, outs = {}, {}
+    fx.compile_scope = "layers"
     for variant in ("bf16", "bf16+compile", "fp8+compile", "fp8-tensor+compile"):
         model = copy.deepcopy(fx.models[name])
         if variant.startswith("fp8"):
             bb.use_float8_linears(model, granularity="tensor" if variant.startswith("fp8-tensor") else "row")
         if variant.endswith("+compile"):
             torch._dynamo.reset()
-            fx.compile_scope = "layers"
             model = fx._compile(model)
         fn = _caller(fx, name, x, module=model)
         t0 = time.perf_counter()
@@ -138,6 +138,29 @@ def bench_fp8(fx: bb.FeatureExtractor, name: str, x: torch.Tensor, args) -> dict
         del model
         torch.cuda.empty_cache()
     return res
+
+
+def four_models(results: dict, args) -> dict:
+    """The four in sequence (sum of per-model batch times): old default, best eager, best of eager/compiled."""
+    def ms(r, key):
+        return r.get(key, {}).get("ms_per_batch", float("inf")) if key else float("inf")
+    compiled = {n: next((k for k in r if k.startswith("compile(")), None) for n, r in results["models"].items()}
+    per = {"autocast": {n: ms(r, "autocast") for n, r in results["models"].items()},
+           "best_eager": {n: ms(r, r["best_eager"]) for n, r in results["models"].items()},
+           "best": {n: min(ms(r, r["best_eager"]), ms(r, compiled[n])) for n, r in results["models"].items()}}
+    total = {k: round(args.batch_size / (sum(v.values()) / 1e3), 2) for k, v in per.items()}
+    total["compile_helps"] = [n for n, r in results["models"].items() if ms(r, compiled[n]) < ms(r, r["best_eager"])]
+    return total
+
+
+def four_models_fp8(results: dict, args) -> dict:
+    """The four in sequence per precision (--fp8), each model at the faster of eager / compiled."""
+    total = {}
+    for prec in ("bf16", "fp8", "fp8-tensor"):
+        per = [min(r[k]["ms_per_batch"] for k in (prec, prec + "+compile") if k in r)
+               for r in results["models"].values()]
+        total[prec] = round(args.batch_size / (sum(per) / 1e3), 2)
+    return total
 
 
 def main(argv=None) -> dict:
@@ -174,28 +197,7 @@ def main(argv=None) -> dict:
     for name in names:
         results["models"][name] = (bench_fp8 if args.fp8 else bench_model)(fx, name, inputs[name], args)
         torch.cuda.empty_cache()
-    if args.fp8:  # the four in sequence, fastest of eager / compiled, per precision
-        total = {}
-        for prec in ("bf16", "fp8", "fp8-tensor"):
-            per = {n: min((r[k] for k in (prec, prec + "+compile") if k in r), key=lambda v: v["ms_per_batch"])
-                   for n, r in results["models"].items()}
-            total[prec] = round(args.batch_size / (sum(v["ms_per_batch"] for v in per.values()) / 1e3), 2)
-        results["four_models_clips_per_s"] = total
-        print(f"[models] four models, clips/s (best of eager/compiled each): {total}", flush=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
-        return results
-
-    # the four in sequence (sum of per-model batch times): old default, best eager, best of eager/compiled
-    def ms(r, key):
-        return r.get(key, {}).get("ms_per_batch", float("inf")) if key else float("inf")
-    compiled = {n: next((k for k in r if k.startswith("compile(")), None) for n, r in results["models"].items()}
-    per = {"autocast": {n: ms(r, "autocast") for n, r in results["models"].items()},
-           "best_eager": {n: ms(r, r["best_eager"]) for n, r in results["models"].items()},
-           "best": {n: min(ms(r, r["best_eager"]), ms(r, compiled[n])) for n, r in results["models"].items()}}
-    total = {k: round(args.batch_size / (sum(v.values()) / 1e3), 2) for k, v in per.items()}
-    total["compile_helps"] = [n for n, r in results["models"].items() if ms(r, compiled[n]) < ms(r, r["best_eager"])]
-    results["four_models_clips_per_s"] = total
+    results["four_models_clips_per_s"] = total = (four_models_fp8 if args.fp8 else four_models)(results, args)
     print(f"[models] four models, clips/s: {total}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
