@@ -251,9 +251,13 @@ class FeatureStore:
         final = self.storage.path("shards", f"{shard_id}.parquet")
         fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
         # through pyarrow's own filesystem (native for local paths: 3.4-5.7x faster than an fsspec file
-        # object, measured on a 2-core host); fp16 features do not compress; small row groups let readers stream
+        # object, measured on a 2-core host); fp16 features do not compress; small row groups let readers stream;
+        # min/max statistics of raw tensor bytes mean nothing and took half the writer's CPU (0.46 of 0.95 s
+        # per 731 MB shard on the 2-core host), so only the id columns get them
+        ids = [c for c in table.column_names if c not in layout]
         with self.storage.pyarrow_filesystem().open_output_stream(tmp) as f:
-            pq.write_table(table, f, compression="none", row_group_size=32, use_dictionary=["video_id", "split"])
+            pq.write_table(table, f, compression="none", row_group_size=32, use_dictionary=["video_id", "split"],
+                           write_statistics=ids)
         fs.mv(tmp, final)
         nbytes = fs.size(final)
         record = {

@@ -205,3 +205,15 @@ def test_rewrite_of_same_rows_is_idempotent_and_duplicates_are_reported(tmp_path
     other = store.write_shard(make_batch(rng, ["b", "c"], [1, 0]))  # regrouped: ("b", 1) twice
     dups = store.duplicates()
     assert list(dups) == [("b", 1)] and sorted(dups[("b", 1)]) == sorted([first["shard"], other["shard"]])
+
+
+def test_shards_keep_statistics_for_id_columns_only(tmp_path):
+    """min/max of raw tensor bytes mean nothing and cost half a writer's CPU: only ids get statistics."""
+    import pyarrow.parquet as pq
+    store = new_store(tmp_path)
+    info = store.write_shard(make_batch(np.random.default_rng(2), ["v1", "v2"], [0, 0]))
+    meta = pq.ParquetFile(tmp_path / "features" / "feat" / info["path"]).metadata
+    stats = {meta.schema.column(i).name: meta.row_group(0).column(i).is_stats_set
+             for i in range(meta.num_columns)}
+    assert stats == {"video_id": True, "clip_index": True, "label_index": True, "split": True,
+                     "student": False, "vivit": False}
