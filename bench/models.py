@@ -5,12 +5,12 @@ architectures), timed under variants measured in this one run:
 
 * ``autocast``: torch.autocast(bf16) over bf16 weights, upstream V-JEPA 2 RoPE (the old default);
 * ``bf16``: no autocast (norms/softmax in bf16 too), upstream RoPE;
-* ``bf16+rope``: plus the cached V-JEPA 2 RoPE tables (``backbones.use_cached_rope_vjepa2``; student only);
+* ``bf16+rope``: plus the cached V-JEPA 2 RoPE tables (``rewrites.use_cached_rope_vjepa2``; student only);
 * ``+cudnn`` / ``+flash`` / ``+efficient``: that SDPA backend first;
 * ``compile``: ``torch.compile`` of the model with the fastest eager settings (first call timed apart).
 
 With ``--fp8``, instead: per model, bf16 (eager and compiled per block, ``compile_scope: layers`` as
-the pipeline compiles) vs float8 linears (``backbones.use_float8_linears``, per-row and per-tensor
+the pipeline compiles) vs float8 linears (``rewrites.use_float8_linears``, per-row and per-tensor
 scales, compiled per block), cosine against the bf16 eager output.
 
 Prints clips/s per model and variant, the ratio to ``autocast``, and the agreement (token cosine) of
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import backbones as bb
+from pipeline import rewrites as rw
 from pipeline.config import DecodeConfig, ModelsConfig
 
 SDPA_BACKENDS = ("cudnn", "flash", "efficient")  # models.attention values timed (math: far slower)
@@ -90,7 +91,7 @@ def bench_model(fx: bb.FeatureExtractor, name: str, x: torch.Tensor, args) -> di
     measure("bf16", _caller(fx, name, x))
     base = "bf16"
     if name == "student":
-        bb.use_cached_rope_vjepa2(model)
+        rw.use_cached_rope_vjepa2(model)
         base = "bf16+rope"
         measure(base, _caller(fx, name, x))
     for k in SDPA_BACKENDS:
@@ -121,7 +122,7 @@ def bench_fp8(fx: bb.FeatureExtractor, name: str, x: torch.Tensor, args) -> dict
     for variant in ("bf16", "bf16+compile", "fp8+compile", "fp8-tensor+compile"):
         model = copy.deepcopy(fx.models[name])
         if variant.startswith("fp8"):
-            bb.use_float8_linears(model, granularity="tensor" if variant.startswith("fp8-tensor") else "row")
+            rw.use_float8_linears(model, granularity="tensor" if variant.startswith("fp8-tensor") else "row")
         if variant.endswith("+compile"):
             torch._dynamo.reset()
             model = fx._compile(model)

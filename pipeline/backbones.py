@@ -22,7 +22,10 @@ Layout notes (transformers 5.x):
   reshape with ``config.num_frames``; after loading the k400 checkpoint (8 frames) the layers get a
   config copy saying 16, else temporal attention silently groups the wrong tokens. Its
   tokens come out patch-major ((H, W, T) order) and are reordered to (T, H, W). It has no SDPA
-  support in transformers, so :func:`use_sdpa_timesformer` swaps in an SDPA attention forward.
+  support in transformers, so ``rewrites.use_sdpa_timesformer`` swaps in an SDPA attention forward.
+
+Speed rewrites of the loaded modules (exact, or within bf16 rounding: ``ModelsConfig.rewrites``) live in
+:mod:`pipeline.rewrites`; :func:`build_models` applies them after loading.
 """
 from __future__ import annotations
 
@@ -35,7 +38,6 @@ import math
 import os
 import shutil
 import tempfile
-import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,12 +55,17 @@ from transformers import (
     VJEPA2Config,
     VJEPA2Model,
 )
-from transformers.activations import FastGELUActivation
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from transformers.models.timesformer.modeling_timesformer import TimesformerSelfAttention
-from transformers.models.vjepa2.modeling_vjepa2 import VJEPA2RopeAttention
 
 from pipeline.config import ModelsConfig
+from pipeline.rewrites import (
+    apply_rewrites,
+    fuse_fast_gelu,
+    use_cached_rope_vjepa2,
+    use_cls_only_last_layer_vivit,
+    use_float8_linears,
+    use_sdpa_timesformer,
+)
 from pipeline.storage import Storage
 from tokconv.targets import TargetSpec
 
@@ -261,121 +268,6 @@ def derive_inputs(frames: torch.Tensor, *, dtype: torch.dtype = torch.float32,
 
 # ------------------------------------------------------------------------------------------------ models
 
-def _sdpa_self_attention(self, hidden_states, output_attentions: bool = False):
-    """TimesformerSelfAttention.forward through F.scaled_dot_product_attention (same math)."""
-    if output_attentions:
-        return type(self).forward(self, hidden_states, output_attentions)
-    b, n, c = hidden_states.shape
-    q, k, v = self.qkv(hidden_states).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-    p = self.attn_drop.p if self.training else 0.0
-    ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.scale)
-    return (ctx.transpose(1, 2).reshape(b, n, c),)
-
-
-def use_sdpa_timesformer(model: TimesformerModel) -> TimesformerModel:
-    """Route every TimeSformer self-attention through SDPA (transformers has no SDPA path for it)."""
-    for m in model.modules():
-        if isinstance(m, TimesformerSelfAttention):
-            m.forward = types.MethodType(_sdpa_self_attention, m)
-    return model
-
-
-def _rope_block(size: int, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (n, size) of one RoPE block, computed exactly as ``rotate_queries_or_keys`` does (in ``dtype``)."""
-    omega = torch.arange(size // 2, dtype=dtype, device=pos.device)
-    omega /= size / 2.0
-    omega = 1.0 / 10000**omega
-    freq = pos.unsqueeze(-1) * omega  # (n, size/2)
-    return freq.cos().repeat(1, 2), freq.sin().repeat(1, 2)
-
-
-def _rope_tables(self: VJEPA2RopeAttention, pos_ids, n: int, dtype: torch.dtype):
-    """(cos, sin), each (n, head_dim), for all three (frame, height, width) blocks at once; cached per
-    (n, dtype, device). Dims past the three blocks get cos 1, sin 0 (left unrotated, as upstream)."""
-    key = (n, dtype, pos_ids[0].device)
-    cache = self.__dict__.setdefault("_rope_cache", {})
-    if key not in cache:
-        blocks = [_rope_block(size, pos, dtype) for pos, size in zip(pos_ids, (self.d_dim, self.h_dim, self.w_dim))]
-        rest = self.attention_head_size - self.d_dim - self.h_dim - self.w_dim
-        ones = torch.ones(n, rest, dtype=dtype, device=key[2])
-        cache[key] = (torch.cat([c for c, _ in blocks] + [ones], -1),
-                      torch.cat([s for _, s in blocks] + [ones * 0], -1))
-    return cache[key]
-
-
-def _cached_rotary_embeddings(self: VJEPA2RopeAttention, qk: torch.Tensor, pos_ids) -> torch.Tensor:
-    """VJEPA2RopeAttention.apply_rotary_embeddings with the sin/cos tables built once instead of per
-    layer and block: qk (B, heads, n, head_dim) -> same. Same values (tested against upstream)."""
-    if pos_ids[0].dim() != 1:  # per-sample masked positions (the predictor): upstream path
-        return VJEPA2RopeAttention.apply_rotary_embeddings(self, qk, pos_ids)
-    cos, sin = _rope_tables(self, pos_ids, qk.shape[-2], qk.dtype)
-    swapped = torch.stack((-qk[..., 1::2], qk[..., 0::2]), dim=-1).flatten(-2)  # pairs (a, b) -> (-b, a)
-    return (qk * cos) + (swapped * sin)
-
-
-def use_cached_rope_vjepa2(model: VJEPA2Model) -> VJEPA2Model:
-    """Route every V-JEPA 2 RoPE through :func:`_cached_rotary_embeddings` (fewer, larger kernels)."""
-    for m in model.modules():
-        if isinstance(m, VJEPA2RopeAttention):
-            m.apply_rotary_embeddings = types.MethodType(_cached_rotary_embeddings, m)
-    return model
-
-
-def _cls_only_vivit_layer(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
-    """VivitLayer.forward when only the CLS token is read after it: (B, N, C) -> (B, 1, C), the full
-    layer's row 0. Keys and values still come from every token; the query, the output projection and
-    the MLP run on the CLS row alone (ViViT keeps no attention mask)."""
-    att, b = self.attention, hidden_states.shape[0]
-    normed = self.layernorm_before(hidden_states)
-    q, k, v = (proj(x).view(b, x.shape[1], -1, att.head_dim).transpose(1, 2)
-               for proj, x in ((att.q_proj, normed[:, :1]), (att.k_proj, normed), (att.v_proj, normed)))
-    ctx = F.scaled_dot_product_attention(q, k, v, scale=att.scaling).transpose(1, 2).reshape(b, 1, -1)
-    cls = att.o_proj(ctx) + hidden_states[:, :1]
-    return self.mlp(self.layernorm_after(cls)) + cls
-
-
-def use_cls_only_last_layer_vivit(model: VivitModel) -> VivitModel:
-    """ViViT's last layer computes the CLS token only (the one token read: its 1 x 768 target), 1/12 of
-    ViViT's work less; ``last_hidden_state`` is then (B, 1, C)."""
-    last = model.layers[-1]
-    last.forward = types.MethodType(_cls_only_vivit_layer, last)
-    return model
-
-
-def fuse_fast_gelu(model: nn.Module) -> nn.Module:
-    """transformers' FastGELUActivation (ViViT's ``gelu_fast``: six elementwise kernels over the MLP's widest
-    activation) -> ``nn.GELU(approximate="tanh")``, the same formula in one kernel (computed in float32)."""
-    for parent in list(model.modules()):
-        for child_name, child in parent.named_children():
-            if isinstance(child, FastGELUActivation):
-                setattr(parent, child_name, nn.GELU(approximate="tanh"))
-    return model
-
-
-def use_float8_linears(model: nn.Module, granularity: str = "row") -> nn.Module:
-    """Every ``nn.Linear`` of ``model`` (on CUDA) -> torchao's dynamic float8: weights stored e4m3 with one
-    scale per output row (``granularity="tensor"``: one per tensor), activations scaled likewise at each
-    call, matmuls through ``torch._scaled_mm`` (twice the bf16 tensor-core rate on Hopper); outputs stay
-    in the weights' dtype. Needs ``torch.compile`` to pay off: eager, the scaling passes cost more than the
-    matmuls gain (bench/RESULTS.md)."""
-    device = next(model.parameters()).device
-    if device.type != "cuda":
-        raise ValueError(f"models.fp8: float8 matmuls need a CUDA device; {type(model).__name__} is on {device}")
-    if torch.cuda.get_device_capability(device) < (8, 9):
-        raise ValueError(f"models.fp8: float8 matmuls need compute capability >= 8.9; "
-                         f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}")
-    try:
-        from torchao import quantization as ao
-    except ImportError as e:
-        raise ImportError("models.fp8 needs torchao: pip install 'tokconv-pipeline[cuda]'") from e
-    gran = {"row": ao.PerRow, "tensor": ao.PerTensor}[granularity]()
-    # activation_value_lb: an all-zero row (a zero-initialised CLS token after LayerNorm) would get scale 0
-    # and turn into NaN; set_inductor_config=False: its tuning is process-wide and lengthens every compile
-    ao.quantize_(model, ao.Float8DynamicActivationFloat8WeightConfig(
-        granularity=gran, activation_value_lb=1e-12, set_inductor_config=False))
-    return model
-
-
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -432,7 +324,7 @@ def _random_checkpoint(name: str, config: PreTrainedConfig, seed: int, kw: dict)
                              lambda tmp: _seeded_init(name, config, seed, kw).save_pretrained(tmp))
 
 
-def _finish(name: str, model: nn.Module) -> nn.Module:
+def _finish(name: str, model: nn.Module, rewrites=(), device: torch.device | None = None) -> nn.Module:
     if name == "timesformer":
         # its layers reshape with config.num_frames (see module doc): give them a copy holding the frames fed,
         # and keep model.config the checkpoint's, so save_pretrained still round-trips
@@ -446,8 +338,15 @@ def _finish(name: str, model: nn.Module) -> nn.Module:
     if name == "vivit":
         use_cls_only_last_layer_vivit(model)
     fuse_fast_gelu(model)
+    apply_rewrites(name, model, rewrites, device or next(model.parameters()).device)
     model.eval().requires_grad_(False)
     return model
+
+
+def model_rewrites(cfg: ModelsConfig, name: str) -> list[str]:
+    """``cfg.rewrites`` for one model: a model in ``cfg.fp8`` keeps its MLP linear a plain ``nn.Linear``
+    (no ``gelu_epilogue``), so that float8 covers every linear layer."""
+    return [r for r in cfg.rewrites if not (r == "gelu_epilogue" and name in cfg.fp8)]
 
 
 def build_models(cfg: ModelsConfig, *, device: str | torch.device | None = None,
@@ -478,7 +377,7 @@ def build_models(cfg: ModelsConfig, *, device: str | torch.device | None = None,
                                         dtype=dtype, **kw).to(device)
         else:
             model = _seeded_init(name, configs[name], cfg.seed + i, kw).to(device=device, dtype=dtype)
-        models[name] = _finish(name, model)
+        models[name] = _finish(name, model, model_rewrites(cfg, name), device)
     return models
 
 

@@ -94,7 +94,19 @@ class ModelsConfig(_Strict):
                            "needs compute capability >= 8.9 and the `cuda` extra); ignored on CPU. Measured on "
                            "an H200: the ViT-L student 1.11x compiled bf16, token cosine to bf16 0.996 mean / 0.993 "
                            "min; the ViT-B teachers gain nothing (bench/RESULTS.md), so [student] is the useful "
-                           "setting and [] (bf16 everywhere) the default")
+                           "setting and [] (bf16 everywhere) the default. Measured before models.rewrites; a "
+                           "named model skips the gelu_epilogue rewrite (float8 covers every linear layer)")
+    rewrites: list[Literal["patch_matmul", "gelu_epilogue", "fold_temporal_dense", "packed_temporal_attention"]] = \
+        Field(default_factory=lambda: ["patch_matmul", "gelu_epilogue", "fold_temporal_dense",
+                                       "packed_temporal_attention"],
+              description="speed rewrites of the transformers modules (pipeline.rewrites). Measured on an "
+              "H200 (bench/RESULTS.md): the four models' ceiling 101.8 -> 121.5 clips/s, tokens at the bf16 "
+              "noise floor (cosine 0.99993 to the upstream modules). patch_matmul: patch-embedding convolutions "
+              "as one matmul (exact; cuDNN ran them at ~25 TFLOP/s); gelu_epilogue (CUDA only): MLP linear + GELU "
+              "as one cuBLASLt matmul with a tanh-GELU epilogue (within half a bf16 step of the exact GELU); "
+              "fold_temporal_dense: TimeSformer's two temporal linear maps as one; packed_temporal_attention: "
+              "TimeSformer's 16-token temporal attention 8 groups per call with a block-diagonal mask (exact). "
+              "[] keeps the upstream modules")
     attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = Field(
         "auto", description="preferred SDPA backend (others stay as fallbacks); auto: PyTorch's order")
     seed: int = 0

@@ -25,15 +25,18 @@ from pipeline.backbones import (
     build_models,
     derive_inputs,
     full_configs,
-    fuse_fast_gelu,
     layout_spec,
     tiny_configs,
+)
+from pipeline.config import ModelsConfig, ModelSpec
+from pipeline.rewrites import (
+    LinearGELU,
+    fuse_fast_gelu,
     use_cached_rope_vjepa2,
     use_cls_only_last_layer_vivit,
     use_float8_linears,
     use_sdpa_timesformer,
 )
-from pipeline.config import ModelsConfig, ModelSpec
 from tokconv.targets import ALL_SPECS
 
 # the hub checkpoints' own classes (what from_pretrained meets): name -> (class, attribute holding the backbone)
@@ -191,10 +194,11 @@ def test_random_full_size_models_build_the_hub_architectures():
 def hub_dirs(tiny, tmp_path_factory):
     """Each tiny backbone saved inside its hub checkpoint class, like the real hub repos."""
     root, dirs = tmp_path_factory.mktemp("hub"), {}
+    upstream = build_models(ModelsConfig(weights="tiny", rewrites=[]), device="cpu")  # tiny's weights, hub modules
     for n in MODEL_NAMES:
         cls, attr = HUB_CLASSES[n]
         holder = cls(tiny.models[n].config)
-        (getattr(holder, attr) if attr else holder).load_state_dict(tiny.models[n].state_dict())
+        (getattr(holder, attr) if attr else holder).load_state_dict(upstream[n].state_dict())
         dirs[n] = root / n
         holder.save_pretrained(dirs[n])
     return dirs
@@ -369,3 +373,24 @@ def test_cuda_fp8_linears_keep_the_tokens(tiny, frames, tiny_out):
         assert out[n].dtype == torch.bfloat16
         cos = torch.nn.functional.cosine_similarity(out[n].float().cpu(), tiny_out[n], dim=-1)
         assert cos.min() > 0.95, (n, cos.min())
+
+
+@pytest.mark.gpu
+def test_cuda_linear_gelu_epilogue_computes_its_formula():
+    """LinearGELU on CUDA (one cuBLASLt matmul with a bias + GELU epilogue) is gelu_tanh(x W^T + b), eager
+    and compiled (inductor keeps the call) on a 3D input; with gradients wanted it runs unfused (the fused op
+    has no backward) and gradients flow."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 256).cuda().to(torch.bfloat16)
+    x = torch.randn(3, 50, 64, device="cuda", dtype=torch.bfloat16)
+    ref = torch.nn.functional.gelu(torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double()),
+                                   approximate="tanh")
+    fused = LinearGELU(lin)
+    for fn in (fused, torch.compile(fused)):
+        with torch.inference_mode():
+            out = fn(x)
+        assert out.shape == (3, 50, 256) and out.dtype == torch.bfloat16
+        assert ((out.double() - ref).norm() / ref.norm()) < 1e-2
+    out = fused(x)
+    out.float().sum().backward()
+    assert ((out.double() - ref).norm() / ref.norm()) < 1e-2 and lin.weight.grad is not None

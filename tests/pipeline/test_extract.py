@@ -85,7 +85,9 @@ def test_a_short_batch_padded_to_the_compiled_shape_gives_the_same_features(tmp_
     assert plain.keys() == padded.keys()
     for k in plain:
         assert padded[k].shape == plain[k].shape and padded[k].shape[0] == 2, k
-        torch.testing.assert_close(padded[k], plain[k], rtol=1e-4, atol=1e-3)
+        # within one float16 step (rtol 1e-3): the batch size changes the float32 summation order of the
+        # matmuls (the patch embedding is one), which can move a value across a float16 rounding boundary
+        torch.testing.assert_close(padded[k], plain[k], rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("cpus, gpus, max_node_gpus, decoders", [
