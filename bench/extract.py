@@ -17,6 +17,8 @@ H200 (full-size architectures, random init; ~5-8 min; .bench-videos = a copy of 
     ... --compile-scope model --phases models,pipeline   (whole-model compile, the earlier default)
     ... --write-in-actor --actor-concurrency 4 --phases models,pipeline   (shards written in the model actors)
     ... --num-gpus 2 --cpus 32 --clips 4096 --phases decode,models,pipeline   (2-GPU scaling)
+    ... --clips 16384 --phases pipeline --discard-shards   (a run longer than the disk holds: sustained rate)
+    ... --rewrites none --phases models   (the upstream transformers modules, no models.rewrites)
 CPU dry run (tiny models): python bench/extract.py --tiny --clips 8 --cpus 2
 """
 from __future__ import annotations
@@ -124,6 +126,7 @@ def make_variants(src: Path, dest: Path) -> None:
 
 def _decode_task(args) -> int:
     path, cfg_dict = args
+    torch.set_num_threads(1)  # one decoder per core, as Ray runs them (OMP_NUM_THREADS=1 per 1-CPU task)
     from pipeline.decode import decode_clips
     return len(decode_clips(path, DecodeConfig.model_validate(cfg_dict)))
 
@@ -243,6 +246,41 @@ def phase_plain_loop(fx, videos: list[Path], dcfg: DecodeConfig, batch_size: int
             "workers": workers, "gpu": gpu.summary()}
 
 
+class ShardDiscarder:
+    """With ``enabled``, deletes each shard file once its commit record exists (polling every ``period`` s),
+    so a run longer than the disk holds fits (11.4 MB per clip: the single-H200 host's 64 GB disk takes
+    ~3000 clips). The shards are still written in full; the page cache may drop them before they reach
+    the disk. Commit records, failures and statistics stay, so the run's summary and invariant hold."""
+
+    def __init__(self, store_dir: Path, enabled: bool, period: float = 0.5):
+        self.store_dir, self.enabled, self.period, self.deleted = store_dir, enabled, period, 0
+        self._stop = threading.Event()
+
+    def _run(self):
+        while not self._stop.wait(self.period):
+            self.sweep()
+
+    def sweep(self) -> None:
+        for commit in (self.store_dir / "commits").glob("*.json"):
+            shard = self.store_dir / "shards" / f"{commit.stem}.parquet"
+            if shard.exists():
+                shard.unlink()
+                self.deleted += 1
+
+    def __enter__(self):
+        if self.enabled:
+            self._t = threading.Thread(target=self._run, daemon=True)
+            self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._stop.set()
+            self._t.join()
+            self.sweep()
+            print(f"[bench] --discard-shards: {self.deleted} committed shards deleted", flush=True)
+
+
 def phase_pipeline(video_dir: Path, workdir: Path, args, models: ModelsConfig, dcfg: DecodeConfig) -> dict:
     """(3) run_extract on a local Ray cluster (fresh store), as the CLI would run it."""
     import ray
@@ -270,7 +308,7 @@ def phase_pipeline(video_dir: Path, workdir: Path, args, models: ModelsConfig, d
              include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True,
              object_store_memory=args.object_store_gb * 2**30 if args.object_store_gb else None)
     try:
-        with GpuSampler() as gpu:
+        with GpuSampler() as gpu, ShardDiscarder(store_dir / "features" / job.extract.store, args.discard_shards):
             summary = run_extract(job, Storage(str(store_dir)))
     finally:
         ray.shutdown()
@@ -301,6 +339,8 @@ def main(argv=None) -> dict:
                    help="layers: regional compilation (each repeated block); default: the config's")
     p.add_argument("--fp8", default="", help="comma-separated model names with float8 linears (models.fp8)")
     p.add_argument("--autocast", action="store_true", help="torch.autocast over dtype weights (old default)")
+    p.add_argument("--rewrites", default=None, help="comma-separated models.rewrites (default: the config's; "
+                   "'none': the upstream modules)")
     p.add_argument("--attention", default="auto", choices=["auto", "cudnn", "flash", "efficient", "math"])
     p.add_argument("--tiny", action="store_true", help="tiny models on CPU (dry run)")
     p.add_argument("--num-gpus", type=int, default=1, help="GPUs for the pipeline (one model actor each)")
@@ -316,6 +356,8 @@ def main(argv=None) -> dict:
     p.add_argument("--phases", default="decode,models,actor,loop,pipeline")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "tokconv-bench-extract")
     p.add_argument("--keep-store", action="store_true")
+    p.add_argument("--discard-shards", action="store_true", help="delete each shard once committed (runs "
+                   "longer than the disk holds; the writes still happen)")
     p.add_argument("--out", type=Path, default=None, help="JSON results (default <workdir>/results.json)")
     args = p.parse_args(argv)
     phases = [s.strip() for s in args.phases.split(",") if s.strip()]
@@ -332,6 +374,8 @@ def main(argv=None) -> dict:
                              {"compile": [c for c in args.compile.split(",") if c and c != "none"]}),
                           **({} if args.compile_scope is None else {"compile_scope": args.compile_scope}),
                           fp8=[c for c in args.fp8.split(",") if c],
+                          **({} if args.rewrites is None else
+                             {"rewrites": [r for r in args.rewrites.split(",") if r and r != "none"]}),
                           autocast=args.autocast,
                           attention=args.attention)
     dcfg = DecodeConfig(window=32, stride=2, clips_per_video=args.clips_per_video, short_side=256, short_video="loop")
@@ -422,7 +466,7 @@ def markdown(results: dict) -> str:
     cfg = results["config"]
     title = (f"Extraction benchmark: {results['host']['gpu'] or 'CPU'}, models {cfg['models']['weights']} "
              f"({cfg['models']['dtype']}), batch {cfg['batch_size']}, compile {cfg['models']['compile'] or 'none'}, "
-             f"fp8 {cfg['models'].get('fp8') or 'none'}, "
+             f"fp8 {cfg['models'].get('fp8') or 'none'}, rewrites {cfg['models'].get('rewrites') or 'none'}, "
              f"{cfg['clips_per_video']} clips/video, {cfg['cpus']} CPUs, {cfg['num_gpus']} GPU(s)")
     lines = [title, "",
              "| path | clips | s | clips/s | steady clips/s | GPU util % |", "|---|---:|---:|---:|---:|---:|"]

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU runs behind bench/RESULTS.md, one step per argument, on the device host from the
 # repo root, after `source .gpu-bundle/gpu-env.sh .gpu-bundle [--mamba]`:
-#   OUT=/tmp/out bash bench/h200.sh tests extract converters      (one H200: GPU 0, 16 cores)
+#   OUT=/tmp/out bash bench/h200.sh tests profile extract converters pipeline-long   (one H200: GPU 0, 16 cores)
 #   OUT=/tmp/out bash bench/h200.sh models decode-types disk scaling   (model variants; 2 GPUs, 32 cores)
 # Videos: VIDEOS (default .bench-videos: 10 s h264 loops of the sample videos at 360p/720p and
-# the original 640x272 bikes clip, made with ffmpeg); VIDEO_SET=low keeps the sources <= 360p
+# the original 640x272 bikes clip, made here by `bash bench/make_videos.sh`); VIDEO_SET=low keeps the sources <= 360p
 # (Kinetics-like sizes). CLIPS: clips of the extract step (default 2048; pipeline steps 4096, 2 GPUs
 # twice that); BENCH_ARGS: extra bench/extract.py flags (e.g. "--compile-scope layers --actor-concurrency 3").
 # Every step logs to $OUT/<step>.log.
@@ -52,6 +52,12 @@ for what in "$@"; do case $what in
   model-ceiling)  # the model-only ceiling alone under BENCH_ARGS (e.g. --compile-scope layers), GPU 0
     step model-ceiling "${one_gpu[@]}" python bench/extract.py --videos "$VIDEOS" --clips 1024 \
       --batch-size 32 --model-batches 32 --phases models --workdir "$WORK-m" --out "$OUT/model-ceiling.json" "${extra[@]}" ;;
+  profile)  # kernel time by category per model, and the models.rewrites one by one (bench/profile_models.py)
+    step profile "${one_gpu[@]}" python bench/profile_models.py --out "$OUT/profile.json" ;;
+  pipeline-long)  # a sustained run: LCLIPS clips (default 16384), shards deleted once committed (the disk holds ~3000)
+    step pipeline-long "${one_gpu[@]}" python bench/extract.py --videos "$VIDEOS" --clips "${LCLIPS:-16384}" \
+      --clips-per-video 4 --batch-size 32 --cpus 16 --phases pipeline --discard-shards --workdir "$WORK-l" \
+      --out "$OUT/pipeline-long.json" "${extra[@]}" ;;
   models)  # model-side variants (autocast / bf16 / cached RoPE / SDPA backends / compile), GPU 0
     step models "${one_gpu[@]}" python bench/models.py --videos "$VIDEOS" --batch-size 32 --iters 10 \
       --out "$OUT/models.json" ;;
