@@ -152,9 +152,12 @@ class PatchLinear(nn.Module):
 
 
 def is_patch_conv(conv: nn.Module) -> bool:
-    return (isinstance(conv, (nn.Conv2d, nn.Conv3d)) and tuple(conv.kernel_size) == tuple(conv.stride)
-            and not any(conv.padding if not isinstance(conv.padding, str) else conv.padding != "valid")
-            and all(d == 1 for d in conv.dilation) and conv.groups == 1 and conv.padding_mode == "zeros")
+    """A 2D/3D convolution over non-overlapping patches: kernel == stride, no padding, dilation or groups."""
+    if not isinstance(conv, (nn.Conv2d, nn.Conv3d)):
+        return False
+    unpadded = conv.padding == "valid" if isinstance(conv.padding, str) else not any(conv.padding)
+    return (unpadded and tuple(conv.kernel_size) == tuple(conv.stride) and all(d == 1 for d in conv.dilation)
+            and conv.groups == 1)
 
 
 def use_matmul_patch_embeddings(model: nn.Module) -> int:

@@ -51,9 +51,10 @@ def test_patch_linear_equals_the_convolution(conv, shape):
 
 def test_only_non_overlapping_patch_convolutions_are_replaced():
     model = nn.Sequential(nn.Conv2d(3, 4, 16, stride=16), nn.Conv2d(4, 4, 3, stride=1, padding=1),
-                          nn.Conv2d(4, 4, 2, stride=2, padding=1))
-    assert rw.use_matmul_patch_embeddings(model) == 1
-    assert [type(m).__name__ for m in model] == ["PatchLinear", "Conv2d", "Conv2d"]
+                          nn.Conv2d(4, 4, 2, stride=2, padding=1), nn.Conv3d(4, 4, 2, stride=2, padding="valid"),
+                          nn.Conv2d(4, 4, 3, stride=1, padding="same"), nn.Conv2d(4, 4, 2, stride=2, groups=2))
+    assert rw.use_matmul_patch_embeddings(model) == 2
+    assert [type(m).__name__ for m in model] == ["PatchLinear", "Conv2d", "Conv2d", "PatchLinear", "Conv2d", "Conv2d"]
     with pytest.raises(ValueError, match="kernel == stride"):
         rw.PatchLinear(nn.Conv2d(3, 4, 3, stride=1))
 
