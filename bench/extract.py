@@ -32,7 +32,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -42,37 +41,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
+from bench.common import Poller, sync
 from pipeline.config import DecodeConfig, ExtractConfig, JobConfig, ModelsConfig
 
 # ------------------------------------------------------------------------------------------ helpers
 
-class GpuSampler:
+class GpuSampler(Poller):
     """Samples ``nvidia-smi`` utilisation (%) of every GPU every ``period`` s in a thread."""
 
     def __init__(self, period: float = 0.5):
-        self.period, self.samples, self._stop = period, [], threading.Event()
-        self.available = shutil.which("nvidia-smi") is not None and torch.cuda.is_available()
+        super().__init__(period, enabled=shutil.which("nvidia-smi") is not None and torch.cuda.is_available())
+        self.samples = []
 
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True, timeout=5, check=False).stdout
-                self.samples.append([float(v) for v in out.split()])
-            except (OSError, subprocess.SubprocessError, ValueError):
-                self.missed = getattr(self, "missed", 0) + 1  # a missed sample is fine
-            self._stop.wait(self.period)
-
-    def __enter__(self):
-        if self.available:
-            self._t = threading.Thread(target=self._run, daemon=True)
-            self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.available:
-            self._stop.set()
-            self._t.join()
+    def tick(self):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=5, check=False).stdout
+            self.samples.append([float(v) for v in out.split()])
+        except (OSError, subprocess.SubprocessError, ValueError):
+            self.missed = getattr(self, "missed", 0) + 1  # a missed sample is fine
 
     def summary(self) -> dict | None:
         if not self.samples:
@@ -80,11 +67,6 @@ class GpuSampler:
         a = np.asarray(self.samples)  # (samples, gpus)
         return {"mean_pct": round(float(a.mean()), 1), "per_gpu_mean_pct": a.mean(0).round(1).tolist(),
                 "samples": len(a)}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_video_set(src: Path, dest: Path, n_videos: int) -> list[Path]:
@@ -246,38 +228,27 @@ def phase_plain_loop(fx, videos: list[Path], dcfg: DecodeConfig, batch_size: int
             "workers": workers, "gpu": gpu.summary()}
 
 
-class ShardDiscarder:
+class ShardDiscarder(Poller):
     """With ``enabled``, deletes each shard file once its commit record exists (polling every ``period`` s),
     so a run longer than the disk holds fits (11.4 MB per clip: the single-H200 host's 64 GB disk takes
     ~3000 clips). The shards are still written in full; the page cache may drop them before they reach
     the disk. Commit records, failures and statistics stay, so the run's summary and invariant hold."""
 
     def __init__(self, store_dir: Path, enabled: bool, period: float = 0.5):
-        self.store_dir, self.enabled, self.period, self.deleted = store_dir, enabled, period, 0
-        self._stop = threading.Event()
+        super().__init__(period, enabled)
+        self.store_dir, self.deleted = store_dir, 0
 
-    def _run(self):
-        while not self._stop.wait(self.period):
-            self.sweep()
-
-    def sweep(self) -> None:
+    def tick(self) -> None:
         for commit in (self.store_dir / "commits").glob("*.json"):
             shard = self.store_dir / "shards" / f"{commit.stem}.parquet"
             if shard.exists():
                 shard.unlink()
                 self.deleted += 1
 
-    def __enter__(self):
-        if self.enabled:
-            self._t = threading.Thread(target=self._run, daemon=True)
-            self._t.start()
-        return self
-
     def __exit__(self, *exc):
+        super().__exit__(*exc)
         if self.enabled:
-            self._stop.set()
-            self._t.join()
-            self.sweep()
+            self.tick()  # the shards committed since the last poll
             print(f"[bench] --discard-shards: {self.deleted} committed shards deleted", flush=True)
 
 

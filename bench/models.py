@@ -31,32 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from bench.common import cosine, seconds_per_call
 from pipeline import backbones as bb
 from pipeline import rewrites as rw
 from pipeline.config import DecodeConfig, ModelsConfig
 
+DEVICE = torch.device("cuda")  # this benchmark runs on CUDA only
 SDPA_BACKENDS = ("cudnn", "flash", "efficient")  # models.attention values timed (math: far slower)
-
-
-def timed(fn, iters: int, warmup: int = 2) -> float:
-    """clips/s-free: seconds per call (median of ``iters``, CUDA-synchronised)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    c = F.cosine_similarity(a.float(), b.float(), dim=-1)
-    return round(float(c.mean()), 5), round(float(c.min()), 5)
 
 
 def _caller(fx: bb.FeatureExtractor, name: str, x: torch.Tensor, *, autocast: bool = False,
@@ -77,7 +59,7 @@ def bench_model(fx: bb.FeatureExtractor, name: str, x: torch.Tensor, args) -> di
 
     def measure(label, fn):
         try:
-            s = timed(fn, args.iters)
+            s = seconds_per_call(fn, DEVICE, args.iters)
             outs[label] = fn()
             res[label] = {"clips_per_s": round(args.batch_size / s, 2), "ms_per_batch": round(s * 1e3, 2)}
         except Exception as e:  # noqa: BLE001 -- a backend that does not apply is reported, not fatal
@@ -109,7 +91,7 @@ def bench_model(fx: bb.FeatureExtractor, name: str, x: torch.Tensor, args) -> di
         measure(f"compile({best})", fn)
     ref = outs["autocast"]
     for k, o in outs.items():
-        res[k]["cos_vs_autocast_mean_min"] = cosine(o, ref)
+        res[k]["cos_vs_autocast_mean_min"] = cosine(o, ref, digits=5)
         res[k]["x_autocast"] = round(res[k]["clips_per_s"] / res["autocast"]["clips_per_s"], 3)
     res["best_eager"] = best
     return res
@@ -131,9 +113,9 @@ def bench_fp8(fx: bb.FeatureExtractor, name: str, x: torch.Tensor, args) -> dict
         outs[variant] = fn()
         torch.cuda.synchronize()
         first_s = round(time.perf_counter() - t0, 1)
-        s = timed(fn, args.iters)
+        s = seconds_per_call(fn, DEVICE, args.iters)
         res[variant] = {"clips_per_s": round(args.batch_size / s, 2), "ms_per_batch": round(s * 1e3, 2),
-                        "first_call_s": first_s, "cos_vs_bf16_mean_min": cosine(outs[variant], outs["bf16"])}
+                        "first_call_s": first_s, "cos_vs_bf16_mean_min": cosine(outs[variant], outs["bf16"], digits=5)}
         res[variant]["x_bf16"] = round(res[variant]["clips_per_s"] / res["bf16"]["clips_per_s"], 3)
         print(f"[models] {name} {variant}: {res[variant]}", flush=True)
         del model

@@ -40,11 +40,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.common import cosine, seconds_per_call, sync
 from pipeline import backbones as bb
 from pipeline import rewrites as rw
 from pipeline.config import ModelsConfig
@@ -65,29 +64,6 @@ def category(kernel: str) -> str:
         if re.search(pattern, kernel, re.IGNORECASE):
             return cat
     return "other"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def seconds_per_call(fn, device: torch.device, iters: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    c = F.cosine_similarity(a.float().flatten(0, -2), b.float().flatten(0, -2), dim=-1)
-    return round(float(c.mean()), 6), round(float(c.min()), 6)
 
 
 def flops_per_call(fn) -> dict[str, int]:
