@@ -268,8 +268,8 @@ def phase_pipeline(video_dir: Path, workdir: Path, args, models: ModelsConfig, d
                     "model_actors": args.num_gpus if torch.cuda.is_available() else 1,
                     **({} if args.actor_concurrency is None else {"actor_concurrency": args.actor_concurrency}),
                     "write_in_actor": args.write_in_actor, "decoders": args.decoders,
-                    "out_dtype": "float16",
-                    "log_stats": True},
+                    "out_dtype": "float16", "log_stats": True,
+                    **({} if args.compile_cache is None else {"compile_cache": args.compile_cache})},
     })
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Ray workers of a local cluster inherit the driver's environment: make the project importable
@@ -329,6 +329,8 @@ def main(argv=None) -> dict:
     p.add_argument("--keep-store", action="store_true")
     p.add_argument("--discard-shards", action="store_true", help="delete each shard once committed (runs "
                    "longer than the disk holds; the writes still happen)")
+    p.add_argument("--compile-cache", default=None, help="extract.compile_cache of the pipeline phase (default: "
+                   "under its fresh store, so empty every run); a fixed directory measures a fresh worker's warm start")
     p.add_argument("--out", type=Path, default=None, help="JSON results (default <workdir>/results.json)")
     args = p.parse_args(argv)
     phases = [s.strip() for s in args.phases.split(",") if s.strip()]

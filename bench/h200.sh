@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind bench/RESULTS.md, one step per argument, on the device host from the
 # repo root, after `source .gpu-bundle/gpu-env.sh .gpu-bundle [--mamba]`:
-#   OUT=/tmp/out bash bench/h200.sh tests profile extract converters pipeline-long   (one H200: GPU 0, 16 cores)
+#   OUT=/tmp/out bash bench/h200.sh tests profile extract converters pipeline-long cold-start   (one H200: GPU 0, 16 cores)
 #   OUT=/tmp/out bash bench/h200.sh models decode-types disk scaling   (model variants; 2 GPUs, 32 cores)
 # Videos: VIDEOS (default .bench-videos: 10 s h264 loops of the sample videos at 360p/720p and
 # the original 640x272 bikes clip, made here by `bash bench/make_videos.sh`); VIDEO_SET=low keeps the sources <= 360p
@@ -58,6 +58,15 @@ for what in "$@"; do case $what in
     step pipeline-long "${one_gpu[@]}" python bench/extract.py --videos "$VIDEOS" --clips "${LCLIPS:-16384}" \
       --clips-per-video 4 --batch-size 32 --cpus 16 --phases pipeline --discard-shards --workdir "$WORK-l" \
       --out "$OUT/pipeline-long.json" "${extra[@]}" ;;
+  cold-start)  # start-up of a fresh worker (empty local inductor cache, as a new pod): the compile cache in
+    # storage empty (compiles cold, saves), then loaded by the second run; SCLIPS clips each (default 1024)
+    rm -rf "$WORK-c"
+    for run in cold loaded; do
+      step "cold-start-$run" env TORCHINDUCTOR_CACHE_DIR="$WORK-c/inductor-$run" "${one_gpu[@]}" python bench/extract.py \
+        --videos "$VIDEOS" --clips "${SCLIPS:-1024}" --clips-per-video 4 --batch-size 32 --cpus 16 --phases pipeline \
+        --compile-cache "$WORK-c/compile-cache" --workdir "$WORK-c" --out "$OUT/cold-start-$run.json" "${extra[@]}"
+      grep -h "model actor\] ready" "$OUT/cold-start-$run.log"
+    done ;;
   models)  # model-side variants (autocast / bf16 / cached RoPE / SDPA backends / compile), GPU 0
     step models "${one_gpu[@]}" python bench/models.py --videos "$VIDEOS" --batch-size 32 --iters 10 \
       --out "$OUT/models.json" ;;

@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from pipeline.compile_cache import CompileCache, cache_key, graphs_compiled
 from pipeline.config import ExtractConfig, JobConfig, ModelsConfig
 from pipeline.featurestore import SQ_PREFIX, SUM_PREFIX, FeatureStore, tensor_to_binary
 from pipeline.storage import Storage
@@ -141,6 +142,15 @@ class CallTimes:
                 f"ms per call: {per}; busy {self.sums['call'] / (wall * self.concurrency):.2f}")
 
 
+def _save_note(cache: CompileCache) -> str:
+    """Save the compile cache; a storage error costs the next worker a cold compile, never this job."""
+    try:
+        n = cache.save()
+    except Exception as e:  # noqa: BLE001
+        return f"not saved ({type(e).__name__}: {e})"
+    return f"saved {n / 1e6:.1f} MB to {cache.url}" if n else "nothing compiled to save"
+
+
 class ModelActor:
     """Holds the four backbones; clip batch -> Arrow table of raw-bytes features + channel sums.
 
@@ -148,14 +158,16 @@ class ModelActor:
     its own CUDA stream and pinned staging buffers, so copies and compute of different batches overlap.
     ``log_every`` > 0 prints where the calls spend their time (``CallTimes``) every that many calls.
     ``store``: write each batch as one committed shard here and return its commit row (``ShardWriter``'s
-    output) instead of the features table.
+    output) instead of the features table. ``compile_cache``: where torch.compile's portable cache lives
+    (``pipeline.compile_cache``): loaded before the warm-up batch, saved after it unless the load covered it.
     """
 
     def __init__(self, *, models: dict, out_dtype: str, storage_options: dict | None = None,
                  warmup_shape: tuple[int, ...] | None = None, log_every: int = 0, concurrency: int = 1,
-                 store: FeatureStore | None = None):
+                 store: FeatureStore | None = None, compile_cache: Storage | None = None):
         t0 = time.perf_counter()
         from pipeline.backbones import FeatureExtractor
+        t_imports = time.perf_counter()
         cfg = ModelsConfig.model_validate(models)
         self.fx = FeatureExtractor(cfg, storage_options=storage_options)
         t_models = time.perf_counter()
@@ -168,14 +180,25 @@ class ModelActor:
         self.pad_to = warmup_shape[0] if self.cuda and warmup_shape and self.fx.compiled else None
         self.times = CallTimes(log_every, concurrency)
         self.writer = ShardWriter(store=store) if store is not None else None
+        cache_note = ""
         if self.cuda and warmup_shape:
+            cache = (CompileCache(compile_cache, cache_key(models, warmup_shape, self.device))
+                     if compile_cache is not None and self.fx.compiled else None)
+            loaded, cache_note = cache.load() if cache else (False, "")
+            compiled_before = graphs_compiled()
             # one batch before the concurrent calls start: torch.compile traces once (never while another
             # thread runs the models), cuDNN/cuBLAS pick their kernels
             self.features(np.zeros(warmup_shape, np.uint8))
-        if log_every:  # start-up is what a short run's overall rate pays for: say where it goes
+            missed = graphs_compiled() - compiled_before
+            if cache and loaded and missed:
+                cache_note += f", yet {missed} graph(s) compiled"
+            if cache and (missed or not loaded):
+                cache_note += "; " + _save_note(cache)
+        if log_every or cache_note:  # start-up is what a short run's overall rate pays for: say where it goes
             now = time.perf_counter()
-            print(f"[model actor] ready in {now - t0:.1f} s: imports + models {t_models - t0:.1f} s, "
-                  f"warm-up {now - t_models:.1f} s", flush=True)
+            print(f"[model actor] ready in {now - t0:.1f} s: imports {t_imports - t0:.1f} s, models "
+                  f"{t_models - t_imports:.1f} s, warm-up {now - t_models:.1f} s"
+                  + (f"; compile cache: {cache_note}" if cache_note else ""), flush=True)
 
     def _input_buffer(self, shape: tuple) -> torch.Tensor:
         """This thread's uint8 host buffer for input frames (pinned on CUDA, so the copy to the device
@@ -320,7 +343,18 @@ def _decode_memory(job: JobConfig) -> int:
     return 640 * 2**20 + (videos_per_decode_task(job) + 2) * cpv * _clip_bytes(job)
 
 
-def build_pipeline(job: JobConfig, store: FeatureStore, pending: list[dict], res: dict):
+def compile_cache_storage(job: JobConfig, storage: Storage) -> Storage | None:
+    """``extract.compile_cache`` resolved: under the job's storage, or a URL / absolute path of its own."""
+    where = job.extract.compile_cache
+    if not where:
+        return None
+    if "://" in where or where.startswith("/"):
+        return Storage(where, job.storage.options)
+    return storage.child(where)
+
+
+def build_pipeline(job: JobConfig, store: FeatureStore, pending: list[dict], res: dict, *,
+                   compile_cache: Storage | None = None):
     """The Ray Data pipeline, top to bottom; returns a Dataset of commit rows."""
     import ray.data
 
@@ -354,7 +388,7 @@ def build_pipeline(job: JobConfig, store: FeatureStore, pending: list[dict], res
                      fn_constructor_kwargs={"models": job.models.model_dump(), "out_dtype": ec.out_dtype,
                                             "storage_options": job.sources.storage_options or None,
                                             "log_every": 16 if ec.log_stats else 0, "concurrency": concurrency,
-                                            **in_actor,
+                                            "compile_cache": compile_cache, **in_actor,
                                             "warmup_shape": (ec.batch_size, job.decode.window,
                                                              job.decode.short_side, job.decode.short_side, 3)},
                      compute=ray.data.ActorPoolStrategy(size=res["model_actors"],
@@ -408,7 +442,7 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
               + ("shards written by the model actors" if ec.write_in_actor else f"{res['writers']} writer(s)"),
               flush=True)
         t_start = time.perf_counter()
-        ds = build_pipeline(job, store, pending, res)
+        ds = build_pipeline(job, store, pending, res, compile_cache=compile_cache_storage(job, storage))
         for row in ds.iter_rows():
             clips, nbytes, shards = clips + int(row["rows"]), nbytes + int(row["bytes"]), shards + 1
             dt = time.perf_counter() - t_start
