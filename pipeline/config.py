@@ -117,7 +117,9 @@ class ExtractConfig(_Strict):
     batch_size: int = Field(32, ge=1)
     model_actors: int | None = Field(None, ge=1, description="None: one per GPU (one on CPU)")
     gpus_per_actor: float = Field(1.0, ge=0.0)
-    cpus_per_actor: float = Field(1.0, ge=0.0)
+    cpus_per_actor: float = Field(1.0, ge=0.0, description="kept out of the decode pool for the actor's host "
+                                  "work (input copies, output tables): on a decode-bound source, 16 decoders beside "
+                                  "the actor on 16 cores gave 0.89x the 15 of this default (H200, bench/RESULTS.md)")
     cpus_per_decoder: float = Field(1.0, gt=0.0)
     decoders: int | None = Field(None, ge=1, description="None: sized to the cluster's CPUs")
     videos_per_decode_task: int | None = Field(
