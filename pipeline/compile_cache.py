@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,8 +44,9 @@ def graphs_compiled() -> int:
 
 
 class CompileCache:
-    """One cache entry, ``<storage>/<key>.bin``; ``load()`` before the first compiled call, ``save()`` after
-    it when nothing was loaded or the call still compiled graphs (``graphs_compiled``)."""
+    """One cache entry, ``<storage>/<key>.bin``. ``warm_up(first_call)`` is the whole policy: ``load()``
+    before the first compiled call, ``save()`` after it when nothing was loaded or the call still
+    compiled graphs (``graphs_compiled``)."""
 
     def __init__(self, storage: Storage, key: str):
         self.storage, self.name = storage, f"{key}.bin"
@@ -82,3 +84,20 @@ class CompileCache:
         self.storage.write_bytes(tmp, data)
         self.storage.fs.mv(self.storage.path(tmp), self.storage.path(self.name))
         return len(data)
+
+    def warm_up(self, first_call: Callable[[], Any]) -> str:
+        """Load, run ``first_call`` (the call that compiles), save when it was not covered; returns what
+        happened, for the start-up log. Storage errors on either side cost a cold compile, never the caller."""
+        loaded, note = self.load()
+        compiled_before = graphs_compiled()
+        first_call()
+        missed = graphs_compiled() - compiled_before
+        if loaded and missed:
+            note += f", yet {missed} graph(s) compiled"
+        if missed or not loaded:
+            try:
+                n = self.save()
+            except Exception as e:  # noqa: BLE001
+                return f"{note}; not saved ({type(e).__name__}: {e})"
+            note += f"; saved {n / 1e6:.1f} MB to {self.url}" if n else "; nothing compiled to save"
+        return note

@@ -26,6 +26,7 @@ fill one model batch, so the batch reaches the actor as one zero-copy block of t
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from typing import Any
@@ -34,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.compile_cache import CompileCache, cache_key, graphs_compiled
+from pipeline.compile_cache import CompileCache, cache_key
 from pipeline.config import ExtractConfig, JobConfig, ModelsConfig
 from pipeline.featurestore import SQ_PREFIX, SUM_PREFIX, FeatureStore, tensor_to_binary
 from pipeline.storage import Storage
@@ -142,15 +143,6 @@ class CallTimes:
                 f"ms per call: {per}; busy {self.sums['call'] / (wall * self.concurrency):.2f}")
 
 
-def _save_note(cache: CompileCache) -> str:
-    """Save the compile cache; a storage error costs the next worker a cold compile, never this job."""
-    try:
-        n = cache.save()
-    except Exception as e:  # noqa: BLE001
-        return f"not saved ({type(e).__name__}: {e})"
-    return f"saved {n / 1e6:.1f} MB to {cache.url}" if n else "nothing compiled to save"
-
-
 class ModelActor:
     """Holds the four backbones; clip batch -> Arrow table of raw-bytes features + channel sums.
 
@@ -159,7 +151,8 @@ class ModelActor:
     ``log_every`` > 0 prints where the calls spend their time (``CallTimes``) every that many calls.
     ``store``: write each batch as one committed shard here and return its commit row (``ShardWriter``'s
     output) instead of the features table. ``compile_cache``: where torch.compile's portable cache lives
-    (``pipeline.compile_cache``): loaded before the warm-up batch, saved after it unless the load covered it.
+    (``pipeline.compile_cache``): loaded before the warm-up batch, saved after it unless the load covered it
+    (``CompileCache.warm_up``).
     """
 
     def __init__(self, *, models: dict, out_dtype: str, storage_options: dict | None = None,
@@ -182,18 +175,13 @@ class ModelActor:
         self.writer = ShardWriter(store=store) if store is not None else None
         cache_note = ""
         if self.cuda and warmup_shape:
-            cache = (CompileCache(compile_cache, cache_key(models, warmup_shape, self.device))
-                     if compile_cache is not None and self.fx.compiled else None)
-            loaded, cache_note = cache.load() if cache else (False, "")
-            compiled_before = graphs_compiled()
             # one batch before the concurrent calls start: torch.compile traces once (never while another
             # thread runs the models), cuDNN/cuBLAS pick their kernels
-            self.features(np.zeros(warmup_shape, np.uint8))
-            missed = graphs_compiled() - compiled_before
-            if cache and loaded and missed:
-                cache_note += f", yet {missed} graph(s) compiled"
-            if cache and (missed or not loaded):
-                cache_note += "; " + _save_note(cache)
+            warm_up = functools.partial(self.features, np.zeros(warmup_shape, np.uint8))
+            if compile_cache is not None and self.fx.compiled:
+                cache_note = CompileCache(compile_cache, cache_key(models, warmup_shape, self.device)).warm_up(warm_up)
+            else:
+                warm_up()
         if log_every or cache_note:  # start-up is what a short run's overall rate pays for: say where it goes
             now = time.perf_counter()
             print(f"[model actor] ready in {now - t0:.1f} s: imports {t_imports - t0:.1f} s, models "
