@@ -18,7 +18,6 @@ whole column as ONE numpy view of the Arrow data buffer (15x faster to decode, s
 """
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import posixpath
@@ -33,20 +32,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.storage import Storage
+from pipeline.dtypes import RAW_NUMPY_DTYPES, TORCH_DTYPES
+from pipeline.storage import Storage, utc_now
 from tokconv.targets import TargetSpec, specs_from_dict, specs_to_dict
 
 ID_COLUMNS = ("video_id", "clip_index", "label_index", "split")
 SUM_PREFIX = "_sum:"   # optional per-row float64 channel sums (B, dim) computed upstream (on the GPU)
 SQ_PREFIX = "_sq:"     # optional per-row float64 channel sums of squares (B, dim)
-
-# storage dtype name -> (numpy dtype of the raw bytes, torch dtype it is viewed as)
-_DTYPES = {
-    "float16": (np.float16, torch.float16),
-    "bfloat16": (np.uint16, torch.bfloat16),  # numpy has no bfloat16: bytes as uint16, viewed in torch
-    "float32": (np.float32, torch.float32),
-    "float64": (np.float64, torch.float64),
-}
 
 
 def _dtype_name(x) -> str:
@@ -77,7 +69,7 @@ def binary_to_numpy(col, shape: tuple[int, ...], dtype: str) -> np.ndarray:
     (a chunked column is combined first). A numpy object array of ``bytes`` (Ray's numpy batch
     format) costs one join.
     """
-    np_dtype = _DTYPES[dtype][0]
+    np_dtype = RAW_NUMPY_DTYPES[dtype]
     if isinstance(col, np.ndarray):  # object array of bytes
         n = len(col)
         flat = np.frombuffer(b"".join(col.tolist()), dtype=np_dtype) if n else np.empty(0, np_dtype)
@@ -102,7 +94,7 @@ def binary_to_numpy(col, shape: tuple[int, ...], dtype: str) -> np.ndarray:
 
 def numpy_to_torch(arr: np.ndarray, dtype: str) -> torch.Tensor:
     """(B, *shape) numpy view of raw bytes -> torch tensor sharing its memory (read-only buffers too)."""
-    tdt = torch.int16 if dtype == "bfloat16" else _DTYPES[dtype][1]
+    tdt = torch.int16 if dtype == "bfloat16" else TORCH_DTYPES[dtype]
     if arr.size == 0:
         t = torch.empty(arr.shape, dtype=tdt)
     else:
@@ -127,8 +119,15 @@ def channel_sums(x, chunk: int = 8) -> tuple[np.ndarray, np.ndarray]:
     return s, q
 
 
-def _utcnow() -> str:
-    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def id_columns(batch: Mapping[str, Any]) -> dict[str, pa.Array]:
+    """A batch dict's id columns as Arrow arrays (video_id, split: strings; the indices: int32)."""
+    for k in ID_COLUMNS:
+        if k not in batch:
+            raise KeyError(f"feature batch lacks column {k!r}; has {sorted(batch)}")
+    return {"video_id": pa.array(np.asarray(batch["video_id"]).astype(str), pa.string()),
+            "clip_index": pa.array(np.asarray(batch["clip_index"], dtype=np.int32)),
+            "label_index": pa.array(np.asarray(batch["label_index"], dtype=np.int32)),
+            "split": pa.array(np.asarray(batch["split"]).astype(str), pa.string())}
 
 
 class FeatureStore:
@@ -160,7 +159,7 @@ class FeatureStore:
             "specs": specs_to_dict(dict(specs)),
             "class_names": list(class_names),
             "sources": sources or {},
-            "updated": _utcnow(),
+            "updated": utc_now(),
             **(extra or {}),
         }
         self.storage.write_json("meta.json", meta)
@@ -175,9 +174,6 @@ class FeatureStore:
     def specs(self) -> dict[str, TargetSpec]:
         return specs_from_dict(self.read_meta()["specs"])
 
-    def tensor_names(self) -> list[str]:
-        return list(self.read_meta()["tensors"])
-
     # ---------------------------------------------------------------- writes
     def encode(self, batch: Mapping[str, Any] | pa.Table, tensors: list[str] | None = None) -> pa.Table:
         """Batch dict {ids..., name: (B, tokens, dim) array/tensor} -> Arrow table in the store format.
@@ -187,14 +183,7 @@ class FeatureStore:
         """
         if isinstance(batch, pa.Table):
             return batch
-        cols, meta = {}, {}
-        for k in ID_COLUMNS:
-            if k not in batch:
-                raise KeyError(f"feature batch lacks column {k!r}; has {sorted(batch)}")
-        cols["video_id"] = pa.array(np.asarray(batch["video_id"]).astype(str), pa.string())
-        cols["clip_index"] = pa.array(np.asarray(batch["clip_index"], dtype=np.int32))
-        cols["label_index"] = pa.array(np.asarray(batch["label_index"], dtype=np.int32))
-        cols["split"] = pa.array(np.asarray(batch["split"]).astype(str), pa.string())
+        cols, meta = id_columns(batch), {}
         names = tensors if tensors is not None else [k for k in batch if k not in ID_COLUMNS]
         for k in names:
             x = batch[k]
@@ -263,7 +252,7 @@ class FeatureStore:
         record = {
             "shard": shard_id, "path": f"shards/{shard_id}.parquet", "rows": table.num_rows, "bytes": nbytes,
             "clips": [[v, c] for v, c in zip(vids, clips)], "tensors": layout, "sums": sums,
-            "committed": _utcnow(),
+            "committed": utc_now(),
         }
         self.storage.write_json(f"commits/{shard_id}.json", record)
         return {k: record[k] for k in ("shard", "path", "rows", "bytes")}
@@ -273,7 +262,7 @@ class FeatureStore:
         vid = record["video_id"]
         self.storage.write_json(f"failed/{vid}.json", {
             "video_id": vid, "path": record.get("path"), "label": record.get("label"),
-            "reason": str(reason), "time": _utcnow()})
+            "reason": str(reason), "time": utc_now()})
 
     def clear_failure(self, video_id: str) -> None:
         p = self.storage.path("failed", f"{video_id}.json")

@@ -2,6 +2,7 @@
 (s3fs; pass ``endpoint_url`` in ``options`` for MinIO or another S3-compatible store)."""
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import os
 import posixpath
@@ -9,6 +10,18 @@ from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
+
+
+def is_remote(url: str) -> bool:
+    """True for a URL fsspec fetches from elsewhere (``s3://``, ``memory://``...); False for a local
+    path or a ``file://`` URL."""
+    return "://" in url and not url.startswith("file://")
+
+
+def utc_now(*, basic: bool = False) -> str:
+    """The current UTC time to the second, ISO 8601: ``2026-12-02T10:00:00Z`` (records), or the
+    basic form ``20261202T100000Z`` (names of versions and runs: no colons)."""
+    return _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ" if basic else "%Y-%m-%dT%H:%M:%SZ")
 
 
 def _s3fs_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -63,23 +76,27 @@ class Storage:
         return Storage(self.url(*parts), self.options)
 
     def download(self, rel: str, dest: str, *, recursive: bool = False) -> str:
-        """Copy the files directly under ``rel`` ("" = the root) into local directory ``dest``, and its
-        subdirectories too when ``recursive``; returns ``dest``. FileNotFoundError if ``rel`` is no directory."""
+        """Copy the files directly under ``rel`` ("" = the root) into local directory ``dest``, and
+        its subdirectories too when ``recursive``; returns ``dest``. FileNotFoundError if ``rel`` is
+        no directory."""
         src = self.path(rel) if rel else self.path()
         if not self.fs.isdir(src):
-            raise FileNotFoundError(f"{self.url(rel) if rel else self.url()} is not a directory")
+            where = self.url(rel) if rel else self.url()
+            raise FileNotFoundError(f"{where} is not a directory")
         os.makedirs(dest, exist_ok=True)
         if recursive:
             self.fs.get(src.rstrip("/") + "/", dest.rstrip("/") + "/", recursive=True)
             return dest
         for info in self.fs.ls(src, detail=True):
             if info["type"] == "file":
-                self.fs.get_file(info["name"], os.path.join(dest, posixpath.basename(info["name"].rstrip("/"))))
+                name = posixpath.basename(info["name"].rstrip("/"))
+                self.fs.get_file(info["name"], os.path.join(dest, name))
         return dest
 
     def pyarrow_filesystem(self):
         """This storage as a pyarrow filesystem (Ray Data readers, Ray Train's storage_filesystem):
-        pyarrow's own for local paths, the fsspec one (endpoint/options included) wrapped otherwise."""
+        pyarrow's own for local paths, the fsspec one (endpoint/options included) wrapped
+        otherwise."""
         import pyarrow.fs as pafs
         if self.protocol == "file":
             return pafs.LocalFileSystem()
@@ -112,9 +129,10 @@ class Storage:
     def ls(self, rel: str = "") -> list[str]:
         """Names (not paths) directly under ``rel``; [] when it does not exist."""
         try:
-            return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.path(rel), detail=False))
+            paths = self.fs.ls(self.path(rel), detail=False)
         except FileNotFoundError:
             return []
+        return sorted(posixpath.basename(p.rstrip("/")) for p in paths)
 
     def __getstate__(self):
         return {"root_url": self.root_url, "options": self.options, "_fs": None}
