@@ -9,9 +9,11 @@ import argparse
 import importlib
 import json
 import os
+import posixpath
 import sys
 import time
 
+from .artifacts import job_run_dir
 from .config import STAGES, ConfigError, JobConfig, load_job
 from .storage import Storage
 
@@ -30,7 +32,8 @@ def _parse_stages(text: str | None) -> list[str] | None:
     stages = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
-        raise ConfigError(f"--stages: unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGES)}")
+        raise ConfigError(f"--stages: unknown stage(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(STAGES)}")
     return [s for s in STAGES if s in stages]
 
 
@@ -69,7 +72,8 @@ def run_job(job: JobConfig, stages: list[str] | None = None) -> dict:
             summary = dict(summary or {}, seconds=round(time.perf_counter() - t0, 2))
             results[stage] = summary
             print(f"=== {stage} done in {summary['seconds']:.1f}s ===", flush=True)
-        storage.write_json(f"runs/{job.name}/summary.json", {"job": job.name, "stages": results})
+        storage.write_json(posixpath.join(job_run_dir(job.name), "summary.json"),
+                           {"job": job.name, "stages": results})
     finally:
         if started_ray:
             import ray
@@ -85,7 +89,7 @@ def _print_outcome(job: JobConfig, results: dict) -> None:
         "feature store": results.get("extract", {}).get("store_url"),
         "metrics": results.get("evaluate", {}).get("metrics_url"),
         "exported model": results.get("export", {}).get("uri"),
-        "job summary": storage.url("runs", job.name, "summary.json"),
+        "job summary": storage.url(job_run_dir(job.name), "summary.json"),
     }
     for what, url in where.items():
         if url:
@@ -100,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("job", help="job YAML (e.g. jobs/smoke.yaml)")
     run.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.epochs=3")
     run.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)}")
-    run.add_argument("--print-config", action="store_true", help="print the validated config and exit")
+    run.add_argument("--print-config", action="store_true",
+                     help="print the validated config and exit")
     # Overrides may come after options too (`job.yaml --print-config a.b=1`, as a shebang runs it).
     args, extra = parser.parse_known_args(argv)
     unknown = [e for e in extra if e.startswith("-") or "=" not in e]

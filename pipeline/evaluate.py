@@ -1,7 +1,9 @@
 """Evaluate stage: fidelity of the trained converter per teacher target, head accuracy, and cost.
 
 Reads the checkpoint named by ``runs/<job>/train.json`` and the held-out split of the feature
-store (plain pyarrow reader, no Ray). Writes under the storage root::
+store (plain pyarrow reader, no Ray). ``run_evaluate(job, storage)`` (the CLI's entry) unpacks the
+job into ``evaluate_stage(cfg: EvaluateConfig, storage, *, store: FeatureStore, registry:
+ModelRegistry, run_dir: "runs/<job>")``. Writes under the storage root::
 
     runs/<job>/eval/metrics.json          metrics (below)
     runs/<job>/eval/sample.safetensors    reference I/O: "student" (k, N, Ds) input, "out.<target>"
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 import posixpath
 import statistics
 import tempfile
@@ -28,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import JobConfig
+from .artifacts import EVAL_DIR, ModelRegistry, job_run_dir, load_trained, stats_tensors
+from .config import EvaluateConfig, JobConfig
 from .featurestore import FeatureStore
 from .storage import Storage
-from .train import load_trained, stats_tensors
 
 SAMPLE_CLIPS = 2
 
@@ -54,8 +55,8 @@ class FidelityMeter:
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         if pred.shape != target.shape or pred.shape[-1] != self.dim:
-            raise ValueError(f"FidelityMeter: pred {tuple(pred.shape)} vs target {tuple(target.shape)} "
-                             f"(dim {self.dim})")
+            raise ValueError(f"FidelityMeter: pred {tuple(pred.shape)} vs target "
+                             f"{tuple(target.shape)} (dim {self.dim})")
         p, t = pred.detach().double().cpu(), target.detach().double().cpu()
         self.cos_sum += F.cosine_similarity(p, t, dim=-1).mean(dim=1).sum().item()
         self.clips += p.shape[0]
@@ -115,7 +116,8 @@ def latency_ms(converter: nn.Module, student_shape: tuple[int, int], repeats: in
     return statistics.median(times)
 
 
-def evaluate_model(converter: nn.Module, head: nn.Module | None, batches: Iterable[dict[str, torch.Tensor]],
+def evaluate_model(converter: nn.Module, head: nn.Module | None,
+                   batches: Iterable[dict[str, torch.Tensor]],
                    *, mean: dict[str, torch.Tensor], std: dict[str, torch.Tensor],
                    device: str | torch.device = "cpu", output_map=None) -> tuple[dict, dict]:
     """Run ``converter`` (+ ``head``) over ``batches`` ({"student": (B,N,Ds), <target>: (B,Nt,Dt),
@@ -125,7 +127,8 @@ def evaluate_model(converter: nn.Module, head: nn.Module | None, batches: Iterab
     fidelity metrics only (a model trained on other store stats); the head sees the raw outputs."""
     from tokconv.losses import standardize
     device = torch.device(device)
-    cpu_models = (copy.deepcopy(converter).cpu().eval(), copy.deepcopy(head).cpu().eval() if head else None)
+    cpu_models = (copy.deepcopy(converter).cpu().eval(),
+                  copy.deepcopy(head).cpu().eval() if head else None)
     converter = converter.to(device).eval()
     if head is not None:
         head = head.to(device).eval()
@@ -179,39 +182,30 @@ def tensor_digest(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def evaluate_latest(job: JobConfig, storage: Storage, store: FeatureStore, *, mean, std,
+def evaluate_latest(cfg: EvaluateConfig, store: FeatureStore, registry: ModelRegistry, *, mean, std,
                     device: str) -> dict[str, Any] | None:
-    """Evaluate the current exported ``latest`` model on the same split, so export compares both
+    """Evaluate the registry's current ``latest`` model on the same split, so export compares both
     on today's data. Its outputs are mapped from its own standardisation (exported with it) into
     the store's current one. None when nothing is exported; {"version", "skipped"} when its token
     layouts differ from the store's."""
-    from safetensors.torch import load_file
-
-    from tokconv.io import load_converter, load_head
     from tokconv.losses import destandardize, standardize
 
-    from .export import download_model
-
-    name = job.export.model_name
-    latest = storage.read_json(f"models/{name}/latest.json", default=None)
-    if not latest:
+    latest = registry.latest()
+    if latest is None:
         return None
-    version = latest["version"]
-    with tempfile.TemporaryDirectory() as d:
-        download_model(storage, name, version, d)
-        conv = load_converter(d)
-        head = load_head(d) if os.path.exists(os.path.join(d, "head.json")) else None
-        old = load_file(os.path.join(d, "standardization.safetensors"))
+    model = registry.load(latest["version"])
+    conv, head = model.converter, model.head
     specs = {k: v.to_dict() for k, v in store.specs().items()}
-    if {"student": conv.config["student"], **conv.config["targets"]} != {k: specs.get(k) for k in
-                                                                          ["student", *conv.config["targets"]]} \
-            or set(conv.config["targets"]) != set(mean):
-        return {"version": version, "skipped": "its token layouts differ from the feature store's"}
-    if head is not None and head.config["num_classes"] != len(store.read_meta().get("class_names", [])):
+    layouts = {"student": conv.config["student"], **conv.config["targets"]}
+    if layouts != {k: specs.get(k) for k in layouts} or set(conv.config["targets"]) != set(mean):
+        return {"version": model.version,
+                "skipped": "its token layouts differ from the feature store's"}
+    n_classes = len(store.read_meta().get("class_names", []))
+    if head is not None and head.config["num_classes"] != n_classes:
         head = None  # other classes: fidelity only
     dev = torch.device(device)
-    old_mean = {t: old[f"{t}.mean"].to(dev) for t in mean}
-    old_std = {t: old[f"{t}.std"].to(dev) for t in mean}
+    old_mean = {t: model.mean[t].to(dev) for t in mean}
+    old_std = {t: model.std[t].to(dev) for t in mean}
     cur_mean = {t: v.to(dev) for t, v in mean.items()}
     cur_std = {t: v.to(dev) for t, v in std.items()}
 
@@ -219,25 +213,34 @@ def evaluate_latest(job: JobConfig, storage: Storage, store: FeatureStore, *, me
         return {t: standardize(destandardize(o, old_mean[t], old_std[t]), cur_mean[t], cur_std[t])
                 for t, o in out.items()}
 
-    m, _ = evaluate_model(conv, head, store.iter_torch(split=job.evaluate.split, batch_size=job.evaluate.batch_size),
-                          mean=mean, std=std, device=device, output_map=to_current)
-    return {"version": version, **m}
+    batches = store.iter_torch(split=cfg.split, batch_size=cfg.batch_size)
+    m, _ = evaluate_model(conv, head, batches, mean=mean, std=std, device=device,
+                          output_map=to_current)
+    return {"version": model.version, **m}
 
 
 def run_evaluate(job: JobConfig, storage: Storage) -> dict[str, Any]:
-    """Evaluate the trained converter + head on ``job.evaluate.split``; writes metrics.json."""
+    """The CLI's evaluate stage: ``evaluate_stage`` on the job's store, registry and run dir."""
+    return evaluate_stage(job.evaluate, storage, store=FeatureStore(storage, job.store),
+                          registry=ModelRegistry(storage, job.model_name),
+                          run_dir=job_run_dir(job.name))
+
+
+def evaluate_stage(cfg: EvaluateConfig, storage: Storage, *, store: FeatureStore,
+                   registry: ModelRegistry, run_dir: str) -> dict[str, Any]:
+    """Evaluate the checkpoint trained under ``run_dir`` on ``cfg.split`` of ``store``, beside
+    ``registry``'s current latest; writes ``<run_dir>/eval/metrics.json`` (+ sample, report)."""
     from safetensors.torch import save
 
-    store = FeatureStore(storage, job.extract.store)
     with tempfile.TemporaryDirectory() as tmp:
-        converter, head, info = load_trained(job, storage, tmp)
+        converter, head, info = load_trained(storage, run_dir, tmp)
     targets = list(converter.config["targets"])
     mean, std = stats_tensors(store.stats(), targets)
-    split = job.evaluate.split
-    batches = store.iter_torch(split=split, batch_size=job.evaluate.batch_size)
-    print(f"[evaluate] {info['converter']} on split {split!r} of store {job.extract.store!r}", flush=True)
-    want = job.evaluate.device
-    device = "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu"
+    split = cfg.split
+    batches = store.iter_torch(split=split, batch_size=cfg.batch_size)
+    print(f"[evaluate] {info['converter']} on split {split!r} of store {store.name!r}", flush=True)
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = "cuda" if use_cuda else "cpu"
     metrics, sample = evaluate_model(converter, head, batches, mean=mean, std=std, device=device)
     converter, head = converter.cpu(), head.cpu() if head is not None else None
 
@@ -252,28 +255,25 @@ def run_evaluate(job: JobConfig, storage: Storage) -> dict[str, Any]:
     }
     metrics["split"] = split
     metrics["checkpoint"] = info["checkpoint"]
-    latest = evaluate_latest(job, storage, store, mean=mean, std=std, device=device)
+    latest = evaluate_latest(cfg, store, registry, mean=mean, std=std, device=device)
     if latest is not None:
-        metrics["latest"] = latest  # the current `latest` export on this same split (export compares)
+        metrics["latest"] = latest  # the current `latest` on this same split (export compares)
         if "mean_cosine" in latest:
-            print(f"[evaluate] current latest {latest['version']}: mean cosine {latest['mean_cosine']:.4f}",
-                  flush=True)
+            print(f"[evaluate] current latest {latest['version']}: mean cosine "
+                  f"{latest['mean_cosine']:.4f}", flush=True)
     metrics["train"] = info.get("metrics", {})
 
-    base = posixpath.join("runs", job.name, "eval")
+    base = posixpath.join(run_dir, EVAL_DIR)
     storage.write_bytes(f"{base}/sample.safetensors", save(sample))
     metrics["sample"] = {"uri": storage.url(base, "sample.safetensors"),
                          "sha256": {k: tensor_digest(v) for k, v in sample.items()}}
     storage.write_json(f"{base}/metrics.json", metrics)
-    summary = {"metrics_url": storage.url(base, "metrics.json"), "mean_cosine": metrics["mean_cosine"],
-               "mean_r2": metrics["mean_r2"], "top1": metrics["top1"], "top5": metrics["top5"],
-               "clips": metrics["clips"]}
-    if job.evaluate.report_html:
+    summary = {"metrics_url": storage.url(base, "metrics.json"),
+               **{k: metrics[k] for k in ("mean_cosine", "mean_r2", "top1", "top5", "clips")}}
+    if cfg.report_html:
         from .report import write_report
-        html = write_report(metrics)
-        if html is not None:
-            storage.write_bytes(f"{base}/report.html", html.encode())
-            summary["report_url"] = storage.url(base, "report.html")
+        storage.write_bytes(f"{base}/report.html", write_report(metrics).encode())
+        summary["report_url"] = storage.url(base, "report.html")
     print(f"[evaluate] mean cosine {metrics['mean_cosine']:.4f}  mean R2 {metrics['mean_r2']:.4f}  "
           f"top1 {metrics['top1']}  -> {summary['metrics_url']}", flush=True)
     return summary
@@ -281,7 +281,9 @@ def run_evaluate(job: JobConfig, storage: Storage) -> dict[str, Any]:
 
 __all__ = [
     "FidelityMeter",
+    "evaluate_latest",
     "evaluate_model",
+    "evaluate_stage",
     "gflops_per_clip",
     "latency_ms",
     "run_evaluate",

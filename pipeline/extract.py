@@ -41,7 +41,6 @@ from pipeline.dtypes import TORCH_DTYPES
 from pipeline.featurestore import SQ_PREFIX, SUM_PREFIX, FeatureStore, id_columns, tensor_to_binary
 from pipeline.storage import Storage, is_remote
 
-
 # --------------------------------------------------------------------------------------- planning
 
 def model_specs(cfg: ModelsConfig) -> dict:

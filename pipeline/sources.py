@@ -24,9 +24,10 @@ from typing import Any
 from pipeline.config import SourcesConfig
 from pipeline.storage import Storage
 
-SPLITS = ("train", "val")
-_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val"}
-MANIFEST_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                  "validation": "val"}
+MANIFEST_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet",
+                    ".pq": "parquet"}
 
 
 def video_id(path: str) -> str:
@@ -39,19 +40,13 @@ def _unit_hash(seed: int, vid: str) -> float:
     return int(hashlib.sha1(f"{seed}:{vid}".encode()).hexdigest()[:15], 16) / 16 ** 15
 
 
-def _open_root(uri: str, options: dict[str, Any]) -> tuple[Storage, str]:
-    """(storage, scheme) for a local path, file:// URL or remote prefix."""
-    storage = Storage(uri, options)
-    return storage, storage.protocol
-
-
 def _url(storage: Storage, path: str) -> str:
     """Full URL for a filesystem path of ``storage`` (plain path for local files)."""
     return path if storage.protocol == "file" else f"{storage.protocol}://{path}"
 
 
 def _list_prefix(uri: str, cfg: SourcesConfig, options: dict[str, Any]) -> list[dict]:
-    storage, _ = _open_root(uri, options)
+    storage = Storage(uri, options)
     fs, root = storage.fs, storage.root.rstrip("/")
     fs.invalidate_cache(root)  # a long-lived process (scheduled re-runs) must see new objects
     if not fs.exists(root):
@@ -76,7 +71,7 @@ def _list_prefix(uri: str, cfg: SourcesConfig, options: dict[str, Any]) -> list[
 
 
 def _read_manifest_rows(manifest: str, options: dict[str, Any]) -> tuple[list[dict], Storage, str]:
-    storage, _ = _open_root(manifest, options)
+    storage = Storage(manifest, options)
     fs, path = storage.fs, storage.root
     fmt = MANIFEST_FORMATS.get(posixpath.splitext(path)[1].lower())
     if fmt is None:
@@ -95,7 +90,8 @@ def _read_manifest_rows(manifest: str, options: dict[str, Any]) -> tuple[list[di
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"sources.manifest: {manifest!r} line {n} is not JSON: {e}") from None
+                    raise ValueError(f"sources.manifest: {manifest!r} line {n} is not JSON: "
+                                     f"{e}") from None
     else:
         import pyarrow.parquet as pq
         rows = pq.read_table(io.BytesIO(data)).to_pylist()
@@ -108,9 +104,11 @@ def _read_manifest(manifest: str, cfg: SourcesConfig, options: dict[str, Any]) -
         raise ValueError(f"sources.manifest: {manifest!r} has no rows")
     columns = set().union(*(r.keys() for r in rows))
     if "path" not in columns:
-        raise ValueError(f"sources.manifest: {manifest!r} has no 'path' column (columns: {sorted(columns)})")
+        raise ValueError(f"sources.manifest: {manifest!r} has no 'path' column "
+                         f"(columns: {sorted(columns)})")
     if cfg.labels == "manifest" and "label" not in columns:
-        raise ValueError(f"sources.manifest: {manifest!r} has no 'label' column, but sources.labels=manifest")
+        raise ValueError(f"sources.manifest: {manifest!r} has no 'label' column, "
+                         f"but sources.labels=manifest")
     entries = []
     for n, row in enumerate(rows, 1):
         raw = str(row.get("path") or "").strip()
@@ -133,7 +131,8 @@ def _read_manifest(manifest: str, cfg: SourcesConfig, options: dict[str, Any]) -
         if split not in (None, ""):
             split_norm = _SPLIT_ALIASES.get(str(split).strip().lower())
             if split_norm is None:
-                raise ValueError(f"sources.manifest: {manifest!r} row {n} ({raw}): unknown split {split!r}; "
+                raise ValueError(f"sources.manifest: {manifest!r} row {n} ({raw}): "
+                                 f"unknown split {split!r}; "
                                  f"expected one of {sorted(_SPLIT_ALIASES)}")
             split = split_norm
         else:

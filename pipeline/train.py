@@ -1,23 +1,23 @@
 """Train stage: Ray Train ``TorchTrainer`` (DDP) fits a converter for every teacher target plus a
 residual classification head on the feature store.
 
-Layout written under the storage root::
+``run_train(job, storage)`` (the CLI's entry) unpacks the job into ``train_stage(tc: TrainConfig,
+storage, *, store: FeatureStore, registry: ModelRegistry, run_dir: "runs/<job>")``: the stage reads
+only its own sub-config. Layout written under the storage root (``pipeline.artifacts``)::
 
-    runs/<job>/train-<UTC stamp>/checkpoint_*/   Ray checkpoints: tokconv.io files + train_state.pt
+    runs/<job>/train-<UTC stamp>/checkpoint_*/   Ray checkpoints: a model directory + train_state.pt
     runs/<job>/train.json                        pointer: final checkpoint, metrics, model config
 
 Every worker streams its shard of the store with ``get_dataset_shard("train").iter_torch_batches``
 and a collate that turns the raw-bytes columns into tensors (``FeatureStore.to_torch``). The
 converter learns *standardised* teacher features (store stats); the head reads the student tokens
 and the converted (standardised) tokens. Restarts (``FailureConfig``) resume from the last
-checkpoint; ``train.warm_start`` starts from the exported ``latest`` model when its config matches.
+checkpoint; ``train.warm_start`` starts from the registry's ``latest`` when its config matches.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import os
-import posixpath
 import tempfile
 from typing import Any
 
@@ -28,11 +28,19 @@ from torch import nn
 from tokconv import create_converter
 from tokconv.targets import TargetSpec, specs_from_dict, specs_to_dict
 
-from .config import JobConfig
+from .artifacts import (
+    TRAIN_STATE,
+    ModelRegistry,
+    job_run_dir,
+    load_weights,
+    save_model_dir,
+    stats_tensors,
+    write_trained,
+)
+from .config import JobConfig, TrainConfig
 from .featurestore import FeatureStore
-from .storage import Storage
+from .storage import Storage, utc_now
 
-TRAIN_STATE = "train_state.pt"
 # worker-side progress: Ray Train's worker log handler prints each record once on the driver
 # (a plain print() there is both logged and tee'd, i.e. shown twice)
 _log = logging.getLogger(__name__)
@@ -71,13 +79,6 @@ def build_models(train_cfg, specs: dict[str, TargetSpec], num_classes: int) -> t
     return converter, head
 
 
-def stats_tensors(stats: dict, names, device=None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Store stats -> (mean, std) dicts of float32 tensors (dim,) for ``names``."""
-    mean = {k: torch.as_tensor(stats[k]["mean"], dtype=torch.float32, device=device) for k in names}
-    std = {k: torch.as_tensor(stats[k]["std"], dtype=torch.float32, device=device) for k in names}
-    return mean, std
-
-
 class _TrainModule(nn.Module):
     """Converter + head in ONE module so DDP sees one forward per step (incl. the Jacobian term).
 
@@ -104,14 +105,6 @@ class _TrainModule(nn.Module):
 
 def _unwrap(model: nn.Module) -> _TrainModule:
     return model.module if hasattr(model, "module") else model
-
-
-def save_model_dir(converter: nn.Module, head: nn.Module | None, path: str) -> None:
-    """tokconv.io layout: model.safetensors + config.json (+ head.safetensors + head.json)."""
-    from tokconv.io import save_converter, save_head
-    save_converter(converter, path)
-    if head is not None:
-        save_head(head, path)
 
 
 # ---------------------------------------------------------------- the per-worker loop
@@ -152,10 +145,10 @@ def train_loop_per_worker(config: dict) -> None:
     from tokconv.deficiency import WarmupSchedule
     from tokconv.losses import distill_loss
 
-    job = JobConfig.model_validate(config["job"])
-    tc = job.train
+    tc = TrainConfig.model_validate(config["train"])
     storage = Storage(config["storage_url"], config["storage_options"])
-    store = FeatureStore(storage, job.extract.store)
+    store = FeatureStore(storage, config["store"])
+    registry = ModelRegistry(storage, config["model_name"])
     specs = specs_from_dict(config["specs"])
     targets = list(teacher_specs(specs))
     ctx = ray.train.get_context()
@@ -178,13 +171,12 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             _log.info("[train] resumed from the checkpoint of epoch %d", start_epoch)
     elif config.get("warm_start_version"):
-        from .export import download_model
         with tempfile.TemporaryDirectory() as d:
-            download_model(storage, job.export.model_name, config["warm_start_version"], d)
-            _load_weights_from_dir(module, d)
+            registry.download(config["warm_start_version"], d)
+            load_weights(module.converter, module.head, d)
         warm_from = config["warm_start_version"]
         if rank == 0:
-            _log.info("[train] warm start from %s/%s", job.export.model_name, warm_from)
+            _log.info("[train] warm start from %s/%s", registry.name, warm_from)
 
     use_ddp = ctx.get_world_size() > 1
     model = ray.train.torch.prepare_model(
@@ -273,14 +265,6 @@ def train_loop_per_worker(config: dict) -> None:
             raise RuntimeError(f"injected failure after epoch {epoch + 1}")
 
 
-def _load_weights_from_dir(module: _TrainModule, path: str) -> None:
-    """Copy weights of an exported/checkpointed tokconv.io dir into ``module``."""
-    from tokconv.io import load_converter, load_head
-    module.converter.load_state_dict(load_converter(path).state_dict())
-    if module.head is not None and os.path.exists(os.path.join(path, "head.json")):
-        module.head.load_state_dict(load_head(path).state_dict())
-
-
 # ---------------------------------------------------------------- driver side
 
 def _same_config(a: dict, b: dict) -> bool:
@@ -288,24 +272,27 @@ def _same_config(a: dict, b: dict) -> bool:
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
-def _warm_start_version(job: JobConfig, storage: Storage, converter, head) -> str | None:
-    """The exported `latest` version whose converter/head configs equal the ones to train; else None."""
-    name = job.export.model_name
-    latest = storage.read_json(f"models/{name}/latest.json", default=None)
-    if not latest:
+def _warm_start_version(registry: ModelRegistry, converter, head) -> str | None:
+    """The registry's `latest` version whose converter/head configs equal the ones to train; else
+    None."""
+    latest = registry.latest()
+    if latest is None:
         return None
-    base = f"models/{name}/{latest['version']}"
-    conf = storage.read_json(f"{base}/config.json", default=None)
+    version = latest["version"]
+    conf = registry.read_json(version, "config.json")
     keys = ("name", "student", "targets", "kwargs")  # tokconv.io adds dtype/format_version
-    if conf is None or not _same_config({k: conf.get(k) for k in keys}, {k: converter.config.get(k) for k in keys}):
-        print(f"[train] warm start skipped: {name}/{latest['version']} has a different converter config")
+    if conf is None or not _same_config({k: conf.get(k) for k in keys},
+                                        {k: converter.config.get(k) for k in keys}):
+        print(f"[train] warm start skipped: {registry.name}/{version} has a different converter "
+              f"config")
         return None
     if head is not None:
-        hconf = storage.read_json(f"{base}/head.json", default=None)
+        hconf = registry.read_json(version, "head.json")
         if hconf is None or not _same_config(hconf.get("kwargs"), head.config):
-            print(f"[train] warm start skipped: {name}/{latest['version']} has a different head config")
+            print(f"[train] warm start skipped: {registry.name}/{version} has a different head "
+                  f"config")
             return None
-    return latest["version"]
+    return version
 
 
 def _rel(storage: Storage, path: str) -> str:
@@ -317,15 +304,23 @@ def _rel(storage: Storage, path: str) -> str:
 
 
 def run_train(job: JobConfig, storage: Storage) -> dict[str, Any]:
-    """Train converter + head with Ray Train; returns a summary with the checkpoint URL."""
+    """The CLI's train stage: ``train_stage`` on the job's store, registry and run directory."""
+    return train_stage(job.train, storage, store=FeatureStore(storage, job.store),
+                       registry=ModelRegistry(storage, job.model_name),
+                       run_dir=job_run_dir(job.name))
+
+
+def train_stage(tc: TrainConfig, storage: Storage, *, store: FeatureStore, registry: ModelRegistry,
+                run_dir: str) -> dict[str, Any]:
+    """Train converter + head with Ray Train on ``store`` (warm start from ``registry``'s latest);
+    checkpoints and the train.json pointer go under ``run_dir``. Returns a summary with the
+    checkpoint URL."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    tc = job.train
-    store = FeatureStore(storage, job.extract.store)
     specs = store.specs()
     if "student" not in specs or not teacher_specs(specs):
-        raise ValueError(f"feature store {job.extract.store!r}: needs 'student' and at least one teacher, "
+        raise ValueError(f"feature store {store.name!r}: needs 'student' and at least one teacher, "
                          f"has {sorted(specs)}")
     class_names = class_names_of(store) if tc.head.enabled else []
     stats = store.stats()
@@ -333,7 +328,7 @@ def run_train(job: JobConfig, storage: Storage) -> dict[str, Any]:
                    for k in teacher_specs(specs)}
     n_train = store.num_clips("train")  # from the commit records: no pass over the data
     if n_train == 0:
-        raise ValueError(f"feature store {job.extract.store!r} has no clips in split 'train'")
+        raise ValueError(f"feature store {store.name!r} has no clips in split 'train'")
     ds = store.read_dataset(split="train")
     store_mb = sum(r["bytes"] for r in store.commits()) / 2**20
     if store_mb <= tc.materialize_max_mb:  # small: read once, not once per epoch
@@ -342,11 +337,10 @@ def run_train(job: JobConfig, storage: Storage) -> dict[str, Any]:
     steps_per_epoch = -(-n_train // per_step)
 
     converter, head = build_models(tc, specs, len(class_names))  # driver copy: config + parameter count
-    warm = _warm_start_version(job, storage, converter, head) if tc.warm_start else None
+    warm = _warm_start_version(registry, converter, head) if tc.warm_start else None
 
-    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    run_name = f"train-{stamp}"
-    runs_dir = storage.path("runs", job.name)
+    run_name = f"train-{utc_now(basic=True)}"
+    runs_dir = storage.path(run_dir)
     storage.fs.makedirs(runs_dir, exist_ok=True)
     run_config = ray.train.RunConfig(
         name=run_name, storage_path=runs_dir,
@@ -354,13 +348,13 @@ def run_train(job: JobConfig, storage: Storage) -> dict[str, Any]:
         failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2))
     # absolute root: a relative local URL would resolve against each worker's own cwd
-    config = {"job": job.model_dump(mode="json"),
+    config = {"train": tc.model_dump(mode="json"), "store": store.name, "model_name": registry.name,
               "storage_url": storage.root if storage.protocol == "file" else storage.root_url,
               "storage_options": storage.options, "specs": specs_to_dict(specs), "stats": stats_plain,
               "num_classes": len(class_names), "steps_per_epoch": steps_per_epoch, "warm_start_version": warm,
               "fail_after_epoch": int(os.environ.get("TOKCONV_FAIL_AFTER_EPOCH", "0"))}
     print(f"[train] {tc.converter}: {n_train} train clips, {tc.num_workers} workers x batch {tc.batch_size}, "
-          f"{tc.epochs} epochs ({steps_per_epoch} steps each) -> {storage.url('runs', job.name, run_name)}",
+          f"{tc.epochs} epochs ({steps_per_epoch} steps each) -> {storage.url(run_dir, run_name)}",
           flush=True)
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=config,
@@ -373,7 +367,7 @@ def run_train(job: JobConfig, storage: Storage) -> dict[str, Any]:
     ckpt_rel = _rel(storage, result.checkpoint.path)
     n_params = sum(p.numel() for p in converter.parameters())
     summary = {
-        "run": storage.url("runs", job.name, run_name),
+        "run": storage.url(run_dir, run_name),
         "checkpoint": storage.url(ckpt_rel), "checkpoint_rel": ckpt_rel,
         "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str, list, type(None)))},
         "converter": tc.converter, "converter_params": n_params,
@@ -381,21 +375,9 @@ def run_train(job: JobConfig, storage: Storage) -> dict[str, Any]:
         "class_names": class_names, "train_clips": n_train, "warm_start": warm,
         "specs": specs_to_dict(specs),
     }
-    storage.write_json(posixpath.join("runs", job.name, "train.json"), summary)
+    pointer = write_trained(storage, run_dir, summary)
     summary = {k: v for k, v in summary.items() if k not in ("specs", "class_names")}  # short CLI summary
-    summary["pointer"] = storage.url("runs", job.name, "train.json")
+    summary["pointer"] = pointer
     print(f"[train] done: loss {summary['metrics'].get('loss')} checkpoint {summary['checkpoint']}", flush=True)
     return summary
 
-
-def load_trained(job: JobConfig, storage: Storage, dest: str) -> tuple[nn.Module, nn.Module | None, dict]:
-    """Download the checkpoint named by runs/<job>/train.json into ``dest``; load converter + head."""
-    from tokconv.io import load_converter, load_head
-    info = storage.read_json(posixpath.join("runs", job.name, "train.json"), default=None)
-    if info is None:
-        raise FileNotFoundError(f"no training result at {storage.url('runs', job.name, 'train.json')}; "
-                                f"run the train stage first")
-    storage.download(info["checkpoint_rel"], dest)
-    converter = load_converter(dest).eval()
-    head = load_head(dest).eval() if os.path.exists(os.path.join(dest, "head.json")) else None
-    return converter, head, info

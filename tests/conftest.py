@@ -6,8 +6,11 @@ Video fixtures (session-scoped, real files):
   ``sample_files`` -> dict file name -> Path inside ``sample_videos``.
   ``bad_videos`` -> dict name -> Path (tests/data_tools.py says how each is made): broken ones
       (data_tools.BROKEN: truncated, truncated_midstream, corrupt_midstream, random_bytes, empty,
-      text, audio_only, too_short) and valid ones in other codecs (data_tools.VALID_OTHER_CODECS: webm_vp9,
-      avi_mpeg4). Needs ffmpeg on PATH (fails with a clear message otherwise).
+      text, audio_only, too_short) and valid ones in other codecs (data_tools.VALID_OTHER_CODECS:
+      webm_vp9, avi_mpeg4). Needs ffmpeg on PATH (fails with a clear message otherwise).
+Ray fixture:
+  ``ray_cluster`` -> the ``ray`` module, initialised with a real local cluster for the test module
+      (2 CPUs, 500 MiB object store, loopback only); a cluster already running is reused as is.
 S3 fixture:
   ``s3_server`` -> S3Endpoint: a real moto ThreadedMotoServer on 127.0.0.1 (free port) with
       ``.endpoint_url``, ``.storage_options`` (endpoint_url/key/secret, the Storage/sources form),
@@ -59,6 +62,20 @@ def bad_videos(tmp_path_factory, sample_files) -> dict[str, Path]:
     return make_test_videos(sample_files, tmp_path_factory.mktemp("bad_videos"))
 
 
+# ---------------------------------------------------------------- Ray
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 object_store_memory=500 * 2**20, log_to_driver=True)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
 # ---------------------------------------------------------------- S3 (moto server)
 
 @dataclass
@@ -85,7 +102,8 @@ class S3Endpoint:
         return name
 
     def upload(self, local_dir: str | Path, url: str) -> None:
-        """Copy every file under ``local_dir`` to ``url`` (s3://bucket/prefix), keeping relative paths."""
+        """Copy every file under ``local_dir`` to ``url`` (s3://bucket/prefix), keeping relative
+        paths."""
         fs = self.fs()
         local_dir = Path(local_dir)
         for p in sorted(local_dir.rglob("*")):

@@ -75,8 +75,11 @@ def test_cli_fails_fast_with_exit_2_naming_the_key(capsys):
 
 def test_job_file_runs_through_its_shebang(tmp_path):
     """`jobs/smoke.yaml --print-config` is executable directly (as `ray job submit` runs it)."""
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    # this checkout's pipeline package, not whichever one is installed
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               PYTHONPATH=str(Path(__file__).parents[2]))
     out = subprocess.run([str(JOBS[-1].resolve()), "--print-config", "train.epochs=5"],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120, check=False)
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+                         check=False)
     assert out.returncode == 0, out.stderr
     assert '"epochs": 5' in out.stdout

@@ -11,18 +11,20 @@ import torch
 from safetensors.torch import load_file
 from tiny_features import CLASS_NAMES, SPECS, STUDENT, TEACHERS, make_tiny_store, publish_checkpoint
 
+from pipeline.artifacts import ModelRegistry, job_run_dir, load_trained
 from pipeline.config import JobConfig
 from pipeline.storage import Storage
-from pipeline.train import build_models, load_trained, run_train
+from pipeline.train import build_models, run_train
 
 
 def _job(url: str, options: dict, **train) -> JobConfig:
     return JobConfig.model_validate({
-        "name": "tt", "storage": {"url": url, "options": options},
-        "train": {"epochs": 3, "batch_size": 4, "num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 1,
-                  "optim": {"lr": 0.02, "warmup_steps": 2}, "head": {"hidden": 16}, **train},
+        "name": "tt", "model_name": "tc", "storage": {"url": url, "options": options},
+        "train": {"epochs": 3, "batch_size": 4, "num_workers": 2, "cpus_per_worker": 0.5,
+                  "max_failures": 1, "optim": {"lr": 0.02, "warmup_steps": 2},
+                  "head": {"hidden": 16}, **train},
         "evaluate": {"batch_size": 4, "report_html": False},
-        "export": {"model_name": "tc", "version": "v1"}})
+        "export": {"version": "v1"}})
 
 
 def test_build_models_for_store_layouts():
@@ -31,12 +33,14 @@ def test_build_models_for_store_layouts():
     assert set(conv.targets) == set(TEACHERS) and conv.rank == 4 and conv.mask_ratio == 0.25
     x = torch.randn(2, STUDENT.tokens, STUDENT.dim)
     out = conv.eval().forward_all(x)
-    assert {k: tuple(v.shape) for k, v in out.items()} == {k: (2, s.tokens, s.dim) for k, s in TEACHERS.items()}
+    assert {k: tuple(v.shape) for k, v in out.items()} == \
+        {k: (2, s.tokens, s.dim) for k, s in TEACHERS.items()}
     assert head(x, out).shape == (2, len(CLASS_NAMES))
     assert "nuclear" in conv.regularisers()
     with pytest.raises(ValueError, match="head"):
         build_models(job.train, SPECS, 0)
-    no_head = job.train.model_copy(update={"head": job.train.head.model_copy(update={"enabled": False})})
+    no_head = job.train.model_copy(
+        update={"head": job.train.head.model_copy(update={"enabled": False})})
     assert build_models(no_head, SPECS, 0)[1] is None
 
 
@@ -63,26 +67,17 @@ def test_warm_start_needs_a_matching_latest(tmp_path):
     storage = Storage(str(tmp_path))
     make_tiny_store(storage)
     job = _job(storage.root_url, {})
+    registry = ModelRegistry(storage, job.model_name)
     conv, head = build_models(job.train, SPECS, len(CLASS_NAMES))
-    assert _warm_start_version(job, storage, conv, head) is None  # nothing exported yet
+    assert _warm_start_version(registry, conv, head) is None  # nothing exported yet
     publish_checkpoint(storage, job, seed=1)
     run_evaluate(job, storage)
     run_export(job, storage)
-    assert _warm_start_version(job, storage, conv, head) == "v1"
+    assert _warm_start_version(registry, conv, head) == "v1"
     other = _job(storage.root_url, {}, deficiency={"rank": 4})
-    assert _warm_start_version(other, storage, *build_models(other.train, SPECS, 3)) is None
+    assert _warm_start_version(registry, *build_models(other.train, SPECS, 3)) is None
     wider = _job(storage.root_url, {}, head={"hidden": 32})
-    assert _warm_start_version(wider, storage, *build_models(wider.train, SPECS, 3)) is None
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             object_store_memory=150 * 1024 * 1024, log_to_driver=True)
-    yield
-    ray.shutdown()
+    assert _warm_start_version(registry, *build_models(wider.train, SPECS, 3)) is None
 
 
 @pytest.mark.integration
@@ -91,7 +86,7 @@ def test_train_on_s3_restart_evaluate_export(ray_cluster, s3_server, monkeypatch
     v0, an injected failure after epoch 1 resumes from that checkpoint, the loss falls, the final
     checkpoint restores, and evaluate + export promote v1 over v0 and reload it bit for bit."""
     from pipeline.evaluate import run_evaluate
-    from pipeline.export import download_model, run_export
+    from pipeline.export import run_export
     from tokconv.io import load_converter
 
     bucket = s3_server.make_bucket("train")
@@ -104,7 +99,8 @@ def test_train_on_s3_restart_evaluate_export(ray_cluster, s3_server, monkeypatch
     assert run_export(v0, storage)["promoted"]
 
     job = _job(storage.root_url, s3_server.storage_options, epochs=2, batch_size=2)
-    monkeypatch.setenv("TOKCONV_FAIL_AFTER_EPOCH", "1")  # rank 0 dies once after the epoch-1 checkpoint
+    # rank 0 dies once after the epoch-1 checkpoint
+    monkeypatch.setenv("TOKCONV_FAIL_AFTER_EPOCH", "1")
     s = run_train(job, storage)
     monkeypatch.delenv("TOKCONV_FAIL_AFTER_EPOCH")
     m = s["metrics"]
@@ -117,9 +113,10 @@ def test_train_on_s3_restart_evaluate_export(ray_cluster, s3_server, monkeypatch
 
     # the checkpoint restores: tokconv.io files hold exactly the weights of the final train state
     with tempfile.TemporaryDirectory() as d:
-        conv, head, _ = load_trained(job, storage, d)
+        conv, head, _ = load_trained(storage, job_run_dir(job.name), d)
         state = torch.load(os.path.join(d, "train_state.pt"), weights_only=False)
-        assert state["epoch"] == 2 and state["step"] == 2 * 6  # 24 clips / (2 workers x 2) per epoch
+        # 24 clips / (2 workers x 2) per epoch
+        assert state["epoch"] == 2 and state["step"] == 2 * 6
         for k, v in conv.state_dict().items():
             assert torch.equal(v, state["model"][f"converter.{k}"]), k
         for k, v in head.state_dict().items():
@@ -127,12 +124,13 @@ def test_train_on_s3_restart_evaluate_export(ray_cluster, s3_server, monkeypatch
 
     ev = run_evaluate(job, storage)
     v0_cos = storage.read_json("models/tc/latest.json")["value"]
-    assert ev["clips"] == 8 and ev["mean_cosine"] > v0_cos + 0.25  # learnable teachers: far above v0
+    # learnable teachers: far above v0
+    assert ev["clips"] == 8 and ev["mean_cosine"] > v0_cos + 0.25
     ex = run_export(job, storage)
     assert ex["promoted"] and ex["previous"]["version"] == "v0"
     assert ex["uri"] == f"s3://{bucket}/p/models/tc/v1"
     with tempfile.TemporaryDirectory() as d:
-        download_model(storage, "tc", "latest", d)
+        ModelRegistry(storage, "tc").download("latest", d)
         ref = load_file(os.path.join(d, "reference_io.safetensors"))
         with torch.no_grad():
             out = load_converter(d).eval().forward_all(ref["student"])
