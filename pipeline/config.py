@@ -1,8 +1,10 @@
 """Job configuration: one pydantic model per stage, composed into ``JobConfig``.
 
 Every model forbids unknown keys, so a typo fails before any work starts with a message that
-names the key path (torchtune ``_parse.py`` habit: YAML + ``a.b=c`` overrides, validated up front).
-Stage builders take only their own sub-config.
+names the key path (torchtune ``_parse.py`` habit: YAML + ``a.b=c`` overrides, validated up
+front). Stage builders take only their own sub-config; names several stages share (the feature
+store, the model name) are job-level keys. Every field's description is one line: what, unit,
+default (measurements live in bench/RESULTS.md).
 """
 from __future__ import annotations
 

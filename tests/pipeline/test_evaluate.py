@@ -6,6 +6,7 @@ import pytest
 import torch
 from tiny_features import CLASS_NAMES, STUDENT, TEACHERS, make_tiny_store
 
+from pipeline.artifacts import stats_tensors
 from pipeline.evaluate import (
     FidelityMeter,
     evaluate_model,
@@ -68,7 +69,8 @@ def test_topk_correct_vs_numpy():
     order = np.argsort(-lg, axis=1)
     assert got[1] == int((order[:, 0] == lb).sum())
     assert got[5] == int((order[:, :5] == lb[:, None]).any(1).sum())
-    assert topk_correct(logits[:, :3], labels.clamp(max=2), ks=(5,))[5] == 45  # k capped at 3 classes
+    # k capped at 3 classes
+    assert topk_correct(logits[:, :3], labels.clamp(max=2), ks=(5,))[5] == 45
 
 
 def test_tensor_digest_is_bit_exact():
@@ -88,9 +90,11 @@ def test_evaluate_model_known_case(tmp_path):
 
     torch.manual_seed(0)
     conv = create_converter("baseline_interp_linear", student=STUDENT, targets=TEACHERS).eval()
-    head = ResidualHead(student_dim=STUDENT.dim, target_dims={k: s.dim for k, s in TEACHERS.items()},
+    head = ResidualHead(student_dim=STUDENT.dim,
+                        target_dims={k: s.dim for k, s in TEACHERS.items()},
                         num_classes=7, hidden=16).eval()
-    store = make_tiny_store(Storage(str(tmp_path)), n_train=0, n_val=10, shard_clips=4, dtype=np.float32)
+    store = make_tiny_store(Storage(str(tmp_path)), n_train=0, n_val=10, shard_clips=4,
+                            dtype=np.float32)
     # rewrite the store's teachers as the converter's own outputs; labels: 4 top-1, 3 rank-4, 3 last
     batches = []
     for b in store.iter_torch(split="val", batch_size=10):
@@ -127,7 +131,8 @@ def test_gflops_counts_the_linear_maps():
     conv = create_converter("baseline_interp_linear", student=STUDENT, targets=TEACHERS).eval()
     g = gflops_per_clip(conv, (STUDENT.tokens, STUDENT.dim))
     # at least one (tokens x Ds x Dt) matmul per target, 2 FLOPs per multiply-add
-    lower = sum(2 * min(s.tokens, STUDENT.tokens) * STUDENT.dim * s.dim for s in TEACHERS.values()) / 1e9
+    lower = sum(2 * min(s.tokens, STUDENT.tokens) * STUDENT.dim * s.dim
+                for s in TEACHERS.values()) / 1e9
     assert g >= lower * 0.99
     assert g < 1.0
 
@@ -139,15 +144,15 @@ def test_evaluate_on_cuda_matches_cpu_and_keeps_a_cpu_sample(tmp_path):
 
     torch.manual_seed(0)
     conv = create_converter("baseline_interp_linear", student=STUDENT, targets=TEACHERS)
-    head = ResidualHead(student_dim=STUDENT.dim, target_dims={k: s.dim for k, s in TEACHERS.items()},
+    head = ResidualHead(student_dim=STUDENT.dim,
+                        target_dims={k: s.dim for k, s in TEACHERS.items()},
                         num_classes=3, hidden=16)
     store = make_tiny_store(Storage(str(tmp_path)), n_train=4, n_val=8, shard_clips=4)
-    stats = store.stats()
-    mean = {k: torch.as_tensor(stats[k]["mean"], dtype=torch.float32) for k in TEACHERS}
-    std = {k: torch.as_tensor(stats[k]["std"], dtype=torch.float32) for k in TEACHERS}
-    m_cpu, s_cpu = evaluate_model(conv, head, store.iter_torch(split="val", batch_size=4), mean=mean, std=std)
-    m_gpu, s_gpu = evaluate_model(conv, head, store.iter_torch(split="val", batch_size=4), mean=mean, std=std,
-                                  device="cuda")
+    mean, std = stats_tensors(store.stats(), TEACHERS)
+    m_cpu, s_cpu = evaluate_model(conv, head, store.iter_torch(split="val", batch_size=4),
+                                  mean=mean, std=std)
+    m_gpu, s_gpu = evaluate_model(conv, head, store.iter_torch(split="val", batch_size=4),
+                                  mean=mean, std=std, device="cuda")
     assert m_gpu["mean_cosine"] == pytest.approx(m_cpu["mean_cosine"], abs=1e-3)
     assert m_gpu["top1"] == m_cpu["top1"]
     for k, v in s_cpu.items():
