@@ -1,14 +1,15 @@
-"""Which KubeRay schema types nest where, and a generator for the field table in test_manifests.py.
+"""The KubeRay field table of tests/infra: which schema types nest where (``CHILDREN``), their
+fields (``CRD_FIELDS``, ``QUANTITY``: generated from the KubeRay v1.6.2 CRDs), and the generator.
 
     python tests/infra/crd_table.py <kuberay git dir> [tag]      # tag defaults to v1.6.2
 
-prints ``CRD_FIELDS`` and ``QUANTITY`` from ``ray-operator/config/crd/bases/
+(a clone of github.com/ray-project/kuberay) prints them from ``ray-operator/config/crd/bases/
 ray.io_{rayclusters,rayjobs,raycronjobs}.yaml`` at the tag (read with ``git show``). Per schema
 type, its fields as ``name:code`` (``!`` after the name: required). Codes: s string, i integer,
 n number, b boolean, o object, a array, e(a|b) string enum, q quantity (int or string),
-m map of strings, Q map of quantities. A type reached
-through several paths (Container under the head and the workers of all three CRDs) must read the
-same everywhere. Only the types our manifests use are walked (``CHILDREN``).
+m map of strings, Q map of quantities. A type reached through several paths (Container under the
+head and the workers of all three CRDs) must read the same everywhere. Only the types our
+manifests use are walked (``CHILDREN``); the test file checks fields of these types only.
 """
 
 from __future__ import annotations
