@@ -164,6 +164,7 @@ def ray_head(tmp_path_factory):
         "RAY_USAGE_STATS_ENABLED": "0",
         # single-node: the node IP is loopback (else Ray picks this host's address)
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # stopped after its job: nothing to drain
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     cmd = [
