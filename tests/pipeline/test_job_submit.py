@@ -47,8 +47,8 @@ pytestmark = [
 
 
 def model_name(job: JobConfig) -> str:
-    """The exported model's name (export.model_name; the one place to change if it moves)."""
-    return job.export.model_name
+    """The exported model's name (the job-level ``model_name``)."""
+    return job.model_name
 
 
 # ------------------------------------------------------------------ our head's processes, from /proc
