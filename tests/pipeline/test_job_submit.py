@@ -51,7 +51,7 @@ def model_name(job: JobConfig) -> str:
     return job.model_name
 
 
-# ------------------------------------------------------------------ our head's processes, from /proc
+# ------------------------------------------------------------- our head's processes, from /proc
 
 
 def _stat(pid: int) -> tuple[str, int, str] | None:
@@ -269,7 +269,8 @@ def test_ray_job_submit_runs_the_smoke_job_and_exports_a_loadable_model(ray_head
         )
     status = client.get_job_status(submission)
     assert run.returncode == 0 and status == JobStatus.SUCCEEDED, (
-        f"`ray job submit` exited {run.returncode}, job {status}:\n{run.stdout[-8000:]}\n{run.stderr[-4000:]}"
+        f"`ray job submit` exited {run.returncode}, job {status}:\n"
+        f"{run.stdout[-8000:]}\n{run.stderr[-4000:]}"
     )
 
     # the upload: the project, executable job files, nothing git ignores
