@@ -347,17 +347,21 @@ def run_evaluate(job: JobConfig, storage: Storage) -> dict[str, Any]:
     print(f"[evaluate] {info['converter']} on split {split!r} of store {job.extract.store!r}", flush=True)
     want = job.evaluate.device
     device = "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu"
-    metrics, sample = evaluate_model(converter, head, batches, mean=mean, std=std, device=device)
+    metrics, sample, details = evaluate_model(converter, head, batches, mean=mean, std=std, device=device,
+                                              class_names=store.read_meta().get("class_names") if head is not None else None,
+                                              return_details=True)
     converter, head = converter.cpu(), head.cpu() if head is not None else None
 
     student_shape = tuple(sample["student"].shape[1:])
+    lat = latency_ms(converter, student_shape, device=device)
     metrics["converter"] = {
         "name": converter.config["name"],
         "params": sum(p.numel() for p in converter.parameters()),
         "head_params": sum(p.numel() for p in head.parameters()) if head is not None else 0,
         "gflops_per_clip": gflops_per_clip(converter, student_shape),
-        "latency_ms_per_clip": latency_ms(converter, student_shape, device=device),
+        "latency_ms_per_clip": lat,
         "latency_device": device,
+        "latency_ms_per_clip_cpu": lat if device == "cpu" else latency_ms(converter, student_shape),
     }
     metrics["split"] = split
     metrics["checkpoint"] = info["checkpoint"]
@@ -371,6 +375,8 @@ def run_evaluate(job: JobConfig, storage: Storage) -> dict[str, Any]:
 
     base = posixpath.join("runs", job.name, "eval")
     storage.write_bytes(f"{base}/sample.safetensors", save(sample))
+    storage.write_bytes(f"{base}/details.json", details_json(details))
+    metrics["details"] = {"uri": storage.url(base, "details.json"), "schema": DETAILS_SCHEMA}
     metrics["sample"] = {"uri": storage.url(base, "sample.safetensors"),
                          "sha256": {k: tensor_digest(v) for k, v in sample.items()}}
     storage.write_json(f"{base}/metrics.json", metrics)
@@ -378,8 +384,9 @@ def run_evaluate(job: JobConfig, storage: Storage) -> dict[str, Any]:
                "mean_r2": metrics["mean_r2"], "top1": metrics["top1"], "top5": metrics["top5"],
                "clips": metrics["clips"]}
     if job.evaluate.report_html:
-        from .report import write_report
-        html = write_report(metrics)
+        from .report import load_train_log, write_report
+        html = write_report(metrics, details=details, train_log=load_train_log(storage, info),
+                            metric=job.export.metric, higher_is_better=job.export.higher_is_better)
         if html is not None:
             storage.write_bytes(f"{base}/report.html", html.encode())
             summary["report_url"] = storage.url(base, "report.html")
