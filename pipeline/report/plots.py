@@ -81,7 +81,8 @@ def grouped_bars(groups: list[str], models: dict[str, list[float | None]], title
     ax.axhline(0, color="#444", lw=0.6)
     ax.set_title(title, fontsize=10)
     ax.set_ylabel(ylabel, fontsize=8)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     ax.margins(y=0.15)
     return _png(fig)
 
