@@ -54,9 +54,9 @@ def _url(target: str | Path) -> str:
     return s if "://" in s else Path(s).resolve().as_uri()
 
 
-def dump_dom(target: str | Path) -> str:
-    """The serialised DOM of a file path or URL once the page has loaded."""
-    return run_chromium("--dump-dom", _url(target)).stdout
+def dump_dom(target: str | Path, width: int = 1280) -> str:
+    """The serialised DOM of a file path or URL once the page has loaded (window ``width`` px)."""
+    return run_chromium(f"--window-size={width},1000", "--dump-dom", _url(target)).stdout
 
 
 _PROBE = """<script>addEventListener("load", () => {
@@ -65,13 +65,13 @@ _PROBE = """<script>addEventListener("load", () => {
 });</script>"""
 
 
-def _probed_dom(path: str | Path) -> str:
+def _probed_dom(path: str | Path, width: int = 1280) -> str:
     """DOM of a copy of ``path`` with a load-time probe script (the original has no script)."""
     page = Path(path).read_text(encoding="utf-8")
     with tempfile.TemporaryDirectory() as d:
         copy = Path(d) / Path(path).name
         copy.write_text(page.replace("</body>", _PROBE + "</body>", 1), encoding="utf-8")
-        return dump_dom(copy)
+        return dump_dom(copy, width)
 
 
 @dataclass
@@ -94,8 +94,9 @@ def image_sizes(path: str | Path) -> list[Img]:
 
 
 def screenshot(path: str | Path, png: str | Path, width: int = 1280, max_height: int = 16000) -> Path:
-    """PNG of the whole page (its scroll height measured in the browser first, at most max_height)."""
-    dom = _probed_dom(path)
+    """PNG of the whole page (its scroll height at ``width`` measured in the browser first, at most
+    max_height)."""
+    dom = _probed_dom(path, width)
     height = min(max_height, int(parse_dom(dom).body_attrs.get("data-probe-height", 2000)) + 20)
     run_chromium(f"--window-size={width},{height}", f"--screenshot={Path(png).resolve()}", _url(path))
     return Path(png)

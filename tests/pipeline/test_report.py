@@ -242,7 +242,9 @@ def test_every_image_decodes_and_is_not_blank(rendered, tmp_path):
         assert b.complete and (b.width, b.height) == sizes[b.alt], b
     shot = np.asarray(_png_pixels("data:image/png;base64," + base64.b64encode(
         screenshot(d / "report.html", tmp_path / "report.png").read_bytes()).decode()).convert("L"), float)
-    assert shot.shape[0] > 3000 and shot.std() > 10  # a long page that is not one colour
+    assert shot.shape[0] > 3000 and shot.std() > 10  # a long page that is not one colour ...
+    inked = np.where(shot.min(axis=1) < 200)[0]
+    assert inked.max() > 0.97 * shot.shape[0]  # ... captured to its last section
 
 
 def test_the_page_makes_no_network_request(rendered):
