@@ -8,7 +8,20 @@ ModelRegistry, run_dir: "runs/<job>")``. Writes under the storage root::
     runs/<job>/eval/metrics.json          metrics (below)
     runs/<job>/eval/sample.safetensors    reference I/O: "student" (k, N, Ds) input, "out.<target>"
                                           outputs and "logits" of the evaluated model on k clips
-    runs/<job>/eval/report.html           plots (optional; needs matplotlib)
+    runs/<job>/eval/details.json          per-clip / per-token / per-class data for the report
+                                          (``DETAILS_SCHEMA``, below; too large for metrics.json)
+    runs/<job>/eval/report.html           pipeline.report (plots need matplotlib)
+
+details.json (compact JSON; C clips, N_t tokens of target t, K classes)::
+
+    {"schema": "tokconv.eval.details/1", "clips": C,
+     "video_ids": [C str] | null,                  # clip order of the per-clip lists
+     "targets": {t: {"tokens": N_t, "grid": [T, H, W] | null,
+                     "per_clip_cosine": [C floats],   # mean token cosine of each clip
+                     "per_token_cosine": [N_t floats]}},  # token cosine averaged over clips,
+                                                          # row-major on the grid (t*H*W + h*W + w)
+     "head": {"class_names": [K str], "confusion": [K][K ints],  # row: true class, column: top-1
+              "support": [K ints], "per_class_accuracy": [K floats | null]} | null}
 
 Fidelity is measured in the standardised teacher space the converter learns (store mean/std):
 mean per-token cosine, MSE, and pooled R^2 = 1 - SSE / SST with SST about the split's own
@@ -18,6 +31,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
+import math
 import posixpath
 import statistics
 import tempfile
@@ -35,12 +50,15 @@ from .featurestore import FeatureStore
 from .storage import Storage
 
 SAMPLE_CLIPS = 2
+DETAILS_SCHEMA = "tokconv.eval.details/1"
 
 
 class FidelityMeter:
     """Streaming cosine / MSE / R^2 of predictions vs. targets for one token layout.
 
-    update(pred (B, N, D), target (B, N, D)); compute() -> {"cosine", "mse", "r2"}.
+    update(pred (B, N, D), target (B, N, D)); compute() -> {"cosine", "cosine_p05", "mse", "r2"}
+    (cosine_p05: 5th percentile of the per-clip mean cosine); details() -> {"per_clip_cosine":
+    [clips], "per_token_cosine": [N] (token cosine averaged over clips)}.
     Accumulates in float64 so the result does not depend on batch boundaries beyond rounding.
     """
 
@@ -52,13 +70,23 @@ class FidelityMeter:
         self.n = 0  # token count (per channel)
         self.sum_y = torch.zeros(dim, dtype=torch.float64)
         self.sum_y2 = torch.zeros(dim, dtype=torch.float64)
+        self.per_clip: list[float] = []
+        self.token_cos_sum: torch.Tensor | None = None  # (N,) float64
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         if pred.shape != target.shape or pred.shape[-1] != self.dim:
             raise ValueError(f"FidelityMeter: pred {tuple(pred.shape)} vs target "
                              f"{tuple(target.shape)} (dim {self.dim})")
+        if self.token_cos_sum is not None and pred.shape[1] != self.token_cos_sum.shape[0]:
+            raise ValueError(f"FidelityMeter: {pred.shape[1]} tokens after "
+                             f"{self.token_cos_sum.shape[0]}")
         p, t = pred.detach().double().cpu(), target.detach().double().cpu()
-        self.cos_sum += F.cosine_similarity(p, t, dim=-1).mean(dim=1).sum().item()
+        cos = F.cosine_similarity(p, t, dim=-1)  # (B, N)
+        clip_cos = cos.mean(dim=1)
+        self.cos_sum += clip_cos.sum().item()
+        self.per_clip.extend(clip_cos.tolist())
+        tok = cos.sum(dim=0)
+        self.token_cos_sum = tok if self.token_cos_sum is None else self.token_cos_sum + tok
         self.clips += p.shape[0]
         self.sse += (p - t).pow(2).sum().item()
         flat = t.reshape(-1, self.dim)
@@ -71,8 +99,47 @@ class FidelityMeter:
             raise ValueError("FidelityMeter.compute: no clips seen")
         sst = (self.sum_y2 - self.sum_y.pow(2) / self.n).sum().item()
         return {"cosine": self.cos_sum / self.clips,
+                "cosine_p05": torch.tensor(self.per_clip, dtype=torch.float64).quantile(0.05).item(),
                 "mse": self.sse / (self.n * self.dim),
                 "r2": 1.0 - self.sse / sst if sst > 0 else float("nan")}
+
+    def details(self) -> dict[str, list[float]]:
+        if self.clips == 0:
+            raise ValueError("FidelityMeter.details: no clips seen")
+        return {"per_clip_cosine": list(self.per_clip),
+                "per_token_cosine": (self.token_cos_sum / self.clips).tolist()}
+
+
+class ConfusionMeter:
+    """Streaming confusion matrix of top-1 predictions over ``num_classes`` classes.
+
+    update(logits (B, K), labels (B,); label -1 = unlabelled, ignored); compute() ->
+    {"confusion": [K][K] (row: true, column: predicted), "support": [K], "per_class_accuracy":
+    [K] (None for a class without clips), "mean_class_accuracy": mean over classes with clips}.
+    """
+
+    def __init__(self, num_classes: int):
+        if num_classes < 1:
+            raise ValueError(f"ConfusionMeter: num_classes must be >= 1, got {num_classes}")
+        self.k = num_classes
+        self.counts = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        if logits.ndim != 2 or logits.shape[1] != self.k or logits.shape[0] != labels.shape[0]:
+            raise ValueError(f"ConfusionMeter: logits {tuple(logits.shape)} vs labels {tuple(labels.shape)} "
+                             f"({self.k} classes)")
+        ok = labels >= 0
+        if bool((labels[ok] >= self.k).any()):
+            raise ValueError(f"ConfusionMeter: label {int(labels.max())} outside {self.k} classes")
+        idx = labels[ok].long().cpu() * self.k + logits[ok].argmax(dim=1).cpu()
+        self.counts += torch.bincount(idx, minlength=self.k * self.k).view(self.k, self.k)
+
+    def compute(self) -> dict[str, Any]:
+        support = self.counts.sum(dim=1)
+        acc = [int(self.counts[i, i]) / int(n) if n > 0 else None for i, n in enumerate(support.tolist())]
+        seen = [a for a in acc if a is not None]
+        return {"confusion": self.counts.tolist(), "support": support.tolist(), "per_class_accuracy": acc,
+                "mean_class_accuracy": statistics.fmean(seen) if seen else None}
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
@@ -119,13 +186,20 @@ def latency_ms(converter: nn.Module, student_shape: tuple[int, int], repeats: in
 def evaluate_model(converter: nn.Module, head: nn.Module | None,
                    batches: Iterable[dict[str, torch.Tensor]],
                    *, mean: dict[str, torch.Tensor], std: dict[str, torch.Tensor],
-                   device: str | torch.device = "cpu", output_map=None) -> tuple[dict, dict]:
+                   device: str | torch.device = "cpu", output_map=None,
+                   class_names: list[str] | None = None, return_details: bool = False):
     """Run ``converter`` (+ ``head``) over ``batches`` ({"student": (B,N,Ds), <target>: (B,Nt,Dt),
-    "label_index": (B,)}) on ``device``; returns (metrics, sample) where sample holds the reference
-    I/O of the first ``SAMPLE_CLIPS`` clips, computed on CPU (portable bit-exact reference).
-    ``output_map(out) -> out`` (optional) maps outputs into this ``mean``/``std`` space for the
-    fidelity metrics only (a model trained on other store stats); the head sees the raw outputs."""
+    "label_index": (B,), optional "video_id": [B str]}) on ``device``; returns (metrics, sample)
+    where sample holds the reference I/O of the first ``SAMPLE_CLIPS`` clips, computed on CPU
+    (portable bit-exact reference). ``output_map(out) -> out`` (optional) maps outputs into this
+    ``mean``/``std`` space for the fidelity metrics only (a model trained on other store stats);
+    the head sees the raw outputs. ``class_names`` (K, the head's classes) label the confusion
+    matrix. With ``return_details`` returns (metrics, sample, details), details in the
+    details.json layout of the module docstring."""
     from tokconv.losses import standardize
+    num_classes = (getattr(head, "config", None) or {}).get("num_classes") if head is not None else None
+    if class_names is not None and num_classes is not None and len(class_names) != num_classes:
+        raise ValueError(f"evaluate: {len(class_names)} class_names for a head of {num_classes} classes")
     device = torch.device(device)
     cpu_models = (copy.deepcopy(converter).cpu().eval(),
                   copy.deepcopy(head).cpu().eval() if head else None)
@@ -136,8 +210,10 @@ def evaluate_model(converter: nn.Module, head: nn.Module | None,
     std = {k: v.to(device) for k, v in std.items()}
     targets = list(mean)
     meters: dict[str, FidelityMeter] = {}
+    confusion: ConfusionMeter | None = None
     correct = {1: 0, 5: 0}
     labelled = clips = 0
+    video_ids: list[str] | None = []
     sample: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for batch in batches:
@@ -149,10 +225,15 @@ def evaluate_model(converter: nn.Module, head: nn.Module | None,
                 meters.setdefault(t, FidelityMeter(teach.shape[-1])).update(fid[t], teach)
             labels = batch["label_index"].to(device).long()
             if head is not None:
-                for k, v in topk_correct(head(x, out), labels).items():
+                logits = head(x, out)
+                for k, v in topk_correct(logits, labels).items():
                     correct[k] += v
+                confusion = confusion or ConfusionMeter(logits.shape[1])
+                confusion.update(logits, labels)
             labelled += int((labels >= 0).sum())
             clips += x.shape[0]
+            ids = batch.get("video_id")
+            video_ids = video_ids + list(ids) if video_ids is not None and ids is not None else None
             if not sample:  # its own CPU forward on exactly these inputs, so a consumer can redo it
                 conv_cpu, head_cpu = cpu_models
                 xs = x[:SAMPLE_CLIPS].cpu().contiguous()
@@ -163,6 +244,7 @@ def evaluate_model(converter: nn.Module, head: nn.Module | None,
     if clips == 0:
         raise ValueError("evaluate: the split has no clips")
     per_target = {t: m.compute() for t, m in meters.items()}
+    head_details = confusion.compute() if confusion is not None else None
     metrics: dict[str, Any] = {
         "clips": clips, "targets": per_target,
         "mean_cosine": statistics.fmean(v["cosine"] for v in per_target.values()),
@@ -171,8 +253,36 @@ def evaluate_model(converter: nn.Module, head: nn.Module | None,
         "labelled_clips": labelled,
         "top1": correct[1] / labelled if head is not None and labelled else None,
         "top5": correct[5] / labelled if head is not None and labelled else None,
+        "mean_class_accuracy": head_details.pop("mean_class_accuracy") if head_details else None,
     }
-    return metrics, sample
+    if not return_details:
+        return metrics, sample
+    if head_details is not None:
+        k = len(head_details["support"])
+        if class_names is not None and len(class_names) != k:
+            raise ValueError(f"evaluate: {len(class_names)} class_names for {k} head outputs")
+        head_details = {"class_names": list(class_names) if class_names is not None else
+                        [str(i) for i in range(k)], **head_details}
+    specs = getattr(converter, "targets", None) or {}
+    details = {"schema": DETAILS_SCHEMA, "clips": clips, "video_ids": video_ids,
+               "targets": {t: {"tokens": len(d["per_token_cosine"]),
+                               "grid": list(specs[t].grid) if t in specs and specs[t].grid else None, **d}
+                           for t, d in ((t, meters[t].details()) for t in targets)},
+               "head": head_details}
+    return metrics, sample, details
+
+
+def details_json(details: dict) -> bytes:
+    """details -> compact JSON bytes (floats to 6 decimals: cosines need no more)."""
+    def r(v):
+        if isinstance(v, float):
+            return round(v, 6) if math.isfinite(v) else None
+        if isinstance(v, list):
+            return [r(x) for x in v]
+        if isinstance(v, dict):
+            return {k: r(x) for k, x in v.items()}
+        return v
+    return json.dumps(r(details), separators=(",", ":")).encode()
 
 
 def tensor_digest(t: torch.Tensor) -> str:
@@ -223,11 +333,13 @@ def run_evaluate(job: JobConfig, storage: Storage) -> dict[str, Any]:
     """The CLI's evaluate stage: ``evaluate_stage`` on the job's store, registry and run dir."""
     return evaluate_stage(job.evaluate, storage, store=FeatureStore(storage, job.store),
                           registry=ModelRegistry(storage, job.model_name),
-                          run_dir=job_run_dir(job.name))
+                          run_dir=job_run_dir(job.name), metric=job.export.metric,
+                          higher_is_better=job.export.higher_is_better)
 
 
 def evaluate_stage(cfg: EvaluateConfig, storage: Storage, *, store: FeatureStore,
-                   registry: ModelRegistry, run_dir: str) -> dict[str, Any]:
+                   registry: ModelRegistry, run_dir: str, metric: str = "mean_cosine",
+                   higher_is_better: bool = True) -> dict[str, Any]:
     """Evaluate the checkpoint trained under ``run_dir`` on ``cfg.split`` of ``store``, beside
     ``registry``'s current latest; writes ``<run_dir>/eval/metrics.json`` (+ sample, report)."""
     from safetensors.torch import save
@@ -241,17 +353,22 @@ def evaluate_stage(cfg: EvaluateConfig, storage: Storage, *, store: FeatureStore
     print(f"[evaluate] {info['converter']} on split {split!r} of store {store.name!r}", flush=True)
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     device = "cuda" if use_cuda else "cpu"
-    metrics, sample = evaluate_model(converter, head, batches, mean=mean, std=std, device=device)
+    class_names = store.read_meta().get("class_names") if head is not None else None
+    metrics, sample, details = evaluate_model(converter, head, batches, mean=mean, std=std,
+                                              device=device, class_names=class_names,
+                                              return_details=True)
     converter, head = converter.cpu(), head.cpu() if head is not None else None
 
     student_shape = tuple(sample["student"].shape[1:])
+    lat = latency_ms(converter, student_shape, device=device)
     metrics["converter"] = {
         "name": converter.config["name"],
         "params": sum(p.numel() for p in converter.parameters()),
         "head_params": sum(p.numel() for p in head.parameters()) if head is not None else 0,
         "gflops_per_clip": gflops_per_clip(converter, student_shape),
-        "latency_ms_per_clip": latency_ms(converter, student_shape, device=device),
+        "latency_ms_per_clip": lat,
         "latency_device": device,
+        "latency_ms_per_clip_cpu": lat if device == "cpu" else latency_ms(converter, student_shape),
     }
     metrics["split"] = split
     metrics["checkpoint"] = info["checkpoint"]
@@ -265,14 +382,18 @@ def evaluate_stage(cfg: EvaluateConfig, storage: Storage, *, store: FeatureStore
 
     base = posixpath.join(run_dir, EVAL_DIR)
     storage.write_bytes(f"{base}/sample.safetensors", save(sample))
+    storage.write_bytes(f"{base}/details.json", details_json(details))
+    metrics["details"] = {"uri": storage.url(base, "details.json"), "schema": DETAILS_SCHEMA}
     metrics["sample"] = {"uri": storage.url(base, "sample.safetensors"),
                          "sha256": {k: tensor_digest(v) for k, v in sample.items()}}
     storage.write_json(f"{base}/metrics.json", metrics)
     summary = {"metrics_url": storage.url(base, "metrics.json"),
                **{k: metrics[k] for k in ("mean_cosine", "mean_r2", "top1", "top5", "clips")}}
     if cfg.report_html:
-        from .report import write_report
-        storage.write_bytes(f"{base}/report.html", write_report(metrics).encode())
+        from .report import load_train_log, write_report
+        html = write_report(metrics, details=details, train_log=load_train_log(storage, info),
+                            metric=metric, higher_is_better=higher_is_better)
+        storage.write_bytes(f"{base}/report.html", html.encode())
         summary["report_url"] = storage.url(base, "report.html")
     print(f"[evaluate] mean cosine {metrics['mean_cosine']:.4f}  mean R2 {metrics['mean_r2']:.4f}  "
           f"top1 {metrics['top1']}  -> {summary['metrics_url']}", flush=True)
@@ -280,7 +401,10 @@ def evaluate_stage(cfg: EvaluateConfig, storage: Storage, *, store: FeatureStore
 
 
 __all__ = [
+    "DETAILS_SCHEMA",
+    "ConfusionMeter",
     "FidelityMeter",
+    "details_json",
     "evaluate_latest",
     "evaluate_model",
     "evaluate_stage",

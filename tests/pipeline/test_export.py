@@ -83,7 +83,7 @@ def test_export_layout_promotion_and_reload(tmp_path):
     real = storage.read_json("runs/exp/eval/metrics.json")
     assert -1.0 <= real["mean_cosine"] <= 1.0 and real["clips"] == 8
     report = storage.read_bytes("runs/exp/eval/report.html").decode()
-    assert report.count("<img") == 3
+    assert report.count("<img") == 7  # 2 bar charts, histogram, 2 heat maps, confusion, per-class
     assert all(f"<td>{t}</td>" in report for t in SPECS if t != "student")
 
     _set_metric(storage, job, "mean_cosine", 0.5)
