@@ -99,7 +99,8 @@ class FidelityMeter:
             raise ValueError("FidelityMeter.compute: no clips seen")
         sst = (self.sum_y2 - self.sum_y.pow(2) / self.n).sum().item()
         return {"cosine": self.cos_sum / self.clips,
-                "cosine_p05": torch.tensor(self.per_clip, dtype=torch.float64).quantile(0.05).item(),
+                "cosine_p05": (torch.tensor(self.per_clip, dtype=torch.float64)
+                               .quantile(0.05).item()),
                 "mse": self.sse / (self.n * self.dim),
                 "r2": 1.0 - self.sse / sst if sst > 0 else float("nan")}
 
@@ -126,8 +127,8 @@ class ConfusionMeter:
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         if logits.ndim != 2 or logits.shape[1] != self.k or logits.shape[0] != labels.shape[0]:
-            raise ValueError(f"ConfusionMeter: logits {tuple(logits.shape)} vs labels {tuple(labels.shape)} "
-                             f"({self.k} classes)")
+            raise ValueError(f"ConfusionMeter: logits {tuple(logits.shape)} "
+                             f"vs labels {tuple(labels.shape)} ({self.k} classes)")
         ok = labels >= 0
         if bool((labels[ok] >= self.k).any()):
             raise ValueError(f"ConfusionMeter: label {int(labels.max())} outside {self.k} classes")
@@ -136,9 +137,11 @@ class ConfusionMeter:
 
     def compute(self) -> dict[str, Any]:
         support = self.counts.sum(dim=1)
-        acc = [int(self.counts[i, i]) / int(n) if n > 0 else None for i, n in enumerate(support.tolist())]
+        acc = [int(self.counts[i, i]) / int(n) if n > 0 else None
+               for i, n in enumerate(support.tolist())]
         seen = [a for a in acc if a is not None]
-        return {"confusion": self.counts.tolist(), "support": support.tolist(), "per_class_accuracy": acc,
+        return {"confusion": self.counts.tolist(), "support": support.tolist(),
+                "per_class_accuracy": acc,
                 "mean_class_accuracy": statistics.fmean(seen) if seen else None}
 
 
@@ -197,9 +200,11 @@ def evaluate_model(converter: nn.Module, head: nn.Module | None,
     matrix. With ``return_details`` returns (metrics, sample, details), details in the
     details.json layout of the module docstring."""
     from tokconv.losses import standardize
-    num_classes = (getattr(head, "config", None) or {}).get("num_classes") if head is not None else None
+    num_classes = ((getattr(head, "config", None) or {}).get("num_classes")
+                   if head is not None else None)
     if class_names is not None and num_classes is not None and len(class_names) != num_classes:
-        raise ValueError(f"evaluate: {len(class_names)} class_names for a head of {num_classes} classes")
+        raise ValueError(f"evaluate: {len(class_names)} class_names "
+                         f"for a head of {num_classes} classes")
     device = torch.device(device)
     cpu_models = (copy.deepcopy(converter).cpu().eval(),
                   copy.deepcopy(head).cpu().eval() if head else None)
@@ -266,7 +271,9 @@ def evaluate_model(converter: nn.Module, head: nn.Module | None,
     specs = getattr(converter, "targets", None) or {}
     details = {"schema": DETAILS_SCHEMA, "clips": clips, "video_ids": video_ids,
                "targets": {t: {"tokens": len(d["per_token_cosine"]),
-                               "grid": list(specs[t].grid) if t in specs and specs[t].grid else None, **d}
+                               "grid": (list(specs[t].grid)
+                                        if t in specs and specs[t].grid else None),
+                               **d}
                            for t, d in ((t, meters[t].details()) for t in targets)},
                "head": head_details}
     return metrics, sample, details

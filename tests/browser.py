@@ -77,7 +77,8 @@ def dump_dom(target: str | Path, width: int = 1280) -> str:
 
 
 _PROBE = """<script>addEventListener("load", () => {
-  for (const i of document.images) i.setAttribute("data-probe", `${i.complete ? 1 : 0} ${i.naturalWidth} ${i.naturalHeight}`);
+  for (const i of document.images)
+    i.setAttribute("data-probe", `${i.complete ? 1 : 0} ${i.naturalWidth} ${i.naturalHeight}`);
   document.body.setAttribute("data-probe-height", document.documentElement.scrollHeight);
 });</script>"""
 

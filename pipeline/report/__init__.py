@@ -58,7 +58,8 @@ def write_report(
         return render(metrics if isinstance(metrics, dict) else {}, ctx)
     except Exception:  # noqa: BLE001  (the report never fails the job: a bare page says why)
         return (
-            '<!doctype html><html><head><meta charset="utf-8"><title>tokconv evaluation</title></head>'
+            '<!doctype html><html><head><meta charset="utf-8">'
+            "<title>tokconv evaluation</title></head>"
             f"<body><h1>tokconv evaluation</h1><p>the report could not be drawn:</p>"
             f"<pre>{html.escape(traceback.format_exc())}</pre></body></html>"
         )

@@ -19,14 +19,19 @@ from . import plots
 from .summary import Fact, cost_facts, headline_facts, promotion_decision, target_rows
 from .trainlog import TrainLog
 
-CSS = """body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em auto;max-width:1250px;
-color:#222;padding:0 1em}h1{font-size:1.5em}h2{border-bottom:2px solid #4477aa;padding-bottom:.2em;margin-top:1.6em}
+CSS = """body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em auto;
+max-width:1250px;color:#222;padding:0 1em}h1{font-size:1.5em}
+h2{border-bottom:2px solid #4477aa;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:3px 9px}
-th{background:#f2f4f8;text-align:left}td.n,th.n{text-align:right}.num{font-variant-numeric:tabular-nums}
-.cards{display:flex;flex-wrap:wrap;gap:.7em}.card{border:1px solid #ccd;border-radius:6px;padding:.5em .9em;
-min-width:9em;background:#fafbfd}.card .v{font-size:1.35em;font-weight:600}.card .l{font-size:.8em;color:#555}
-.note{color:#8a4b00;background:#fff7e6;border-left:3px solid #e0a030;padding:.3em .7em;margin:.5em 0}
-.verdict{font-size:1.1em;padding:.5em .8em;border-radius:6px;background:#eef4ee;border:1px solid #9c9}
+th{background:#f2f4f8;text-align:left}td.n,th.n{text-align:right}
+.num{font-variant-numeric:tabular-nums}
+.cards{display:flex;flex-wrap:wrap;gap:.7em}
+.card{border:1px solid #ccd;border-radius:6px;padding:.5em .9em;min-width:9em;background:#fafbfd}
+.card .v{font-size:1.35em;font-weight:600}.card .l{font-size:.8em;color:#555}
+.note{color:#8a4b00;background:#fff7e6;border-left:3px solid #e0a030;padding:.3em .7em;
+margin:.5em 0}
+.verdict{font-size:1.1em;padding:.5em .8em;border-radius:6px;background:#eef4ee;
+border:1px solid #9c9}
 img{max-width:100%;display:block;margin:.6em 0}small{color:#666}"""
 
 
@@ -49,7 +54,7 @@ def num(f: Fact, source: str = "metrics") -> str:
 
 
 def table(header: list[str] | None, rows: list[list[str]], numeric_from: int = 1) -> str:
-    """Cells are HTML already (escape text with ``esc``); columns from ``numeric_from`` align right."""
+    """Cells are HTML (escape text with ``esc``); columns from ``numeric_from`` align right."""
     th = "".join(
         f"<th{' class=n' if i >= numeric_from else ''}>{esc(h)}</th>"
         for i, h in enumerate(header or [])
@@ -294,11 +299,15 @@ def failures_section(m: dict, ctx: dict) -> str:
             frames = [sum(tok[i * h * w : (i + 1) * h * w]) / (h * w) for i in range(tt)]
             worst = min(range(len(tok)), key=tok.__getitem__)
             ws, bs = min(range(tt), key=frames.__getitem__), max(range(tt), key=frames.__getitem__)
+            worst_num = num(
+                Fact("", tok[worst], "num", f"targets.{t}.per_token_cosine.{worst}"), "details"
+            )
             out.append(
                 f"<p>grid (T,H,W) = {tuple(grid)}; worst temporal slice t={ws} "
-                f"(mean {esc(fmt_num(frames[ws]))}), best t={bs} (mean {esc(fmt_num(frames[bs]))}); "
+                f"(mean {esc(fmt_num(frames[ws]))}), "
+                f"best t={bs} (mean {esc(fmt_num(frames[bs]))}); "
                 f"worst token (t,h,w) = {(worst // (h * w), worst // w % h, worst % w)} with "
-                f"{num(Fact('', tok[worst], 'num', f'targets.{t}.per_token_cosine.{worst}'), 'details')}</p>"
+                f"{worst_num}</p>"
             )
             out.append(
                 figure(
@@ -384,8 +393,8 @@ def cost_section(m: dict, ctx: dict) -> str:
     given += [(n, ctx["backbone_gflops"].get(n), "gflop") for n in ctx["backbone_gflops"] or {}]
     if given:
         out.append(
-            f"<h3>Backbone figures given to the report ({esc(ctx['backbone_device'] or 'device not stated')})"
-            "</h3>"
+            "<h3>Backbone figures given to the report "
+            f"({esc(ctx['backbone_device'] or 'device not stated')})</h3>"
             + table(["model", "per clip"], [[esc(n), num(Fact(n, v, k))] for n, v, k in given])
         )
     return "".join(out)
@@ -417,10 +426,11 @@ def render(m: dict, ctx: dict) -> str:
     conv = (m.get("converter") or {}).get("name", "converter")
     nav = " · ".join(f'<a href="#{a}">{esc(t.split(":")[0])}</a>' for a, t, _ in SECTIONS)
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    ckpt = esc(m.get("checkpoint", "?"))
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">
 <title>tokconv evaluation: {esc(conv)}</title><style>{CSS}</style></head><body>
 <h1>tokconv evaluation: {esc(conv)} on the {esc(m.get("split", "?"))} split</h1>
-<p><small>checkpoint {esc(m.get("checkpoint", "?"))} · generated {stamp} · fidelity in the standardised
+<p><small>checkpoint {ckpt} · generated {stamp} · fidelity in the standardised
 teacher space · <a href="metrics.json">metrics.json</a></small></p><nav>{nav}</nav>
 {"".join(parts)}</body></html>"""

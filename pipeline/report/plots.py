@@ -156,7 +156,7 @@ def token_heatmaps(
 
 
 def confusion_matrix(counts: list[list[int]], names: list[str]) -> str | None:
-    """Row-normalised confusion matrix (rows: true class); counts written in cells up to 30 classes."""
+    """Row-normalised confusion matrix (rows: true class); counts in cells up to 30 classes."""
     import numpy as np
 
     c = np.asarray(counts, dtype=np.float64)

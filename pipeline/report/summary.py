@@ -151,7 +151,10 @@ def promotion_decision(
                 )
             return (
                 f"promoted: {ver} is latest",
-                f"{m} {fmt_num(v)} beats {fmt_num(pv)} of the previous latest {prev.get('version')} ({on})",
+                (
+                    f"{m} {fmt_num(v)} beats {fmt_num(pv)} of the previous latest "
+                    f"{prev.get('version')} ({on})"
+                ),
             )
         return (
             f"not promoted: {ver} published, latest stays {prev.get('version')}",
@@ -181,8 +184,8 @@ def promotion_decision(
     return (
         f"not exported yet: {verdict}",
         (
-            f"{metric} {fmt_num(value)} against {fmt_num(old)} for the current latest {ver} on this "
-            f"split ({better_word} is better; a tie keeps latest)"
+            f"{metric} {fmt_num(value)} against {fmt_num(old)} for the current latest {ver} "
+            f"on this split ({better_word} is better; a tie keeps latest)"
         ),
     )
 

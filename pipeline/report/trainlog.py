@@ -48,7 +48,7 @@ class TrainLog:
     error: str | None = None  # why the log could not be read (then steps/val are empty)
 
     def keys(self, prefix: str = "", kind: str = "step") -> list[str]:
-        """Numeric keys present in any record of ``kind`` that start with ``prefix``, in first-seen order."""
+        """Numeric keys in any record of ``kind`` starting with ``prefix``, in first-seen order."""
         seen: dict[str, None] = {}
         for r in self.steps if kind == "step" else self.val:
             for k in r:

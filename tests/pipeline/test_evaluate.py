@@ -171,7 +171,8 @@ def test_fidelity_details_match_numpy_across_batches():
     for sl in (slice(0, 3), slice(3, 4), slice(4, 11)):
         m.update(p[sl], t[sl])
     pn, tn = p.double().numpy(), t.double().numpy()
-    cos = (pn * tn).sum(-1) / (np.linalg.norm(pn, axis=-1) * np.linalg.norm(tn, axis=-1))  # (clips, tokens)
+    # (clips, tokens)
+    cos = (pn * tn).sum(-1) / (np.linalg.norm(pn, axis=-1) * np.linalg.norm(tn, axis=-1))
     d = m.details()
     np.testing.assert_allclose(d["per_clip_cosine"], cos.mean(1), rtol=1e-12)
     np.testing.assert_allclose(d["per_token_cosine"], cos.mean(0), rtol=1e-12)
@@ -217,14 +218,16 @@ def test_evaluate_model_details_known_case():
 
     torch.manual_seed(0)
     conv = create_converter("baseline_interp_linear", student=STUDENT, targets=TEACHERS).eval()
-    head = ResidualHead(student_dim=STUDENT.dim, target_dims={k: s.dim for k, s in TEACHERS.items()},
+    head = ResidualHead(student_dim=STUDENT.dim,
+                        target_dims={k: s.dim for k, s in TEACHERS.items()},
                         num_classes=4, hidden=16).eval()
     x = torch.randn(9, STUDENT.tokens, STUDENT.dim)
     with torch.no_grad():
         out = conv.forward_all(x)
         logits = head(x, out)
     order = logits.argsort(dim=1, descending=True)
-    labels = torch.cat([order[:5, 0], order[5:8, 1], torch.tensor([-1])])  # 5 right, 3 second-best, 1 unlabelled
+    # 5 right, 3 second-best, 1 unlabelled
+    labels = torch.cat([order[:5, 0], order[5:8, 1], torch.tensor([-1])])
     batches = [{"student": x[s], **{k: v[s] for k, v in out.items()}, "label_index": labels[s],
                 "video_id": [f"clip{i}" for i in range(9)][s]} for s in (slice(0, 4), slice(4, 9))]
     zero = {k: torch.zeros(s.dim) for k, s in TEACHERS.items()}
@@ -247,7 +250,8 @@ def test_evaluate_model_details_known_case():
     assert h["class_names"] == names and h["confusion"] == ref.tolist()
     assert sum(h["confusion"][i][i] for i in range(4)) == 5 == round(metrics["top1"] * 8)
     seen = [i for i in range(4) if ref[i].sum()]
-    assert metrics["mean_class_accuracy"] == pytest.approx(np.mean([ref[i, i] / ref[i].sum() for i in seen]))
+    assert metrics["mean_class_accuracy"] == pytest.approx(
+        np.mean([ref[i, i] / ref[i].sum() for i in seen]))
     # without return_details: the old two-value form, the same metrics
     m2, _ = evaluate_model(conv, head, batches, mean=zero, std=one)
     assert m2 == metrics
@@ -255,7 +259,8 @@ def test_evaluate_model_details_known_case():
 
 def test_details_json_is_compact_and_rounded():
     from pipeline.evaluate import details_json
-    d = {"schema": "s", "targets": {"a": {"per_clip_cosine": [0.123456789, float("nan")], "grid": [1, 2, 3]}},
+    d = {"schema": "s",
+         "targets": {"a": {"per_clip_cosine": [0.123456789, float("nan")], "grid": [1, 2, 3]}},
          "head": None}
     raw = details_json(d)
     assert b" " not in raw and b"\n" not in raw
@@ -275,28 +280,35 @@ def test_run_evaluate_writes_details_beside_a_small_metrics_json(tmp_path):
     storage = Storage(str(tmp_path / "store"))
     make_tiny_store(storage)
     job = JobConfig.model_validate({"name": "ev", "storage": {"url": storage.root_url},
-                                    "train": {"head": {"hidden": 16}}, "evaluate": {"batch_size": 3}})
+                                    "train": {"head": {"hidden": 16}},
+                                    "evaluate": {"batch_size": 3}})
     publish_checkpoint(storage, job)
     info = storage.read_json("runs/ev/train.json")
-    log = [{"step": s, "epoch": 0, "loss": 2.0 / s, "loss.videomae": 1.0 / s, "lr": 1e-3} for s in (1, 2, 3)]
-    storage.write_bytes("runs/ev/train/metrics.jsonl", "\n".join(json.dumps(r) for r in log).encode())
+    log = [{"step": s, "epoch": 0, "loss": 2.0 / s, "loss.videomae": 1.0 / s, "lr": 1e-3}
+           for s in (1, 2, 3)]
+    storage.write_bytes("runs/ev/train/metrics.jsonl",
+                        "\n".join(json.dumps(r) for r in log).encode())
     storage.write_json("runs/ev/train.json", {**info, "metrics_log": "runs/ev/train/metrics.jsonl"})
     summary = run_evaluate(job, storage)
 
     metrics = storage.read_json("runs/ev/eval/metrics.json")
     details = json.loads(storage.read_bytes("runs/ev/eval/details.json"))
-    assert metrics["details"] == {"uri": storage.url("runs/ev/eval/details.json"), "schema": DETAILS_SCHEMA}
+    assert metrics["details"] == {"uri": storage.url("runs/ev/eval/details.json"),
+                                  "schema": DETAILS_SCHEMA}
     assert details["schema"] == DETAILS_SCHEMA and details["clips"] == metrics["clips"] == 8
-    assert details["video_ids"] == [f"v{i:04d}" for i in range(24, 32)]  # the store's val clips, in order
+    # the store's val clips, in order
+    assert details["video_ids"] == [f"v{i:04d}" for i in range(24, 32)]
     for t, spec in TEACHERS.items():
         d = details["targets"][t]
         assert len(d["per_clip_cosine"]) == 8 and len(d["per_token_cosine"]) == spec.tokens
-        assert np.mean(d["per_clip_cosine"]) == pytest.approx(metrics["targets"][t]["cosine"], abs=1e-5)
+        assert np.mean(d["per_clip_cosine"]) == pytest.approx(metrics["targets"][t]["cosine"],
+                                                              abs=1e-5)
         assert "per_clip_cosine" not in metrics["targets"][t]
     assert details["head"]["class_names"] == CLASS_NAMES
     assert sum(map(sum, details["head"]["confusion"])) == metrics["labelled_clips"]
     c = metrics["converter"]
-    assert c["latency_device"] == "cpu" and c["latency_ms_per_clip_cpu"] == c["latency_ms_per_clip"] > 0
+    assert c["latency_device"] == "cpu"
+    assert c["latency_ms_per_clip_cpu"] == c["latency_ms_per_clip"] > 0
     report = storage.read_bytes("runs/ev/eval/report.html").decode()
     assert summary["report_url"] == storage.url("runs/ev/eval/report.html")
     assert 'alt="training curves"' in report and "3 step records" in report

@@ -472,8 +472,8 @@ def test_sections_say_what_they_lack_and_broken_input_never_fails(rendered):
     )
     text = parse_dom(page).text
     assert (
-        "this section could not be drawn: ValueError: timesformer: 35 per-token values for grid [4, 3, 3]"
-        in text
+        "this section could not be drawn: ValueError: "
+        "timesformer: 35 per-token values for grid [4, 3, 3]" in text
     )
     assert "this section could not be drawn: KeyError: 'per_class_accuracy'" in text
     assert "2 malformed lines of the log were skipped" in text
