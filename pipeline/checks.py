@@ -97,7 +97,7 @@ def _converter_kwargs(job: JobConfig) -> list[str]:
     unknown = [k for k in kwargs if k not in allowed and k not in _SET_BY_TRAIN]
     if unknown:
         out.append(f"train.converter_kwargs: unknown key(s) {_names(unknown)} for converter "
-                   f"{tc.converter}; allowed: {_names(allowed)}")
+                   f"{tc.converter}; allowed: {_names(allowed) or 'none'}")
     if out:
         return out
     try:  # the values too: the constructor's own checks (head counts, ranks, types)

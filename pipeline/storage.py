@@ -92,6 +92,8 @@ def url_problem(url: str) -> str | None:
         return f"scheme {scheme!r}: {e}"
     if scheme in ("s3", "s3a"):
         bucket = rest.split("/", 1)[0]
+        if "@" in bucket:  # never echoed: it may hold a password
+            return "credentials in an s3:// URL are not read: give key/secret in the options"
         return bucket_problem(bucket) if bucket else f"no bucket in {url!r}"
     return None
 
