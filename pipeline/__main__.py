@@ -2,6 +2,12 @@
 
 Job files are executable (their shebang is ``#!/usr/bin/env -S python -m pipeline run``), so
 ``jobs/smoke.yaml`` and ``ray job submit -- jobs/full.yaml`` run the same thing.
+
+Before any work the job file is validated (exit 2) and the outside world is checked: storage
+writable, sources and model sources present (exit 3); then Ray starts, for the stages that use it
+(extract, train). A failure prints one line, ``error: stage <s>: <Type>: <why>`` (exit 1); the
+traceback too with --traceback or TOKCONV_TRACEBACK=1. Credentials in storage options are
+masked in --print-config and in runs/<name>/summary.json, which also records a failed stage.
 """
 from __future__ import annotations
 
@@ -12,10 +18,12 @@ import os
 import posixpath
 import sys
 import time
+import traceback
 
 from .artifacts import job_run_dir
-from .config import STAGES, ConfigError, JobConfig, load_job
-from .storage import Storage
+from .checks import PreflightError, preflight
+from .config import STAGES, ConfigError, JobConfig, format_config, load_job
+from .storage import Storage, mask_secrets
 
 # stage name -> (module, runner); runners take (job, storage) and return a JSON-able summary
 STAGE_RUNNERS = {
@@ -24,6 +32,7 @@ STAGE_RUNNERS = {
     "evaluate": ("pipeline.evaluate", "run_evaluate"),
     "export": ("pipeline.export", "run_export"),
 }
+RAY_STAGES = ("extract", "train")  # evaluate and export run in this process, without a cluster
 
 
 def _parse_stages(text: str | None) -> list[str] | None:
@@ -57,23 +66,55 @@ def init_ray(job: JobConfig) -> bool:
     return True
 
 
+def error_line(e: BaseException) -> str:
+    """One line for a failed job: the stage (from the note run_job adds), the error's type and the
+    first line of its message, with Ray's wrappers (task errors, training worker errors) opened."""
+    stage = next((n[7:] for n in getattr(e, "__notes__", ()) if n.startswith("stage: ")), None)
+    inner = e
+    for _ in range(10):  # RayTaskError.cause, WorkerGroupError.worker_failures, ControllerError
+        failures = getattr(inner, "worker_failures", None)
+        nxt = next(iter(failures.values()), None) if isinstance(failures, dict) else None
+        nxt = nxt or getattr(inner, "cause", None) or getattr(inner, "controller_failure", None)
+        if not isinstance(nxt, BaseException):
+            break
+        inner = nxt
+    text = next((ln.strip() for ln in str(inner).splitlines() if ln.strip()), "")
+    return f"{f'stage {stage}: ' if stage else ''}{type(inner).__name__}: {text}"
+
+
 def run_job(job: JobConfig, stages: list[str] | None = None) -> dict:
-    """Run the job's stages in order; returns {stage: summary}. Writes runs/<name>/summary.json."""
+    """Check the outside world (``checks.preflight``), then run the job's stages in order; returns
+    {stage: summary}. Writes runs/<name>/summary.json (credentials masked), also when a stage
+    fails (its ``failed`` entry names the stage and the error), then re-raises."""
     stages = stages or job.stages
+    preflight(job, stages)  # before Ray starts or any stage does work: PreflightError names it
     storage = Storage(job.storage.url, job.storage.options)
-    started_ray = init_ray(job)
+    started_ray, ray_ready = False, False
     results: dict[str, dict] = {}
+    record = {"job": job.name, "stages": results, "config": mask_secrets(job.model_dump())}
+    where = posixpath.join(job_run_dir(job.name), "summary.json")
     try:
         for i, stage in enumerate(stages, 1):
+            if stage in RAY_STAGES and not ray_ready:
+                started_ray, ray_ready = init_ray(job), True
             module, fn = STAGE_RUNNERS[stage]
             print(f"\n=== [{i}/{len(stages)}] {stage} ===", flush=True)
             t0 = time.perf_counter()
-            summary = getattr(importlib.import_module(module), fn)(job, storage)
+            try:
+                summary = getattr(importlib.import_module(module), fn)(job, storage)
+            except Exception as e:
+                e.add_note(f"stage: {stage}")
+                record["failed"] = {"stage": stage, "error": error_line(e)}
+                try:
+                    storage.write_json(where, mask_secrets(record))
+                except Exception as w:  # noqa: BLE001 -- the stage's own error is the one to raise
+                    print(f"[job] could not write {storage.url(where)}: {error_line(w)}",
+                          file=sys.stderr, flush=True)
+                raise
             summary = dict(summary or {}, seconds=round(time.perf_counter() - t0, 2))
             results[stage] = summary
             print(f"=== {stage} done in {summary['seconds']:.1f}s ===", flush=True)
-        storage.write_json(posixpath.join(job_run_dir(job.name), "summary.json"),
-                           {"job": job.name, "stages": results})
+        storage.write_json(where, mask_secrets(record))
     finally:
         if started_ray:
             import ray
@@ -105,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.epochs=3")
     run.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)}")
     run.add_argument("--print-config", action="store_true",
-                     help="print the validated config and exit")
+                     help="print the validated config (credentials masked) and exit")
+    run.add_argument("--traceback", action="store_true",
+                     help="on failure print the traceback, not only the one-line error "
+                          "(also: TOKCONV_TRACEBACK=1)")
     # Overrides may come after options too (`job.yaml --print-config a.b=1`, as a shebang runs it).
     args, extra = parser.parse_known_args(argv)
     unknown = [e for e in extra if e.startswith("-") or "=" not in e]
@@ -117,12 +161,24 @@ def main(argv: list[str] | None = None) -> int:
         job = load_job(args.job, args.overrides)
         stages = _parse_stages(args.stages)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        lines = str(e).splitlines()  # one problem: one line; several: the header, one line each
+        print("error: " + (f"{lines[0]} {lines[1].strip()}" if len(lines) == 2 else str(e)),
+              file=sys.stderr)
         return 2
     if args.print_config:
-        print(json.dumps(job.model_dump(), indent=2))
+        print(format_config(job))
         return 0
-    results = run_job(job, stages)
+    try:
+        results = run_job(job, stages)
+    except PreflightError as e:
+        for problem in e.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 3
+    except Exception as e:  # noqa: BLE001 -- one line (what, where, why) unless asked for more
+        if args.traceback or os.environ.get("TOKCONV_TRACEBACK") == "1":
+            traceback.print_exc()
+        print(f"error: job {job.name}, {error_line(e)}", file=sys.stderr)
+        return 1
     _print_outcome(job, results)
     return 0
 

@@ -4,21 +4,49 @@ Every model forbids unknown keys, so a typo fails before any work starts with a 
 names the key path (torchtune ``_parse.py`` habit: YAML + ``a.b=c`` overrides, validated up
 front). Stage builders take only their own sub-config; names several stages share (the feature
 store, the model name) are job-level keys. Every field's description is one line: what, unit,
-default (measurements live in bench/RESULTS.md).
+default (measurements live in bench/RESULTS.md). Checks across stages (model and target names,
+converter keywords, the promotion metric, URLs of other sections) live in ``pipeline.checks``
+and run when a ``JobConfig`` validates. ``mask_secrets`` hides credentials wherever a config
+is printed or stored.
 """
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.storage import mask_secrets, url_problem
+
 STAGES = ("extract", "train", "evaluate", "export")
 Rewrite = Literal["patch_matmul", "gelu_epilogue", "fold_temporal_dense",
                   "packed_temporal_attention"]
 # keys that moved, old dotted path -> new one: a job file still using the old key fails naming both
 MOVED_KEYS = {"extract.store": "store", "export.model_name": "model_name"}
+# the splits sources assigns (a manifest's train/training/val/valid/validation map onto them)
+Split = Literal["train", "val"]
+SPLITS: tuple[str, ...] = get_args(Split)
+# the usual video containers; any other file under sources.uri is skipped and reported
+VIDEO_EXTENSIONS = ("mp4", "m4v", "mov", "qt", "mkv", "webm", "avi", "mpg", "mpeg", "m1v", "m2v",
+                    "ts", "mts", "m2ts", "3gp", "3g2", "flv", "f4v", "wmv", "asf", "ogv", "mxf",
+                    "vob", "dv")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _plain_name(v: str) -> str:
+    if not _PLAIN_NAME.fullmatch(v):
+        raise ValueError("must be a plain name: letters, digits, '.', '_', '-' (no '/')")
+    return v
+
+
+def _url(v: str | None) -> str | None:
+    problem = url_problem(v) if v is not None else None
+    if problem:
+        raise ValueError(problem)
+    return v
 
 
 class _Strict(BaseModel):
@@ -31,16 +59,18 @@ class StorageConfig(_Strict):
         "runs/default", description="root fsspec URL of every output (path, file://, s3://)")
     options: dict[str, Any] = Field(
         default_factory=dict,
-        description="fsspec options for storage.url (s3: endpoint_url, key, secret)")
+        description="fsspec options for storage.url (s3: endpoint_url, key, secret, config_kwargs)")
+
+    _check_url = field_validator("url")(_url)
 
 
 class RayConfig(_Strict):
     address: str | None = Field(
         None, description="cluster to join; None: $RAY_ADDRESS if set, else a local one")
     num_cpus: int | None = Field(
-        None, description="CPUs of a local cluster; None: all of this machine's")
+        None, ge=1, description="CPUs of a local cluster; None: all of this machine's")
     num_gpus: int | None = Field(
-        None, description="GPUs of a local cluster; None: all of this machine's")
+        None, ge=0, description="GPUs of a local cluster; None: all of this machine's")
     object_store_memory: int | None = Field(
         None, description="object store bytes of a local cluster; None: Ray's")
     runtime_env: dict[str, Any] = Field(
@@ -54,8 +84,9 @@ class SourcesConfig(_Strict):
         description="directory or fsspec prefix of the videos; 'samples': the bundled ones")
     manifest: str | None = Field(
         None, description="CSV/JSONL/Parquet file of path,label[,split]; used instead of uri")
-    extensions: list[str] = Field(default_factory=lambda: ["mp4", "webm", "mkv", "avi", "mov"],
-                                  description="video file extensions listed under uri (any case)")
+    extensions: list[str] | Literal["all"] = Field(
+        default_factory=lambda: list(VIDEO_EXTENSIONS),
+        description="file extensions listed under uri (any case); all: every file, decode decides")
     labels: Literal["parent", "none", "manifest"] = Field(
         "parent", description="labels from the parent folder's name, none, or the manifest's label")
     val_fraction: float = Field(
@@ -65,6 +96,25 @@ class SourcesConfig(_Strict):
     limit: int | None = Field(None, ge=1, description="keep the first N videos by path; None: all")
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options for the videos and the manifest")
+
+    _check_urls = field_validator("uri", "manifest")(_url)
+
+    @field_validator("extensions", mode="before")
+    @classmethod
+    def _normalise_extensions(cls, v: Any) -> Any:
+        if v == "all":
+            return v
+        exts = [str(e).strip().lower().lstrip(".") for e in v] if isinstance(v, list) else []
+        if not exts or not all(exts):
+            raise ValueError("a list of extensions such as [mp4, webm], or all")
+        return list(dict.fromkeys(exts))
+
+    @model_validator(mode="after")
+    def _labels_need_a_manifest(self) -> SourcesConfig:
+        if self.labels == "manifest" and not self.manifest:
+            raise ValueError("sources.labels=manifest needs sources.manifest (a CSV/JSONL/Parquet "
+                             "file of path,label[,split]); allowed without one: parent, none")
+        return self
 
 
 class DecodeConfig(_Strict):
@@ -235,7 +285,7 @@ class TrainConfig(_Strict):
 
 
 class EvaluateConfig(_Strict):
-    split: str = Field("val", description="held-out split to evaluate")
+    split: Split = Field("val", description="held-out split to evaluate (as sources assigns them)")
     batch_size: int = Field(8, ge=1, description="clips per evaluation batch")
     report_html: bool = Field(True, description="write report.html beside metrics.json")
     device: Literal["auto", "cpu", "cuda"] = Field(
@@ -249,6 +299,11 @@ class ExportConfig(_Strict):
         "mean_cosine", description="metrics.json key (dotted path) deciding promotion to `latest`")
     higher_is_better: bool = Field(True, description="direction of export.metric")
     torchscript: bool = Field(False, description="also save forward_all traced with TorchScript")
+
+    @field_validator("version")
+    @classmethod
+    def _plain_version(cls, v: str | None) -> str | None:
+        return None if v is None else _plain_name(v)
 
 
 class JobConfig(_Strict):
@@ -285,6 +340,21 @@ class JobConfig(_Strict):
     def _stages_in_order(cls, v: list[str]) -> list[str]:
         return [s for s in STAGES if s in v]
 
+    _plain_names = field_validator("name", "store", "model_name")(_plain_name)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> JobConfig:
+        from pipeline.checks import check_job
+        problems = check_job(self)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+def format_config(job: JobConfig) -> str:
+    """The job as indented JSON with credentials masked (``--print-config``, logs)."""
+    return json.dumps(mask_secrets(job.model_dump()), indent=2)
+
 
 class ConfigError(ValueError):
     """A job file or override that does not validate; the message names the key path."""
@@ -314,15 +384,21 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem, each naming its key path: ``  key.path: why (got value)``."""
     lines = [f"invalid job config ({source}):"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
-        if not loc and e["type"] == "value_error":  # a job-level check: its message names the keys
-            lines.append(f"  {e['ctx']['error']}")
-            continue
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        if e["type"] == "value_error":
+            text = str(e["ctx"]["error"])
+            if not loc or text.startswith(loc + "."):  # a check whose messages name their keys
+                lines += [f"  {t}" for t in text.splitlines()]
+                continue
+            msg = text
+        else:
+            msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
         shown = e["type"] != "extra_forbidden" and not isinstance(e.get("input"), dict)
-        lines.append(f"  {loc or '<root>'}: {msg}" + (f" (got {e['input']!r})" if shown else ""))
+        got = f" (got {mask_secrets(e['input'])!r})" if shown else ""
+        lines.append(f"  {loc or '<root>'}: {msg}{got}")
     return "\n".join(lines)
 
 

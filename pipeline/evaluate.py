@@ -51,6 +51,16 @@ from .storage import Storage
 
 SAMPLE_CLIPS = 2
 DETAILS_SCHEMA = "tokconv.eval.details/1"
+# what metrics.json holds for promotion (export.metric and the job checks read these), True where
+# higher is better: mean_<m> over targets and targets.<t>.<m> per fidelity metric, and the head's
+FIDELITY_METRICS = {"cosine": True, "mse": False, "r2": True}
+HEAD_METRICS = {"top1": True, "top5": True}
+
+
+def promotion_metrics(targets: Iterable[str]) -> dict[str, bool]:
+    """Every metrics.json key ``export.metric`` may name -> whether higher is better."""
+    return {**{f"mean_{m}": up for m, up in FIDELITY_METRICS.items()}, **HEAD_METRICS,
+            **{f"targets.{t}.{m}": up for t in targets for m, up in FIDELITY_METRICS.items()}}
 
 
 class FidelityMeter:
@@ -252,9 +262,8 @@ def evaluate_model(converter: nn.Module, head: nn.Module | None,
     head_details = confusion.compute() if confusion is not None else None
     metrics: dict[str, Any] = {
         "clips": clips, "targets": per_target,
-        "mean_cosine": statistics.fmean(v["cosine"] for v in per_target.values()),
-        "mean_mse": statistics.fmean(v["mse"] for v in per_target.values()),
-        "mean_r2": statistics.fmean(v["r2"] for v in per_target.values()),
+        **{f"mean_{m}": statistics.fmean(v[m] for v in per_target.values())
+           for m in FIDELITY_METRICS},
         "labelled_clips": labelled,
         "top1": correct[1] / labelled if head is not None and labelled else None,
         "top5": correct[5] / labelled if head is not None and labelled else None,

@@ -387,12 +387,15 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
     """List videos, extract the missing clips into the feature store, write meta.json + stats.json."""
     import ray.data
 
-    from pipeline.sources import class_names, list_videos
+    from pipeline.sources import class_names, list_sources
 
     t0 = time.perf_counter()
     ec, cpv = job.extract, job.decode.clips_per_video
     store = FeatureStore(storage, job.store)
-    records = list_videos(job.sources, storage_options=job.sources.storage_options or None)
+    listing = list_sources(job.sources, storage_options=job.sources.storage_options or None)
+    records = listing.records
+    for line in listing.report():  # every other file under the prefix, by reason
+        print(f"[extract] {line}", flush=True)
     commits = store.commits()  # read once before the run (large stores hold many records) and once after
     orphans = store.cleanup(commits)  # shards from a crashed run that never got their commit record
     specs = model_specs(job.models)
@@ -414,6 +417,9 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
     commit_times: list[tuple[float, int]] = []  # (seconds since the pipeline started, clips committed)
     res: dict = {}
     failed_before = set(store.failed())
+    for r in (r for r in pending if r.get("error")):  # unreadable (broken symlink...): not decoded
+        store.record_failure(r, r["error"])
+    pending = [r for r in pending if not r.get("error")]
     if pending:
         ray.data.DataContext.get_current().enable_progress_bars = True
         res = _resources(job)
@@ -455,6 +461,7 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
         "window_clips_per_s": window_rate(commit_times),
         "store_clips": sum(len(v) for v in store.done_clips(commits).values()),
         "stats_targets": sorted(stats.get("all", {})), **{f"resources_{k}": v for k, v in res.items()},
+        "skipped_files": listing.summary(),
     }
     print(f"[extract] {clips} clips in {elapsed:.1f}s ({summary['clips_per_s']} clips/s), "
           f"{nbytes / 2**20:.1f} MiB; videos: {check['processed']} processed + {check['failed']} failed "

@@ -1,15 +1,34 @@
 """Storage is always an fsspec URL: a local path, ``file://...``, or ``s3://bucket/prefix``
-(s3fs; pass ``endpoint_url`` in ``options`` for MinIO or another S3-compatible store)."""
+(s3fs; pass ``endpoint_url`` in ``options`` for MinIO or another S3-compatible store).
+
+S3 options go to ``s3fs.S3FileSystem`` as they are (plus the short form ``endpoint_url``):
+``key``/``secret``/``token``, ``client_kwargs`` (boto client: ``region_name``...) and
+``config_kwargs``, which s3fs hands to ``botocore.config.Config``; that is where retries live::
+
+    options: {config_kwargs: {retries: {max_attempts: 10, mode: adaptive},
+                              connect_timeout: 5, read_timeout: 30}}
+
+botocore retries throttling, 5xx responses and connection errors with backoff (modes
+``standard``, ``adaptive``; by default ``legacy``, 5 attempts); s3fs itself retries timeouts and
+broken connections of a call (its class attribute ``retries``, 5). ``mask_secrets`` hides the
+credentials among these options wherever a config or summary is printed or stored.
+"""
 from __future__ import annotations
 
 import datetime as _dt
 import json
 import os
 import posixpath
+import re
 from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
+
+# URL schemes the pipeline reads and writes (plus plain local paths); memory: one process only
+PROTOCOLS = ("file", "s3", "s3a", "gs", "gcs", "memory")
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_IPV4 = re.compile(r"\d{1,3}(\.\d{1,3}){3}")
 
 
 def is_remote(url: str) -> bool:
@@ -22,6 +41,61 @@ def utc_now(*, basic: bool = False) -> str:
     """The current UTC time to the second, ISO 8601: ``2026-12-02T10:00:00Z`` (records), or the
     basic form ``20261202T100000Z`` (names of versions and runs: no colons)."""
     return _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ" if basic else "%Y-%m-%dT%H:%M:%SZ")
+
+
+# option keys that hold credentials (matched on the lower-cased key, '-' read as '_')
+_SECRET_KEY = re.compile(r"(key|secret|token|password|passwd|credentials?)"
+                         r"|.*(_key|_key_id|_secret|_token|_password)|.*(secret|password|credential).*")
+_URL_USERINFO = re.compile(r"(://[^/@:\s]+:)[^/@\s]+@")
+MASK = "***"
+
+
+def mask_secrets(value: Any) -> Any:
+    """A copy of ``value`` (a config dump, options, a summary) with credentials replaced by
+    ``MASK``: values under keys such as key, secret, token, password, session_token,
+    aws_secret_access_key, *_api_key, and the password of ``scheme://user:password@host`` URLs."""
+    if isinstance(value, dict):
+        return {k: MASK if (_SECRET_KEY.fullmatch(str(k).lower().replace("-", "_"))
+                            and v not in (None, "")) else mask_secrets(v)
+                for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [mask_secrets(v) for v in value]
+    if isinstance(value, str):
+        return _URL_USERINFO.sub(rf"\1{MASK}@", value)
+    return value
+
+
+def bucket_problem(name: str) -> str | None:
+    """Why S3 would refuse ``name`` as a bucket name (AWS rules), or None when it is valid."""
+    if not _BUCKET.fullmatch(name):
+        return (f"bucket name {name!r} is not valid: 3-63 characters of a-z, 0-9, '.' and '-', "
+                f"starting and ending with a letter or digit")
+    if ".." in name or _IPV4.fullmatch(name):
+        return f"bucket name {name!r} is not valid: no '..' and not an IP address"
+    if name.startswith(("xn--", "sthree-")) or name.endswith(("-s3alias", "--ol-s3")):
+        return f"bucket name {name!r} is not valid: reserved prefix or suffix"
+    return None
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a storage location (unsupported scheme, missing filesystem package,
+    bad S3 bucket name), or None. Checks the text only: nothing is contacted."""
+    if "://" not in url:
+        return None if url else "empty URL"
+    scheme, rest = url.split("://", 1)
+    if scheme not in PROTOCOLS:
+        return (f"scheme {scheme!r} is not supported; supported: {', '.join(PROTOCOLS)} "
+                f"or a local path")
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except ImportError as e:
+        return f"scheme {scheme!r}: {e}"
+    if scheme in ("s3", "s3a"):
+        bucket = rest.split("/", 1)[0]
+        if "@" in bucket:  # never echoed: it may hold a password
+            return "credentials in an s3:// URL are not read: give key/secret in the options"
+        return bucket_problem(bucket) if bucket else f"no bucket in {url!r}"
+    return None
 
 
 def _s3fs_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -107,7 +181,8 @@ class Storage:
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         p = self.path(rel)
-        self.fs.makedirs(posixpath.dirname(p), exist_ok=True)
+        if self.protocol == "file":  # object stores need no directories; s3fs would make a bucket
+            self.fs.makedirs(posixpath.dirname(p), exist_ok=True)
         with self.fs.open(p, "wb") as f:
             f.write(data)
 

@@ -7,7 +7,8 @@ Video fixtures (session-scoped, real files):
   ``bad_videos`` -> dict name -> Path (tests/data_tools.py says how each is made): broken ones
       (data_tools.BROKEN: truncated, truncated_midstream, corrupt_midstream, random_bytes, empty,
       text, audio_only, too_short) and valid ones in other codecs (data_tools.VALID_OTHER_CODECS:
-      webm_vp9, avi_mpeg4). Needs ffmpeg on PATH (fails with a clear message otherwise).
+      webm_vp9, avi_mpeg4, mpg_mpeg2) and one that is no video (data_tools.NOT_VIDEO: m4a_audio).
+      Needs ffmpeg on PATH (fails with a clear message otherwise).
 Ray fixture:
   ``ray_cluster`` -> the ``ray`` module, initialised with a real local cluster for the test module
       (2 CPUs, 500 MiB object store, loopback only); a cluster already running is reused as is.
