@@ -19,8 +19,8 @@ int8   D float32 scales s_c = absmax_c / 127, then     |x^ - x| <= s_c / 2, then
 
 Scales are per (clip, channel), over the clip's tokens: channels of one model differ by orders of
 magnitude, tokens of one channel much less (measured on real feature pairs: bench/RESULTS.md).
-A zero channel has scale 0 and decodes to exact zeros; non-finite input is refused (it would
-poison every value of its channel).
+A zero channel decodes to exact zeros (its scale is the smallest normal float32); non-finite input
+is refused (it would poison every value of its channel).
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from pipeline.dtypes import TORCH_DTYPES
 
 DEFAULT = "raw"
 _SCALE_BYTES = 4  # float32 per channel
+_TINY = torch.finfo(torch.float32).tiny
 
 
 @dataclass(frozen=True)
@@ -99,17 +100,15 @@ def _scaled_encode(x: torch.Tensor, code_dtype: torch.dtype, qmax: float, roundi
     """(B, N, D) -> (B, 4*D + N*D) uint8: per-(clip, channel) float32 scales, then the codes."""
     if x.dim() != 3:
         raise ValueError(f"codec encode: expected (B, N, D) features, got shape {tuple(x.shape)}")
-    x = x.float()
-    if not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"codec encode: {bad} non-finite value(s) in the features (NaN/Inf): "
-                         f"a scale would spread them over the whole channel")
-    scale = x.abs().amax(dim=1) / qmax  # (B, D)
-    # divide (not multiply by 1/scale): exact for tiny scales; a zero channel divides by 1: codes 0
-    y = (x / torch.where(scale > 0, scale, 1.0).unsqueeze(1)).clamp_(-qmax, qmax)
-    codes = rounding(y).to(code_dtype)
-    return torch.cat([_rows(scale.contiguous().view(torch.uint8)),
-                      _rows(codes.view(torch.uint8))], 1)
+    # absmax in the input dtype (exact); NaN and Inf reach it: checking the (B, D) scales suffices
+    scale = (x.abs().amax(dim=1).float() / qmax).clamp_min_(_TINY)
+    if not bool(torch.isfinite(scale).all()):
+        raise ValueError("codec encode: non-finite values (NaN/Inf) in the features: a scale would "
+                         "spread them over the whole channel")
+    # |x| <= absmax, so |x / scale| <= qmax up to rounding, which the cast rounds back to qmax;
+    # the floor at the smallest normal float32 keeps x / scale finite (a zero channel: codes 0)
+    codes = rounding(torch.div(x, scale.unsqueeze(1))).to(code_dtype)
+    return torch.cat([_rows(scale.view(torch.uint8)), _rows(codes.view(torch.uint8))], 1)
 
 
 def _scaled_decode(raw: torch.Tensor, shape, dtype: str, out_dtype: torch.dtype,
@@ -126,7 +125,7 @@ def _scaled_decode(raw: torch.Tensor, shape, dtype: str, out_dtype: torch.dtype,
 
 
 def _fp8_encode(x: torch.Tensor) -> torch.Tensor:
-    # the cast rounds to nearest even; clamping first keeps |y| <= 448 (e4m3fn has no Inf: NaN)
+    # the cast rounds to nearest even (e4m3fn: NaN only from 464 up, far above qmax's rounding)
     return _scaled_encode(x, torch.float8_e4m3fn, 448.0, lambda y: y)
 
 
@@ -135,7 +134,7 @@ def _fp8_decode(raw, shape, dtype, out_dtype):
 
 
 def _int8_encode(x: torch.Tensor) -> torch.Tensor:
-    return _scaled_encode(x, torch.int8, 127.0, torch.round)
+    return _scaled_encode(x, torch.int8, 127.0, torch.round_)
 
 
 def _int8_decode(raw, shape, dtype, out_dtype):

@@ -78,6 +78,19 @@ def binary_rows(col, width: int) -> np.ndarray:
     return flat.reshape(n, width)
 
 
+def value_width(col) -> int | None:
+    """Bytes of the first value of a binary column (None when empty), read from its offsets."""
+    if isinstance(col, np.ndarray):
+        return len(col[0]) if len(col) else None
+    if isinstance(col, pa.ChunkedArray):
+        col = next((c for c in col.chunks if len(c)), None)
+    if col is None or len(col) == 0:
+        return None
+    off_type = np.int64 if pa.types.is_large_binary(col.type) else np.int32
+    offsets = np.frombuffer(col.buffers()[1], dtype=off_type, count=col.offset + 2)[col.offset:]
+    return int(offsets[1] - offsets[0])
+
+
 def binary_to_numpy(col, shape: tuple[int, ...], dtype: str) -> np.ndarray:
     """Arrow binary column of equal-length values -> (B, *shape) numpy view in ``dtype``."""
     np_dtype = RAW_NUMPY_DTYPES[dtype]

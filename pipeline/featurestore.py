@@ -80,27 +80,23 @@ class FeatureStore:
                    sources: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
                    codec: str | Mapping[str, str] | None = None) -> dict:
         """meta.json: the tensor layout (name -> shape (tokens, dim), dtype), each column's codec
-        (``codec``: ``extract.codec``, None = raw), specs, class names, sources. Refuses to change
-        the codec of a store that already has committed shards (codecs are never mixed)."""
-        tensors = {k: {"shape": [s.tokens, s.dim], "dtype": dtype} for k, s in specs.items()}
+        (``codec``: ``extract.codec``, None = raw), specs, class names, sources. Refuses another
+        codec once shards are committed (codecs are never mixed); an unchanged meta stays as is."""
         codec_of = codecs.resolve_codecs(codec, {k: (s.tokens, s.dim) for k, s in specs.items()})
-        if self.storage.exists("meta.json"):
-            held = self._codecs(self.read_meta(fresh=True))
-            if held != codec_of and self._ls("commits"):
-                raise ValueError(
-                    f"feature store {self.storage.url()} holds codecs {held}; this job writes "
-                    f"{codec_of}: codecs are never mixed in one store. Use another store name, or "
-                    f"convert it: python -m pipeline reencode JOB.yaml --codec ... --to NEW_NAME")
-        meta = {
+        old = self.read_meta(fresh=True) if self.storage.exists("meta.json") else None
+        if old is not None and self._codecs(old) != codec_of and self._ls("commits"):
+            raise ValueError(
+                f"feature store {self.storage.url()} holds codecs {self._codecs(old)}; this job "
+                f"writes {codec_of}: codecs are never mixed in one store. Use another store name, "
+                f"or convert it: python -m pipeline reencode JOB.yaml --codec ... --to NEW_NAME")
+        meta = json.loads(json.dumps({
             "format": "tokconv-featurestore/1",
-            "tensors": tensors,
-            "codec": codec_of,
-            "specs": specs_to_dict(dict(specs)),
-            "class_names": list(class_names),
-            "sources": sources or {},
-            "updated": utc_now(),
-            **(extra or {}),
-        }
+            "tensors": {k: {"shape": [s.tokens, s.dim], "dtype": dtype} for k, s in specs.items()},
+            "codec": codec_of, "specs": specs_to_dict(dict(specs)),
+            "class_names": list(class_names), "sources": sources or {}, "updated": utc_now(),
+            **(extra or {})}))
+        if old is not None and {**old, "updated": 0} == {**meta, "updated": 0}:
+            return old  # unchanged: not rewritten (a re-run changes nothing)
         self.storage.write_json("meta.json", meta)
         self._meta = meta
         return meta
@@ -130,35 +126,36 @@ class FeatureStore:
     # ---------------------------------------------------------------- writes
     def encode(self, batch: Mapping[str, Any] | pa.Table, tensors: list[str] | None = None, *,
                with_sums: bool = True) -> pa.Table:
-        """Batch dict {ids..., name: (B, tokens, dim) array/tensor}, or a table of raw-bytes columns
-        (the model actor's, in meta.json's layout), -> Arrow table in the store format.
-
-        Tensor columns become large_binary rows of the store's codec for the column, with per-row
-        ``_sum:``/``_sq:`` (B, dim) float64 channel sums of the values BEFORE encoding (passed
-        through when given; not computed with ``with_sums=False``); each column's layout is schema
-        metadata ``tensor:<name>`` (``pipeline.columns``)."""
+        """Batch dict {ids..., name: (B, tokens, dim) array/tensor, optional ``_sum:``/``_sq:``
+        rows}, or a table of raw-bytes columns (the model actor's), -> Arrow table in the store
+        format: tensor columns in the store's codecs, per-row (B, dim) float64 channel sums of the
+        values BEFORE encoding (unless ``with_sums=False``), layouts as schema metadata."""
         has_meta = self._meta is not None or self.storage.exists("meta.json")
         want = self._codecs(self.read_meta()) if has_meta else {}
         if not isinstance(batch, pa.Table):
             return columns.encode_batch(batch, want, tensors, with_sums=with_sums)
         layout = columns.table_layout(batch)
-        if not layout and has_meta:  # Ray may drop schema metadata when it re-batches: raw columns
-            layout = {k: {**v, "codec": codecs.DEFAULT} for k, v in self.layouts().items()
-                      if k in batch.column_names}
+        if not layout and has_meta:  # Ray may drop schema metadata when it re-batches
+            layout = {k: self._arriving_layout(batch.column(k), v)
+                      for k, v in self.layouts().items() if k in batch.column_names}
         if not layout:
             raise ValueError(f"encode: no tensor columns (and no meta.json layout) in "
                              f"{batch.column_names}")
         return columns.transcode(batch, layout, want, with_sums=with_sums,
                                  where=f"{self.storage.url()} ")
 
-    def write_shard(self, batch: Mapping[str, Any] | pa.Table, *, sums: dict | None = None) -> dict:
-        """Write and commit one shard; returns the commit record (small: counts, ids, bytes).
+    @staticmethod
+    def _arriving_layout(col, layout: dict) -> dict:
+        """A column without layout metadata: already in the store's codec when its rows have that
+        width and raw ones would not (rows encoded upstream, e.g. on the GPU), else raw."""
+        raw = {**layout, "codec": codecs.DEFAULT}
+        width, coded = columns.value_width(col), codecs.row_bytes(layout)
+        return layout if width == coded != codecs.row_bytes(raw) else raw
 
-        ``batch``: a dict of columns (ids + tensor columns as (B, tokens, dim) arrays/tensors,
-        optional ``_sum:<name>``/``_sq:<name>`` rows) or a table (``encode``'s, or raw-bytes
-        columns); the store's codec is applied here. ``sums``: the commit record's per-split sums
-        when already known (a re-encode carries the source's). Written as tmp ->
-        shards/<id>.parquet -> commits/<id>.json.
+    def write_shard(self, batch: Mapping[str, Any] | pa.Table, *, sums: dict | None = None) -> dict:
+        """Write and commit one shard (tmp -> shards/<id>.parquet -> commits/<id>.json); returns
+        the commit record's counts. ``batch``: what ``encode`` takes (the store's codec is applied
+        there); ``sums``: the per-split channel sums when known (a re-encode carries the source's).
         """
         table = self.encode(batch, with_sums=sums is None)
         layout = columns.table_layout(table)
@@ -202,7 +199,12 @@ class FeatureStore:
             "bytes": nbytes, "clips": [[v, c] for v, c in zip(vids, clips)], "tensors": layout,
             "sums": sums, "committed": utc_now(),
         }
-        self.storage.write_json(f"commits/{shard_id}.json", record)
+        # the record appears whole or not at all (a kill mid-write leaves only a _tmp orphan)
+        tmp_record = self.storage.path("shards", "_tmp", f"{uuid.uuid4().hex}.json")
+        with fs.open(tmp_record, "wb") as f:
+            f.write(json.dumps(record, indent=2, sort_keys=True).encode())
+        fs.makedirs(self.storage.path("commits"), exist_ok=True)
+        fs.mv(tmp_record, self.storage.path("commits", f"{shard_id}.json"))
         return {k: record[k] for k in ("shard", "path", "rows", "bytes")}
 
     def record_failure(self, record: Mapping[str, Any], reason: str) -> None:
