@@ -285,7 +285,8 @@ class FeatureStore:
         clips), for the train split ("train") and for everything ("all").
         """
         acc: dict[str, dict[str, list]] = {}
-        for r in commits if commits is not None else self.commits():
+        # summed in shard-id order: the same shards give the same bits, whatever the commit order
+        for r in sorted(self.commits() if commits is None else commits, key=lambda r: r["shard"]):
             for split, per in r["sums"].items():
                 for key in (split, "all"):
                     for name, d in per.items():

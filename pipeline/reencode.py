@@ -63,8 +63,9 @@ def reencode(source: FeatureStore, target: FeatureStore, codec: str | dict[str, 
         table = pq.read_table(source.storage.path(record["path"]),
                               filesystem=source.storage.pyarrow_filesystem())
         batch = source.to_torch(table)
-        batch.update({k: batch[k].to(device) for k in held})
-        info = target.write_shard({k: batch[k] for k in (*ID_COLUMNS, *held)},
+        tensors = [c for c in table.column_names if c in held]  # the source's column order
+        batch.update({k: batch[k].to(device) for k in tensors})
+        info = target.write_shard({k: batch[k] for k in (*ID_COLUMNS, *tensors)},
                                   sums=record["sums"])
         if info["shard"] != record["shard"]:
             raise RuntimeError(f"reencode: shard {record['shard']} came out as {info['shard']}: "

@@ -113,10 +113,26 @@ def test_outliers_zero_channels_zero_rows_and_fp16_extremes_stay_finite(codec):
     x_hat = codecs.decode(codecs.encode(x, codec), {"shape": [32, 8], "dtype": "float16",
                                                     "codec": codec}, torch.float32)
     assert bool(torch.isfinite(x_hat).all())
-    assert torch.equal(x_hat[:, :, 4], torch.zeros(4, 32)) and torch.equal(x_hat[1], torch.zeros(32, 8))
-    assert bool(((x_hat.double() - x.double()).abs() <= bound(codec, x, x_hat, torch.float32)).all())
+    assert torch.equal(x_hat[:, :, 4], torch.zeros(4, 32))
+    assert torch.equal(x_hat[1], torch.zeros(32, 8))
+    err = (x_hat.double() - x.double()).abs()
+    assert bool((err <= bound(codec, x, x_hat, torch.float32)).all())
     assert float(x_hat[3, 0, 7]) == pytest.approx(65504.0, rel=1e-6)
     assert float(x_hat[0, 5, 2]) == pytest.approx(3000.0, rel=1e-6)  # the channel's max: exact
+
+
+def test_an_outlier_token_costs_int8_its_channel_but_not_fp8():
+    """One token 1000x the others in a channel (trained ViTs have such high-norm tokens): int8's
+    absmax scale flushes the rest of the channel to zero; fp8 keeps them to its relative bound."""
+    x = torch.rand(1, 64, 4, generator=torch.Generator().manual_seed(2)) + 0.5
+    x[0, 7, :] = 1000.0
+    layout = {"shape": [64, 4], "dtype": "float32"}
+    fp8 = codecs.decode(codecs.encode(x, "fp8"), {**layout, "codec": "fp8"})
+    int8 = codecs.decode(codecs.encode(x, "int8"), {**layout, "codec": "int8"})
+    rest = torch.ones(64, dtype=torch.bool)
+    rest[7] = False
+    assert float(((fp8 - x).abs() / x)[0, rest].max()) <= 2**-4
+    assert torch.equal(int8[0, rest], torch.zeros(63, 4))  # every value below scale/2 = 3.9
 
 
 def test_non_finite_input_is_refused():
@@ -155,36 +171,40 @@ def test_decode_on_the_gpu_matches_the_host(real_pairs):
         layout = {"shape": list(x.shape[1:]), "dtype": "float16", "codec": codec}
         rows = codecs.encode(x, codec)
         on_gpu = codecs.decode_columns({"s": rows.cuda()}, {"s": layout}, torch.float32)["s"]
-        assert on_gpu.is_cuda and torch.equal(on_gpu.cpu(), codecs.decode(rows, layout, torch.float32))
+        assert on_gpu.is_cuda
+        assert torch.equal(on_gpu.cpu(), codecs.decode(rows, layout, torch.float32))
         assert torch.equal(codecs.encode(x.cuda(), codec).cpu(), rows)
 
 
 def test_resolve_codecs_per_column():
     shapes = {"student": (2048, 1024), "videomae": (1568, 768), "vivit": (1, 768)}
-    assert codecs.resolve_codecs("fp8", shapes) == {"student": "fp8", "videomae": "fp8", "vivit": "raw"}
+    assert codecs.resolve_codecs("fp8", shapes) == {
+        "student": "fp8", "videomae": "fp8", "vivit": "raw"}
     assert codecs.resolve_codecs(None, shapes) == dict.fromkeys(shapes, "raw")
     assert codecs.resolve_codecs({"student": "raw", "default": "int8"}, shapes) == {
         "student": "raw", "videomae": "int8", "vivit": "raw"}
     with pytest.raises(ValueError, match="unknown column.*studnet"):
         codecs.resolve_codecs({"studnet": "fp8"}, shapes)
-    with pytest.raises(ValueError, match="unknown feature codec 'fp4'; known codecs: raw, fp8, int8"):
+    with pytest.raises(ValueError, match="feature codec 'fp4'; known codecs: raw, fp8, int8"):
         codecs.resolve_codecs({"videomae": "fp4"}, shapes)
     with pytest.raises(ValueError, match="'vivit': fp8 needs more than one token"):
         codecs.resolve_codecs({"vivit": "fp8"}, shapes)
-    full = {"student": (2048, 1024), "videomae": (1568, 768), "timesformer": (3136, 768), "vivit": (1, 768)}
+    full = {"student": (2048, 1024), "videomae": (1568, 768), "timesformer": (3136, 768),
+            "vivit": (1, 768)}
     layouts = {k: {"shape": list(s), "dtype": "float16", "codec": c}
                for k, s in full.items() for c in [codecs.resolve_codecs("fp8", full)[k]]}
     fp16 = sum(2 * n * d for n, d in full.values())
-    assert fp16 == 11_421_184 and sum(map(codecs.row_bytes, layouts.values())) / fp16 == pytest.approx(0.50096, abs=1e-5)
+    fp8 = sum(map(codecs.row_bytes, layouts.values()))  # full-size clip: the scales cost 0.1%
+    assert fp16 == 11_421_184 and fp8 / fp16 == pytest.approx(0.50096, abs=1e-5)
 
 
 def test_extract_codec_is_validated_at_load():
     assert load_job(None, ["extract.codec=fp8"]).extract.codec == "fp8"
     assert load_job(None, ["extract.codec={student: fp8, default: raw}"]).extract.codec == {
         "student": "fp8", "default": "raw"}
-    with pytest.raises(ConfigError, match=r"extract.codec: .*unknown feature codec 'fp4'; known codecs: raw, fp8, int8"):
+    with pytest.raises(ConfigError, match=r"extract.codec: .*codec 'fp4'; known codecs: raw, fp8"):
         load_job(None, ["extract.codec=fp4"])
-    with pytest.raises(ConfigError, match=r"extract.codec: .*unknown column\(s\) stud; known: student"):
+    with pytest.raises(ConfigError, match=r"extract.codec: .*column\(s\) stud; known: student"):
         load_job(None, ["extract.codec={stud: fp8}"])
 
 
@@ -194,26 +214,32 @@ def test_smoke_job_with_an_fp8_store_trains_and_evaluates_through_the_cli(tmp_pa
     raw values, trains (the train stage decodes on the host until the new reader lands) and
     evaluates; then a re-encode to raw gives the same statistics."""
     env = {"RAY_AUTH_MODE": "disabled", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
-    run = subprocess.run([sys.executable, "-m", "pipeline", "run", "jobs/smoke.yaml", "extract.codec=fp8",
-                          f"storage.url={tmp_path}", "train.epochs=1", "--stages", "extract,train,evaluate"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    run = subprocess.run([sys.executable, "-m", "pipeline", "run", "jobs/smoke.yaml",
+                          "extract.codec=fp8", f"storage.url={tmp_path}", "train.epochs=1",
+                          "--stages", "extract,train,evaluate"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+                         check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     store = tmp_path / "features" / "features"
     meta = json.loads((store / "meta.json").read_text())
-    assert meta["codec"] == {"student": "fp8", "videomae": "fp8", "timesformer": "fp8", "vivit": "raw"}
+    assert meta["codec"] == {"student": "fp8", "videomae": "fp8", "timesformer": "fp8",
+                             "vivit": "raw"}
     commits = [json.loads(p.read_text()) for p in (store / "commits").glob("*.json")]
     assert commits and all(r["tensors"]["student"]["codec"] == "fp8" for r in commits)
     raw_bytes = sum(2 * np.prod(v["shape"]) for v in meta["tensors"].values())
     per_clip = sum(r["bytes"] for r in commits) / sum(r["rows"] for r in commits)
     assert 0.49 < per_clip / raw_bytes < 0.53
     metrics = json.loads((tmp_path / "runs" / "smoke" / "eval" / "metrics.json").read_text())
-    assert metrics["clips"] >= 1 and -1 <= metrics["mean_cosine"] <= 1 and np.isfinite(metrics["mean_r2"])
+    assert metrics["clips"] >= 1 and -1 <= metrics["mean_cosine"] <= 1
+    assert np.isfinite(metrics["mean_r2"])
     assert set(metrics["targets"]) == {"videomae", "timesformer", "vivit"}
 
-    back = subprocess.run([sys.executable, "-m", "pipeline", "reencode", "jobs/smoke.yaml", "--codec", "raw",
-                           "--to", "features-raw", f"storage.url={tmp_path}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    back = subprocess.run([sys.executable, "-m", "pipeline", "reencode", "jobs/smoke.yaml",
+                           "--codec", "raw", "--to", "features-raw", f"storage.url={tmp_path}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
     assert back.returncode == 0, back.stderr[-3000:]
     raw_store = tmp_path / "features" / "features-raw"
-    assert json.loads((raw_store / "stats.json").read_text()) == json.loads((store / "stats.json").read_text())
+    stats = json.loads((store / "stats.json").read_text())
+    assert json.loads((raw_store / "stats.json").read_text()) == stats
     assert json.loads((raw_store / "meta.json").read_text())["codec"]["student"] == "raw"

@@ -362,7 +362,7 @@ def test_a_store_written_before_codecs_reads_as_raw(tmp_path):
 
 
 def test_unchanged_meta_is_not_rewritten(tmp_path):
-    store = new_store(tmp_path)
+    new_store(tmp_path)
     path = tmp_path / "features" / "feat" / "meta.json"
     before, stamp = path.read_bytes(), path.stat().st_mtime_ns
     again = FeatureStore(Storage(str(tmp_path)), "feat").write_meta(
