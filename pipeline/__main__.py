@@ -1,4 +1,5 @@
-"""Command line: ``python -m pipeline run JOB.yaml [key.path=value ...] [--stages extract,train]``.
+"""Command line: ``python -m pipeline run JOB.yaml [key.path=value ...] [--stages extract,train]``
+and ``python -m pipeline reencode JOB.yaml --codec fp8 [--to NAME]`` (``pipeline.reencode``).
 
 Job files are executable (their shebang is ``#!/usr/bin/env -S python -m pipeline run``), so
 ``jobs/smoke.yaml`` and ``ray job submit -- jobs/full.yaml`` run the same thing.
@@ -150,12 +151,18 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--traceback", action="store_true",
                      help="on failure print the traceback, not only the one-line error "
                           "(also: TOKCONV_TRACEBACK=1)")
+    # `reencode JOB.yaml --codec fp8 [--to NAME]`: a store in another codec (issue 15)
+    from .reencode import add_parser as add_reencode_parser
+    add_reencode_parser(sub)
     # Overrides may come after options too (`job.yaml --print-config a.b=1`, as a shebang runs it).
     args, extra = parser.parse_known_args(argv)
     unknown = [e for e in extra if e.startswith("-") or "=" not in e]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = list(args.overrides) + extra
+    if args.command == "reencode":
+        from .reencode import main as reencode_main
+        return reencode_main(args)
 
     try:
         job = load_job(args.job, args.overrides)

@@ -214,6 +214,21 @@ class ExtractConfig(_Strict):
         None, ge=1, description="process at most this many pending videos per run")
     log_stats: bool = Field(
         False, description="print Ray Data's operator stats and model-actor call times")
+    codec: str | dict[str, str] = Field(
+        "raw", description="stored codec: raw, fp8, int8, or {column: codec, default: codec}")
+
+    @field_validator("codec")
+    @classmethod
+    def _known_codec(cls, v: str | dict[str, str]) -> str | dict[str, str]:
+        from pipeline.codecs import get_codec
+        from tokconv.targets import ALL_SPECS
+        unknown = sorted(set(v) - {*ALL_SPECS, "default"}) if isinstance(v, dict) else []
+        if unknown:
+            raise ValueError(f"unknown column(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(ALL_SPECS)}, default")
+        for name in [v] if isinstance(v, str) else v.values():
+            get_codec(name)
+        return v
 
 
 class OptimConfig(_Strict):

@@ -400,7 +400,7 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
     orphans = store.cleanup(commits)  # shards from a crashed run that never got their commit record
     specs = model_specs(job.models)
     _check_layout(store, specs, ec.out_dtype, has_commits=bool(commits))
-    store.write_meta(specs=specs, dtype=ec.out_dtype, class_names=class_names(records),
+    store.write_meta(specs=specs, dtype=ec.out_dtype, codec=ec.codec, class_names=class_names(records),
                      sources={n: getattr(job.models, n).source for n in specs},
                      extra={"weights": job.models.weights, "decode": job.decode.model_dump()})
 
