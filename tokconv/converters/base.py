@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..deficiency import LowRankLinear, mask_tokens, nuclear_norm
+from ..layers import resample_tokens
 from ..targets import STUDENT, TEACHERS, TargetSpec, specs_to_dict
 
 
@@ -95,11 +96,17 @@ class Converter(nn.Module):
 
 
 class QueryDecodeMixin:
-    """``decode`` for designs that read a memory (latents, token summaries) with coordinate
-    queries; needs ``queries``, ``target_embed``, ``decoder`` (cross-attention) and ``out``."""
+    """``decode`` for designs that read a memory (latents, token summaries) with queries; needs
+    ``queries``, ``target_embed``, ``decoder`` (cross-attention) and ``out``. The trunk state is
+    (memory (B, M, d_mem), local (B, Ns, d)): each target token's query is its coordinate query
+    + the target embedding + ``local`` resampled to its position (mean-pooled for a global
+    target), so the decoder adds global context to what the student says at that place
+    (Perceiver IO's content-carrying output queries)."""
 
-    def decode(self, memory: torch.Tensor, name: str) -> torch.Tensor:
-        q = self.queries(self.targets[name].grid) + self.target_embed[name]  # (Nt, d)
+    def decode(self, state, name: str) -> torch.Tensor:
+        memory, local = state
+        grid = self.targets[name].grid
+        q = self.queries(grid) + self.target_embed[name] + resample_tokens(local, self.student.grid, grid)
         return self.out[name](self.decoder(q, memory))                       # (B, Nt, Dt)
 
 

@@ -1,8 +1,9 @@
 """Baseline: grid interpolation + per-target linear map (the floor every design must beat).
 
-Per target: Linear(student.dim -> spec.dim) (low rank with ``rank``), then trilinear resampling
-from the student grid to the target grid (mean pool for a global target). Linear maps commute
-with interpolation (its weights sum to one), so projecting first is the same model at lower cost.
+Per target: Linear(student.dim -> spec.dim) (low rank with ``rank``) and trilinear resampling
+from the student grid to the target grid (mean pool for a global target). The two commute
+(interpolation weights sum to one), so the map runs on the shorter side: resample first when
+the target has fewer tokens (VideoMAE, ViViT), project first when it has more (TimeSformer).
 (B, 2048, 1024) -> (B, 1568, 768) / (B, 3136, 768) / (B, 1, 768); 3 x 0.79M parameters.
 """
 from __future__ import annotations
@@ -27,7 +28,10 @@ class InterpLinearConverter(Converter):
         return x
 
     def decode(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return resample_tokens(self.proj[name](x), self.student.grid, self.targets[name].grid)
+        spec, proj = self.targets[name], self.proj[name]
+        if spec.tokens <= self.student.tokens:
+            return proj(resample_tokens(x, self.student.grid, spec.grid))
+        return resample_tokens(proj(x), self.student.grid, spec.grid)
 
 
 @register_converter

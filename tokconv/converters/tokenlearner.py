@@ -4,7 +4,8 @@
       -> selection MLP (d -> hidden -> K), softmax over the Ns tokens  w: (B, Ns, K)
       -> summaries z = w^T h                                            (B, K, d)
       -> depth x self-attention over the summaries                      (B, K, d)
-      -> decode: coordinate queries of the target grid (+ target embedding) cross-attend
+      -> decode: queries = coordinate queries of the target grid + target embedding
+         + local (Linear of the student tokens, resampled to the target grid) cross-attend
          to the summaries                                               (B, Nt, d)
       -> per-target output affine                                       (B, Nt, Dt)
 
@@ -45,13 +46,15 @@ class TokenLearnerConverter(QueryDecodeMixin, Converter):
         self.blocks = nn.ModuleList([
             AttentionBlock(dim=dim, num_heads=heads, mlp_ratio=mlp_ratio, drop_path=drop_path)
             for _ in range(depth)])
+        self.local = nn.Linear(dim, dim)
         self.queries = CoordQueries(dim=dim, hidden=query_hidden)
         self.target_embed = target_embeddings(dim, self.targets)
         self.decoder = AttentionBlock(dim=dim, kv_dim=dim, num_heads=heads, mlp_ratio=dec_mlp_ratio)
         self.out = target_outputs(dim, self.targets)
         self.last_weights: torch.Tensor | None = None
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor):
+        """-> (summaries (B, K, d), local (B, Ns, d))."""
         h = self.in_proj(self.in_norm(x)) + self.in_pos(self.student.grid)   # (B, Ns, d)
         w = self.select(self.select_norm(h)).softmax(dim=1)                  # (B, Ns, K)
         self.last_weights = w.detach()
@@ -59,7 +62,7 @@ class TokenLearnerConverter(QueryDecodeMixin, Converter):
         z = torch.einsum("bnk,bnd->bkd", w, h)                                # (B, K, d)
         for blk in self.blocks:
             z = blk(z)
-        return z
+        return z, self.local(h)
 
 
 
