@@ -95,6 +95,15 @@ def test_matmul_resample_equals_interpolate_values_and_gradients(src, dst):
     assert resample_tokens is resample_tokens_fn
 
 
+def test_matrices_first_built_under_inference_mode_still_serve_autograd():
+    src, dst = (3, 4, 4), (5, 3, 3)                                   # a pair no other test uses
+    with torch.inference_mode():
+        resample_tokens(torch.randn(1, 48, 2), src, dst)
+    x = torch.randn(1, 48, 2, requires_grad=True)
+    resample_tokens(x, src, dst).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_matmul_resample_within_dtype_tolerance(dtype, tol):
     torch.manual_seed(0)

@@ -48,7 +48,7 @@ class BiSSDBlock(nn.Module):
     No causal conv1d (the scan and the coordinate embedding carry position)."""
 
     def __init__(self, *, dim: int, expand: int = 1, d_state: int = 16, headdim: int = 64,
-                 chunk_size: int = 64, dt_min: float = 1e-3, dt_max: float = 0.1):
+                 chunk_size: int = 32, dt_min: float = 1e-3, dt_max: float = 0.1):
         super().__init__()
         inner = expand * dim
         if inner % headdim:
@@ -188,9 +188,9 @@ class SSMConverter(Converter):
 @register_converter
 @param_budget(2.1e6, 2.5e6)
 def ssm_base(*, student: TargetSpec = STUDENT, targets=None, **kwargs) -> Converter:
-    """~2.3M params: width 384, 2 bidirectional Mamba-2 blocks (6 heads of 64 a direction, d_state 32)."""
+    """~2.3M params: width 384, 2 bidirectional Mamba-2 blocks (6 heads of 64 a direction, d_state 16)."""
     return build_preset(SSMConverter, "ssm_base", student=student, targets=targets,
-                        defaults={"dim": 384, "depth": 2, "d_state": 32, "expand": 1, "query_hidden": 96},
+                        defaults={"dim": 384, "depth": 2, "d_state": 16, "expand": 1, "query_hidden": 128},
                         overrides=kwargs)
 
 

@@ -6,7 +6,7 @@
       -> depth x self-attention over the summaries                      (B, K, d)
       -> decode: queries = coordinate queries of the target grid + target embedding
          + local (Linear of the student tokens, resampled to the target grid) cross-attend
-         to the summaries                                               (B, Nt, d)
+         to the summaries, at width ``d_dec`` (default d)               (B, Nt, d_dec)
       -> per-target output affine                                       (B, Nt, Dt)
 
 The normalised entropy of each summary's selection weights over the student tokens is recorded
@@ -35,7 +35,8 @@ class TokenLearnerConverter(QueryDecodeMixin, Converter):
     def __init__(self, *, student: TargetSpec, targets: dict[str, TargetSpec],
                  rank: int | None = None, mask_ratio: float = 0.0, dim: int = 384,
                  num_tokens: int = 256, select_hidden: int = 256, depth: int = 1,
-                 heads: int = 6, mlp_ratio: float = 2.0, dec_mlp_ratio: float = 1.0,
+                 heads: int = 6, mlp_ratio: float = 2.0, d_dec: int | None = None, dec_heads: int | None = None,
+                 dec_mlp_ratio: float = 1.0,
                  query_hidden: int = 256, pos_hidden: int = 128, drop_path: float = 0.0):
         super().__init__(student=student, targets=targets, rank=rank, mask_ratio=mask_ratio)
         self.in_norm = nn.LayerNorm(student.dim)
@@ -46,11 +47,12 @@ class TokenLearnerConverter(QueryDecodeMixin, Converter):
         self.blocks = nn.ModuleList([
             AttentionBlock(dim=dim, num_heads=heads, mlp_ratio=mlp_ratio, drop_path=drop_path)
             for _ in range(depth)])
-        self.local = nn.Linear(dim, dim)
-        self.queries = CoordQueries(dim=dim, hidden=query_hidden)
-        self.target_embed = target_embeddings(dim, self.targets)
-        self.decoder = AttentionBlock(dim=dim, kv_dim=dim, num_heads=heads, mlp_ratio=dec_mlp_ratio)
-        self.out = target_outputs(dim, self.targets)
+        d_dec = d_dec or dim
+        self.local = nn.Linear(dim, d_dec)
+        self.queries = CoordQueries(dim=d_dec, hidden=query_hidden)
+        self.target_embed = target_embeddings(d_dec, self.targets)
+        self.decoder = AttentionBlock(dim=d_dec, kv_dim=dim, num_heads=dec_heads or heads, mlp_ratio=dec_mlp_ratio)
+        self.out = target_outputs(d_dec, self.targets)
         self.last_weights: torch.Tensor | None = None
 
     def encode(self, x: torch.Tensor):

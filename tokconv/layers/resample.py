@@ -49,15 +49,20 @@ def axis_matrix(n_in: int, n_out: int) -> torch.Tensor:
 
 def interp_matrices(src_grid, dst_grid, *, device=None, dtype=torch.float32):
     """(M_t (T' x T) or None, M_hw (H'W' x HW) or None) for src -> dst; None where an axis (pair)
-    keeps its size. Cached."""
+    keeps its size. Cached (as normal tensors even when first asked for under inference_mode, so
+    a later autograd pass can use them)."""
     key = (tuple(src_grid), tuple(dst_grid), str(device), dtype)
     if key not in _MATRICES:
-        (t, h, w), (t2, h2, w2) = src_grid, dst_grid
-        m_t = axis_matrix(t, t2) if t != t2 else None
-        m_hw = torch.kron(axis_matrix(h, h2), axis_matrix(w, w2)) if (h, w) != (h2, w2) else None
-        _MATRICES[key] = tuple(None if m is None else m.to(device=device, dtype=dtype)
-                               for m in (m_t, m_hw))
+        with torch.inference_mode(False):
+            _MATRICES[key] = _build_matrices(src_grid, dst_grid, device, dtype)
     return _MATRICES[key]
+
+
+def _build_matrices(src_grid, dst_grid, device, dtype):
+    (t, h, w), (t2, h2, w2) = src_grid, dst_grid
+    m_t = axis_matrix(t, t2) if t != t2 else None
+    m_hw = torch.kron(axis_matrix(h, h2), axis_matrix(w, w2)) if (h, w) != (h2, w2) else None
+    return tuple(None if m is None else m.to(device=device, dtype=dtype) for m in (m_t, m_hw))
 
 
 def left_matmul(m: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
