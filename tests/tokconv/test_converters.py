@@ -126,6 +126,20 @@ def test_selection_regulariser_is_a_normalised_entropy():
         assert "nuclear" not in model.regularisers()                    # full-rank projection
 
 
+def test_tokenlearner_summaries_are_softmax_weighted_sums_of_the_tokens():
+    torch.manual_seed(0)
+    model = create_converter("tokenlearner_small", student=TINY_STUDENT, targets=TINY_TARGETS).double().eval()
+    x = torch.randn(2, TINY_STUDENT.tokens, TINY_STUDENT.dim, dtype=torch.float64)
+    z, _ = model.encode(x)
+    h = model.in_proj(model.in_norm(x)) + model.in_pos(TINY_STUDENT.grid)
+    w = model.select(model.select_norm(h)).softmax(dim=1)                # (B, Ns, K): over the tokens
+    expect = torch.einsum("bnk,bnd->bkd", w, h)
+    for blk in model.blocks:
+        expect = blk(expect)
+    torch.testing.assert_close(z, expect)
+    torch.testing.assert_close(model.last_weights.sum(-1), torch.ones(2, w.shape[-1], dtype=torch.float64))
+
+
 def test_bad_constructor_arguments_name_the_input():
     with pytest.raises(ValueError, match="mask_ratio"):
         create_converter("baseline_interp_linear", mask_ratio=1.0)

@@ -33,6 +33,18 @@ def test_low_rank_map_has_rank_at_most_r_and_nuclear_norm_is_exact(rank):
     assert lr.up.weight.grad.abs().sum() > 0 and lr.down.weight.grad.abs().sum() > 0
 
 
+def test_nuclear_norm_of_bfloat16_weights_and_under_autocast():
+    # QR/SVD have no bf16 kernels: the penalty is computed in float32 whatever the weights / autocast
+    torch.manual_seed(0)
+    lr = LowRankLinear(32, 24, rank=4)
+    ref = nuclear_norm(lr).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert nuclear_norm(lr).item() == pytest.approx(ref, rel=1e-5)
+    low = nuclear_norm(lr.to(torch.bfloat16))
+    assert low.dtype == torch.float32 and low.item() == pytest.approx(ref, rel=2e-2)
+    assert nuclear_norm(torch.nn.Linear(8, 6).to(torch.bfloat16)).dtype == torch.float32
+
+
 def test_converter_low_rank_input_map_and_nuclear_penalty_shrinks_it():
     torch.manual_seed(0)
     model = create_converter("convmix_small", student=STUDENT, targets=TARGETS, rank=3,
