@@ -1,6 +1,8 @@
 """Every registered preset (H2's ssm_* presets included automatically): layouts, budget,
 gradients, determinism, tiny target sets, masking and the regulariser API."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -124,6 +126,32 @@ def test_selection_regulariser_is_a_normalised_entropy():
         sel = model.regularisers()["selection"]
         assert 0.0 < sel.item() <= 1.0 + 1e-6
         assert "nuclear" not in model.regularisers()                    # full-rank projection
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_torchscript_trace_matches_eager_on_another_batch(name):
+    # pipeline.export traces forward_all; the resampling matrices are buffers, so two traced calls
+    # give the same graph (the trace check) and the trace generalises over the batch size
+    torch.manual_seed(0)
+    kw = {"dim": 64, "headdim": 32} if name.startswith("ssm") else {}
+    model = create_converter(name, student=SMOKE_STUDENT, targets=SMOKE_TARGETS, **kw).eval()
+    assert not any("resample" in k for k in model.state_dict())       # not saved: the export format is unchanged
+
+    class All(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m.forward_all(x)
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(All(model), torch.randn(1, 2048, 64), strict=False)
+        x = torch.randn(2, 2048, 64)
+        got, want = traced(x), model(x)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5)
 
 
 def test_tokenlearner_summaries_are_softmax_weighted_sums_of_the_tokens():

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..deficiency import LowRankLinear, mask_tokens, nuclear_norm
-from ..layers import resample_tokens
+from ..layers import GridResample
 from ..targets import STUDENT, TEACHERS, TargetSpec, specs_to_dict
 
 
@@ -45,6 +45,8 @@ class Converter(nn.Module):
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         self.student = student
         self.targets = dict(targets)
+        # student grid -> each target's layout (matrices as buffers: device/dtype moves, TorchScript)
+        self.resample = nn.ModuleDict({n: GridResample(student.grid, s.grid) for n, s in self.targets.items()})
         self.rank = rank
         self.mask_ratio = float(mask_ratio)
         self.config: dict[str, Any] = {}
@@ -106,7 +108,7 @@ class QueryDecodeMixin:
     def decode(self, state, name: str) -> torch.Tensor:
         memory, local = state
         grid = self.targets[name].grid
-        q = self.queries(grid) + self.target_embed[name] + resample_tokens(local, self.student.grid, grid)
+        q = self.queries(grid) + self.target_embed[name] + self.resample[name](local)
         return self.out[name](self.decoder(q, memory))                       # (B, Nt, Dt)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import make_projection, resample_tokens
+from ..layers import make_projection
 from ..registry import register_converter
 from ..targets import STUDENT, TargetSpec
 from .base import Converter, build_preset, param_budget
@@ -30,8 +30,8 @@ class InterpLinearConverter(Converter):
     def decode(self, x: torch.Tensor, name: str) -> torch.Tensor:
         spec, proj = self.targets[name], self.proj[name]
         if spec.tokens <= self.student.tokens:
-            return proj(resample_tokens(x, self.student.grid, spec.grid))
-        return resample_tokens(proj(x), self.student.grid, spec.grid)
+            return proj(self.resample[name](x))
+        return self.resample[name](proj(x))
 
 
 @register_converter

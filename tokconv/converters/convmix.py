@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import CoordQueries, ResidualMlp, SpatialGatingBlock, make_projection, resample_tokens
+from ..layers import CoordQueries, ResidualMlp, SpatialGatingBlock, make_projection
 from ..registry import register_converter
 from ..targets import STUDENT, TargetSpec
 from .base import Converter, build_preset, param_budget, target_embeddings, target_outputs
@@ -50,7 +50,7 @@ class ConvMixConverter(Converter):
 
     def decode(self, h: torch.Tensor, name: str) -> torch.Tensor:
         grid = self.targets[name].grid
-        h = resample_tokens(h, self.student.grid, grid) + self.pos(grid) + self.target_embed[name]
+        h = self.resample[name](h) + self.pos(grid) + self.target_embed[name]
         for blk in self.blocks_out:
             h = blk(h)
         return self.out[name](h)                                            # (B, Nt, Dt)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import CoordQueries, ResidualMlp, make_projection, resample_tokens
+from ..layers import CoordQueries, ResidualMlp, make_projection
 from ..ops import selective_scan_fn, ssd_scan_fn
 from ..registry import register_converter
 from ..targets import STUDENT, TargetSpec
@@ -178,7 +178,7 @@ class SSMConverter(Converter):
             w = self.pool_score(h).softmax(dim=1)                            # (B, Ns, 1)
             t = (w * h).sum(dim=1, keepdim=True)                             # (B, 1, d)
         else:
-            t = resample_tokens(h, self.student.grid, grid)                  # (B, Nt, d)
+            t = self.resample[name](h)                                        # (B, Nt, d)
         t = t + self.pos(grid) + self.target_embed[name]
         for blk in self.blocks_out:
             t = blk(t)

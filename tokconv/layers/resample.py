@@ -15,7 +15,9 @@ Two implementations with the same signature (mamba's ``_fn`` / ``_ref`` habit):
   dtype. Trilinear interpolation is separable, so the result equals the reference up to rounding.
 
 ``separable_mix`` applies any such (T) and (HW) matrices; learned token mixing (convmix's spatial
-gating) uses it too.
+gating) uses it too. ``GridResample`` is the module form converters hold: its matrices are
+buffers, so they follow ``.to(device / dtype)`` and are constants to ``torch.jit.trace`` (the
+export's TorchScript), with no cache lookup inside the graph.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from math import prod
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 _MATRICES: dict[tuple, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
 
@@ -136,3 +139,26 @@ def resample_tokens_ref(x: torch.Tensor, src_grid: tuple[int, int, int] | None,
 
 
 resample_tokens = resample_tokens_fn
+
+
+class GridResample(nn.Module):
+    """``resample_tokens_fn(x, src, dst)`` with the matrices as non-persistent buffers (not in the
+    state dict). (B, prod(src), D) -> (B, prod(dst) or 1, D)."""
+
+    def __init__(self, src: tuple[int, int, int], dst: tuple[int, int, int] | None):
+        super().__init__()
+        self.src, self.dst = tuple(src), (None if dst is None else tuple(dst))
+        same = self.dst is None or self.dst == self.src
+        m_t, m_hw = (None, None) if same else _build_matrices(self.src, self.dst, "cpu", torch.float32)
+        self.register_buffer("m_t", m_t, persistent=False)
+        self.register_buffer("m_hw", m_hw, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _trivial(x, self.src, self.dst)
+        if out is not None:
+            return out
+        cast = lambda m: None if m is None else m.to(x.dtype)
+        return separable_mix(x, self.src, cast(self.m_t), cast(self.m_hw))
+
+    def extra_repr(self) -> str:
+        return f"{self.src} -> {self.dst}"
