@@ -1,4 +1,5 @@
-"""What Ray Data costs a model actor to hand it one batch of decoded clips (issue 4), by block layout.
+"""What Ray Data costs a model actor to hand it one batch of decoded clips (issue 4), by block
+layout.
 
 The model actor takes batches of ``--batch`` clips (uint8 32x256x256x3, 6.3 MB each: 201 MB for 32).
 Decode tasks emit one block per task; when a block holds fewer clips than a batch, Ray's batcher
@@ -12,12 +13,12 @@ time that holds no CPU):
 * ``per-batch``: blocks of ``--batch`` clips (``batch / clips_per_video`` videos per decode task),
   with ``DataContext.target_max_block_size`` raised so Ray does not split a 201 MB block.
 
-Prints ms per batch of Ray-side handling for each and the ratio; also whether the actor's array was a
-zero-copy (read-only) view. ``--output-mb``: each call also returns a table of that many MB of raw
+Prints ms per batch of Ray-side handling for each and the ratio; also whether the actor's array was
+a zero-copy (read-only) view. ``--output-mb``: each call also returns a table of that many MB of raw
 bytes (the model actor returns ~365 MB of fp16 features per batch of 32), to time the output side.
 
-    python bench/actor_input.py --batches 12            # full-size clips (needs ~6 GB of object store)
-    python bench/actor_input.py --side 64 --batches 12  # small dry run
+    python bench/actor_input.py --batches 12            # full-size clips (needs ~6 GB of object
+    store) python bench/actor_input.py --side 64 --batches 12  # small dry run
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ def make_blocks(n_clips: int, clips_per_block: int, shape: tuple[int, ...]):
 
 
 class SleepyActor:
-    """Sleeps ``seconds`` per call; records when each call starts and ends and whether its input was a view."""
+    """Sleeps ``seconds`` per call; records when each call starts and ends and whether its input was
+    a view."""
 
     def __init__(self, seconds: float, output_mb: float = 0.0):
         self.seconds, self.last_end, self.gaps = seconds, None, []
@@ -52,8 +54,10 @@ class SleepyActor:
         gap = None if self.last_end is None else start - self.last_end
         view = not batch["frames"].flags.writeable
         time.sleep(self.seconds)
-        out = {"gap_s": [np.nan if gap is None else gap], "view": [view], "rows": [len(batch["frames"])]}
-        if self.output_bytes:  # one fresh buffer per call, wrapped without a copy (as tensor_to_binary does)
+        out = {"gap_s": [np.nan if gap is None else gap], "view": [view],
+               "rows": [len(batch["frames"])]}
+        # one fresh buffer per call, wrapped without a copy (as tensor_to_binary does)
+        if self.output_bytes:
             import pyarrow as pa
 
             from pipeline.featurestore import tensor_to_binary
@@ -78,11 +82,13 @@ def run(layout: str, args) -> dict:
         ds = ds.map_batches(make_blocks(n_clips, per_block, shape), batch_size=1).materialize()
     finally:
         ctx.target_max_block_size = default_block
-    out = ds.map_batches(SleepyActor, fn_constructor_kwargs={"seconds": args.call_s, "output_mb": args.output_mb},
-                         batch_size=args.batch,
-                         compute=ray.data.ActorPoolStrategy(size=1, max_concurrent_calls_per_actor=1),
+    kwargs = {"seconds": args.call_s, "output_mb": args.output_mb}
+    out = ds.map_batches(SleepyActor, fn_constructor_kwargs=kwargs, batch_size=args.batch,
+                         compute=ray.data.ActorPoolStrategy(size=1,
+                                                            max_concurrent_calls_per_actor=1),
                          num_cpus=0.5).select_columns(["gap_s", "view", "rows"]).take_all()
-    gaps = [r["gap_s"] for r in out if not np.isnan(r["gap_s"])][1:]  # the first gap includes start-up
+    # the first gap includes start-up
+    gaps = [r["gap_s"] for r in out if not np.isnan(r["gap_s"])][1:]
     return {"layout": layout, "clips_per_block": per_block, "batches": len(out),
             "ms_per_batch_median": round(1e3 * float(np.median(gaps)), 1),
             "ms_per_batch_mean": round(1e3 * float(np.mean(gaps)), 1),
@@ -90,13 +96,15 @@ def run(layout: str, args) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--clips-per-video", type=int, default=4)
     p.add_argument("--window", type=int, default=32)
     p.add_argument("--side", type=int, default=256)
     p.add_argument("--batches", type=int, default=12)
-    p.add_argument("--call-s", type=float, default=0.3, help="seconds each actor call sleeps (GPU stand-in)")
+    p.add_argument("--call-s", type=float, default=0.3,
+                   help="seconds each actor call sleeps (GPU stand-in)")
     p.add_argument("--output-mb", type=float, default=0.0, help="MB of raw bytes each call returns")
     p.add_argument("--object-store-gb", type=float, default=8.0)
     p.add_argument("--out", type=Path, default=None)
@@ -109,8 +117,8 @@ def main(argv=None) -> dict:
         res = {lay: run(lay, args) for lay in ("per-video", "per-batch")}
     finally:
         ray.shutdown()
-    res["ratio_per_video_over_per_batch"] = round(
-        res["per-video"]["ms_per_batch_median"] / max(res["per-batch"]["ms_per_batch_median"], 1e-3), 2)
+    per_video, per_batch = (res[k]["ms_per_batch_median"] for k in ("per-video", "per-batch"))
+    res["ratio_per_video_over_per_batch"] = round(per_video / max(per_batch, 1e-3), 2)
     print(json.dumps(res, indent=2))
     if args.out:
         args.out.write_text(json.dumps(res, indent=2))

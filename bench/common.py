@@ -1,4 +1,5 @@
-"""Helpers the benchmarks share: device sync, median call time, token agreement, a polling thread."""
+"""Helpers the benchmarks share: device sync, median call time, token agreement, a polling thread.
+"""
 from __future__ import annotations
 
 import threading
@@ -15,7 +16,8 @@ def sync(device: torch.device) -> None:
 
 
 def seconds_per_call(fn, device: torch.device, iters: int, warmup: int = 2) -> float:
-    """Median seconds of ``iters`` calls of ``fn`` after ``warmup`` calls, each synchronised on ``device``."""
+    """Median seconds of ``iters`` calls of ``fn`` after ``warmup`` calls, each synchronised on
+    ``device``."""
     for _ in range(warmup):
         fn()
     sync(device)

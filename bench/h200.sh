@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU runs behind bench/RESULTS.md, one step per argument, on the device host from the
 # repo root, after `source .gpu-bundle/gpu-env.sh .gpu-bundle [--mamba]`:
-#   OUT=/tmp/out bash bench/h200.sh tests profile extract converters pipeline-long cold-start   (one H200: GPU 0, 16 cores)
+#   OUT=/tmp/out bash bench/h200.sh tests profile extract loops converters pipeline-long cold-start
+#     (one H200: GPU 0, 16 cores)
 #   OUT=/tmp/out bash bench/h200.sh models decode-types disk scaling   (model variants; 2 GPUs, 32 cores)
 # Videos: VIDEOS (default .bench-videos: 10 s h264 loops of the sample videos at 360p/720p and
 # the original 640x272 bikes clip, made here by `bash bench/make_videos.sh`); VIDEO_SET=low keeps the sources <= 360p
@@ -40,6 +41,11 @@ for what in "$@"; do case $what in
     step extract-1gpu "${one_gpu[@]}" python bench/extract.py --videos "$VIDEOS" --clips "$CLIPS" \
       --clips-per-video 4 --batch-size 32 --cpus 16 --model-batches 32 --keep-store --workdir "$WORK" \
       --out "$OUT/extract-1gpu.json" "${extra[@]}" ;;
+  loops)  # the plain loops against the pipeline in one run (issue 19): (4) the project's models,
+    # (4o) the loop before 2026-12-02 on OCLIPS clips (default 384), (4s) the stock models
+    step loops "${one_gpu[@]}" python bench/extract.py --videos "$VIDEOS" --clips "$CLIPS" \
+      --clips-per-video 4 --batch-size 32 --cpus 16 --phases loop,loop-old,stock,pipeline \
+      --loop-old-clips "${OCLIPS:-384}" --workdir "$WORK-o" --out "$OUT/loops.json" "${extra[@]}" ;;
   converters)
     step converters "${one_gpu[@]}" python bench/converters.py \
       --store "$(ls -d "$WORK"/store-* | tail -1)" --device cuda --dtype bfloat16 --steps 200 \

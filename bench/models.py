@@ -5,12 +5,14 @@ architectures), timed under variants measured in this one run:
 
 * ``autocast``: torch.autocast(bf16) over bf16 weights, upstream V-JEPA 2 RoPE (the old default);
 * ``bf16``: no autocast (norms/softmax in bf16 too), upstream RoPE;
-* ``bf16+rope``: plus the cached V-JEPA 2 RoPE tables (``rewrites.use_cached_rope_vjepa2``; student only);
+* ``bf16+rope``: plus the cached V-JEPA 2 RoPE tables (``rewrites.use_cached_rope_vjepa2``; student
+  only);
 * ``+cudnn`` / ``+flash`` / ``+efficient``: that SDPA backend first;
-* ``compile``: ``torch.compile`` of the model with the fastest eager settings (first call timed apart).
+* ``compile``: ``torch.compile`` of the model with the fastest eager settings (first call timed
+  apart).
 
-With ``--fp8``, instead: per model, bf16 (eager and compiled per block, ``compile_scope: layers`` as
-the pipeline compiles) vs float8 linears (``rewrites.use_float8_linears``, per-row and per-tensor
+With ``--fp8``, instead: per model, bf16 (eager and compiled per block, as the pipeline
+compiles) vs float8 linears (``rewrites.use_float8_linears``, per-row and per-tensor
 scales, compiled per block), cosine against the bf16 eager output.
 
 Prints clips/s per model and variant, the ratio to ``autocast``, and the agreement (token cosine) of
@@ -36,6 +38,7 @@ from bench.common import cosine, seconds_per_call
 from pipeline import backbones as bb
 from pipeline import rewrites as rw
 from pipeline.config import DecodeConfig, ModelsConfig
+from pipeline.preprocess import derive_inputs
 
 DEVICE = torch.device("cuda")  # this benchmark runs on CUDA only
 SDPA_BACKENDS = ("cudnn", "flash", "efficient")  # models.attention values timed (math: far slower)
@@ -43,17 +46,20 @@ SDPA_BACKENDS = ("cudnn", "flash", "efficient")  # models.attention values timed
 
 def _caller(fx: bb.FeatureExtractor, name: str, x: torch.Tensor, *, autocast: bool = False,
             attention: str = "auto", module=None):
-    """A no-arg function running ``fx.run(name, x)`` with this variant's autocast / SDPA preference and
-    module (default: the eager model), set at each call since variants share one FeatureExtractor."""
+    """A no-arg function running ``fx.run(name, x)`` with this variant's SDPA preference and module
+    (default: the eager model), set at each call since variants share one FeatureExtractor;
+    ``autocast``: under torch.autocast (the product dropped it: models.autocast was slower)."""
     def fn():
-        fx.autocast, fx.attention = autocast, attention
+        fx.attention = attention
         fx._run[name] = fx.models[name] if module is None else module
-        return fx.run(name, x)
+        with torch.autocast("cuda", dtype=fx.dtype, enabled=autocast):
+            return fx.run(name, x)
     return fn
 
 
 def bench_model(fx: bb.FeatureExtractor, name: str, x: torch.Tensor, args) -> dict:
-    """Every variant of one model; returns {variant: {clips_per_s, ms_per_batch, x_autocast, cos...}}."""
+    """Every variant of one model; returns {variant: {clips_per_s, ms_per_batch, x_autocast,
+    cos...}}."""
     model = fx.models[name]
     res, outs = {}, {}
 
@@ -61,8 +67,10 @@ def bench_model(fx: bb.FeatureExtractor, name: str, x: torch.Tensor, args) -> di
         try:
             s = seconds_per_call(fn, DEVICE, args.iters)
             outs[label] = fn()
-            res[label] = {"clips_per_s": round(args.batch_size / s, 2), "ms_per_batch": round(s * 1e3, 2)}
-        except Exception as e:  # noqa: BLE001 -- a backend that does not apply is reported, not fatal
+            res[label] = {"clips_per_s": round(args.batch_size / s, 2),
+                          "ms_per_batch": round(s * 1e3, 2)}
+        # a backend that does not apply is reported, not fatal
+        except Exception as e:  # noqa: BLE001
             res[label] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
         print(f"[models] {name} {label}: {res[label]}", flush=True)
 
@@ -98,13 +106,14 @@ def bench_model(fx: bb.FeatureExtractor, name: str, x: torch.Tensor, args) -> di
 
 
 def bench_fp8(fx: bb.FeatureExtractor, name: str, x: torch.Tensor, args) -> dict:
-    """bf16 / fp8 x eager / compiled blocks for one model: {variant: {clips_per_s, ms_per_batch, cos...}}."""
+    """bf16 / fp8 x eager / compiled blocks for one model: {variant: {clips_per_s, ms_per_batch,
+    cos...}}."""
     res, outs = {}, {}
-    fx.compile_scope = "layers"
     for variant in ("bf16", "bf16+compile", "fp8+compile", "fp8-tensor+compile"):
         model = copy.deepcopy(fx.models[name])
         if variant.startswith("fp8"):
-            rw.use_float8_linears(model, granularity="tensor" if variant.startswith("fp8-tensor") else "row")
+            per_tensor = variant.startswith("fp8-tensor")
+            rw.use_float8_linears(model, granularity="tensor" if per_tensor else "row")
         if variant.endswith("+compile"):
             torch._dynamo.reset()
             model = fx._compile(model)
@@ -114,8 +123,9 @@ def bench_fp8(fx: bb.FeatureExtractor, name: str, x: torch.Tensor, args) -> dict
         torch.cuda.synchronize()
         first_s = round(time.perf_counter() - t0, 1)
         s = seconds_per_call(fn, DEVICE, args.iters)
-        res[variant] = {"clips_per_s": round(args.batch_size / s, 2), "ms_per_batch": round(s * 1e3, 2),
-                        "first_call_s": first_s, "cos_vs_bf16_mean_min": cosine(outs[variant], outs["bf16"], digits=5)}
+        res[variant] = {"clips_per_s": round(args.batch_size / s, 2),
+                        "ms_per_batch": round(s * 1e3, 2), "first_call_s": first_s,
+                        "cos_vs_bf16_mean_min": cosine(outs[variant], outs["bf16"], digits=5)}
         res[variant]["x_bf16"] = round(res[variant]["clips_per_s"] / res["bf16"]["clips_per_s"], 3)
         print(f"[models] {name} {variant}: {res[variant]}", flush=True)
         del model
@@ -124,15 +134,19 @@ def bench_fp8(fx: bb.FeatureExtractor, name: str, x: torch.Tensor, args) -> dict
 
 
 def four_models(results: dict, args) -> dict:
-    """The four in sequence (sum of per-model batch times): old default, best eager, best of eager/compiled."""
+    """The four in sequence (sum of per-model batch times): old default, best eager, best of
+    eager/compiled."""
     def ms(r, key):
         return r.get(key, {}).get("ms_per_batch", float("inf")) if key else float("inf")
-    compiled = {n: next((k for k in r if k.startswith("compile(")), None) for n, r in results["models"].items()}
-    per = {"autocast": {n: ms(r, "autocast") for n, r in results["models"].items()},
-           "best_eager": {n: ms(r, r["best_eager"]) for n, r in results["models"].items()},
-           "best": {n: min(ms(r, r["best_eager"]), ms(r, compiled[n])) for n, r in results["models"].items()}}
+    models = results["models"]
+    compiled = {n: next((k for k in r if k.startswith("compile(")), None)
+                for n, r in models.items()}
+    per = {"autocast": {n: ms(r, "autocast") for n, r in models.items()},
+           "best_eager": {n: ms(r, r["best_eager"]) for n, r in models.items()},
+           "best": {n: min(ms(r, r["best_eager"]), ms(r, compiled[n])) for n, r in models.items()}}
     total = {k: round(args.batch_size / (sum(v.values()) / 1e3), 2) for k, v in per.items()}
-    total["compile_helps"] = [n for n, r in results["models"].items() if ms(r, compiled[n]) < ms(r, r["best_eager"])]
+    total["compile_helps"] = [n for n, r in models.items()
+                              if ms(r, compiled[n]) < ms(r, r["best_eager"])]
     return total
 
 
@@ -147,13 +161,15 @@ def four_models_fp8(results: dict, args) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--videos", type=Path, default=None)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--models", default=",".join(bb.MODEL_NAMES))
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--fp8", action="store_true", help="bf16 vs float8 linears, eager and compiled, per model")
+    p.add_argument("--fp8", action="store_true",
+                   help="bf16 vs float8 linears, eager and compiled, per model")
     p.add_argument("--out", type=Path, default=Path("models-bench.json"))
     args = p.parse_args(argv)
     dev = torch.device("cuda")
@@ -168,19 +184,24 @@ def main(argv=None) -> dict:
     dcfg = DecodeConfig(window=32, stride=2, clips_per_video=4, short_side=256, short_video="loop")
     clips = [c for v in sorted(src.rglob("*.mp4"))[:8] for _, c in decode_clips(str(v), dcfg)]
     frames = torch.from_numpy(np.stack(clips))
-    frames = frames.repeat(-(-args.batch_size // len(frames)), 1, 1, 1, 1)[: args.batch_size].to(dev)
-    inputs = bb.derive_inputs(frames, dtype=torch.bfloat16)
+    reps = -(-args.batch_size // len(frames))
+    frames = frames.repeat(reps, 1, 1, 1, 1)[: args.batch_size].to(dev)
+    inputs = derive_inputs(frames, dtype=torch.bfloat16)
 
-    cfg = ModelsConfig(weights="random", device="cuda", dtype="bfloat16", compile=[])  # variants compile
+    # variants compile
+    cfg = ModelsConfig(weights="random", device="cuda", dtype="bfloat16", compile=[])
     t0 = time.perf_counter()
     fx = bb.FeatureExtractor(cfg)
     results = {"host": {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__},
-               "batch_size": args.batch_size, "build_s": round(time.perf_counter() - t0, 2), "models": {}}
+               "batch_size": args.batch_size, "build_s": round(time.perf_counter() - t0, 2),
+               "models": {}}
     print(f"[models] built in {results['build_s']} s", flush=True)
     for name in names:
-        results["models"][name] = (bench_fp8 if args.fp8 else bench_model)(fx, name, inputs[name], args)
+        bench = bench_fp8 if args.fp8 else bench_model
+        results["models"][name] = bench(fx, name, inputs[name], args)
         torch.cuda.empty_cache()
-    results["four_models_clips_per_s"] = total = (four_models_fp8 if args.fp8 else four_models)(results, args)
+    total = (four_models_fp8 if args.fp8 else four_models)(results, args)
+    results["four_models_clips_per_s"] = total
     print(f"[models] four models, clips/s: {total}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

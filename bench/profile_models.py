@@ -1,13 +1,16 @@
-"""Where each backbone's GPU time goes (issue 4), as the pipeline runs it, and what model rewrites buy.
+"""Where each backbone's GPU time goes (issue 4), as the pipeline runs it, and what model rewrites
+buy.
 
 Per model, on one batch of its derived input from random frames (full-size architectures, random
-weights, ``ModelsConfig`` defaults: bf16, regional ``torch.compile`` of student/VideoMAE/TimeSformer,
-except ``rewrites=[]``: the upstream modules, which the variants below rewrite):
+weights, ``ModelsConfig`` defaults: bf16, regional ``torch.compile`` of
+student/VideoMAE/TimeSformer, except ``rewrites=[]``: the upstream modules, which the variants below
+rewrite):
 
 * ms per batch (median of CUDA-synchronised calls) and clips/s;
 * FLOPs per clip (``torch.utils.flop_counter``: matmuls, convolutions and attention) and TFLOP/s;
-* ``torch.profiler`` kernel time by category (gemm, attention, conv, triton = inductor's fused kernels,
-  elementwise, copy, other), each with its share of the batch and, for gemm and attention, its TFLOP/s;
+* ``torch.profiler`` kernel time by category (gemm, attention, conv, triton = inductor's fused
+  kernels, elementwise, copy, other), each with its share of the batch and, for gemm and attention,
+  its TFLOP/s;
 * the top kernels by time.
 
 Variants, each timed in the same run against ``base``, with the
@@ -17,16 +20,16 @@ variant names its rewrites joined by ``+``:
 * ``patch``: patch-embedding convolutions as one matmul (``rewrites.use_matmul_patch_embeddings``);
 * ``gelu``: each MLP's first linear + GELU as one cuBLASLt matmul with a GELU epilogue
   (``rewrites.fuse_linear_gelu``);
-* ``fold``: TimeSformer's temporal output projection and ``temporal_dense`` folded into one linear map
-  (``rewrites.fold_timesformer_temporal_dense``);
+* ``fold``: TimeSformer's temporal output projection and ``temporal_dense`` folded into one linear
+  map (``rewrites.fold_timesformer_temporal_dense``);
 * ``packedN``: TimeSformer's temporal attention, N groups of 16 tokens per attention call with a
   block-diagonal mask (``rewrites.use_packed_temporal_attention``);
 * ``compiled``: compiled per block although the pipeline runs the model eagerly (ViViT).
 
 The default ``models.rewrites`` are ``patch+gelu`` (``+fold+packed8`` for TimeSformer).
 
-    python bench/profile_models.py --batch-size 32 --out $OUT/profile.json
-CPU dry run (tiny models, no profiler categories): python bench/profile_models.py --tiny --batch-size 2
+    python bench/profile_models.py --batch-size 32 --out $OUT/profile.json CPU dry run (tiny models,
+    no profiler categories): python bench/profile_models.py --tiny --batch-size 2
 """
 from __future__ import annotations
 
@@ -47,15 +50,19 @@ from bench.common import cosine, seconds_per_call, sync
 from pipeline import backbones as bb
 from pipeline import rewrites as rw
 from pipeline.config import ModelsConfig
+from pipeline.preprocess import derive_inputs
 
-# kernel name -> category, first match wins (inductor's kernels: triton_*; cuBLAS on Hopper: nvjet_* / sm90_xmma_*; cuDNN SDPA:
-# cudnn_generated_fort_native_sdpa*; PyTorch's flash / mem-efficient: flash_fwd* / fmha_*)
+# kernel name -> category, first match wins (inductor's kernels: triton_*; cuBLAS on Hopper: nvjet_*
+# / sm90_xmma_*; cuDNN SDPA: cudnn_generated_fort_native_sdpa*; PyTorch's flash / mem-efficient:
+# flash_fwd* / fmha_*)
 CATEGORIES = (("triton", r"^triton_"), ("attention", r"sdpa|fmha|flash|attention|softmax"),
-              ("conv", r"conv|implicit_convolve|cudnn"), ("gemm", r"gemm|nvjet|xmma|cutlass|cublas|sm90_|splitk"),
+              ("conv", r"conv|implicit_convolve|cudnn"),
+              ("gemm", r"gemm|nvjet|xmma|cutlass|cublas|sm90_|splitk"),
               ("copy", r"memcpy|memset|copy|cat|gather|index"),
               ("elementwise", r"elementwise|vectorized|reduce|layer_norm|norm|gelu|unrolled"))
 VARIANTS = {"student": ("patch", "gelu", "patch+gelu"), "videomae": ("patch", "gelu", "patch+gelu"),
-            "timesformer": ("patch", "gelu", "fold", "packed4", "packed8", "packed16", "patch+gelu+fold+packed8"),
+            "timesformer": ("patch", "gelu", "fold", "packed4", "packed8", "packed16",
+                            "patch+gelu+fold+packed8"),
             "vivit": ("patch", "gelu", "patch+gelu", "compiled", "patch+gelu+compiled")}
 
 
@@ -103,7 +110,8 @@ def summarise(kernels: dict[str, float], flops: dict[str, int], batch_ms: float,
     out = {"categories": {}}
     for cat, ms in sorted(cats.items(), key=lambda kv: -kv[1]):
         row = {"ms": round(ms, 3), "share": round(ms / batch_ms, 3)}
-        fl = {"gemm": flops["matmul"], "attention": flops["attention"], "conv": flops["conv"]}.get(cat)
+        fl = {"gemm": flops["matmul"], "attention": flops["attention"],
+              "conv": flops["conv"]}.get(cat)
         if fl:
             row["tflops"] = round(fl / (ms / 1e3) / 1e12, 1)
         out["categories"][cat] = row
@@ -114,7 +122,8 @@ def summarise(kernels: dict[str, float], flops: dict[str, int], batch_ms: float,
 
 
 def variant_model(fx: bb.FeatureExtractor, name: str, variant: str) -> torch.nn.Module:
-    """A copy of ``name``'s eager model with ``variant``'s rewrites, compiled as the pipeline would."""
+    """A copy of ``name``'s eager model with ``variant``'s rewrites, compiled as the pipeline would.
+    """
     model = copy.deepcopy(fx.models[name])
     parts = variant.split("+")
     if "patch" in parts:
@@ -145,8 +154,10 @@ def bench_model(fx: bb.FeatureExtractor, name: str, x: torch.Tensor, args) -> di
     t0 = time.perf_counter()
     ref = base()
     sync(dev)
-    res: dict = {"first_call_s": round(time.perf_counter() - t0, 1), "compiled": name in fx.compiled}
-    with torch.compiler.set_stance("force_eager"):  # a dispatch mode under dynamo would leave the blocks eager
+    res: dict = {"first_call_s": round(time.perf_counter() - t0, 1),
+                 "compiled": name in fx.compiled}
+    # a dispatch mode under dynamo would leave the blocks eager
+    with torch.compiler.set_stance("force_eager"):
         flops = flops_per_call(base)
     res["gflop_per_clip"] = {k: round(v / b / 1e9, 1) for k, v in flops.items()}
     s = seconds_per_call(base, dev, args.iters)
@@ -169,7 +180,8 @@ def bench_model(fx: bb.FeatureExtractor, name: str, x: torch.Tensor, args) -> di
             if dev.type == "cuda":
                 prof = summarise(kernel_profile(fn, dev), flops, sv * 1e3, 0)
                 res[variant]["categories_ms"] = {c: v["ms"] for c, v in prof["categories"].items()}
-        except Exception as e:  # noqa: BLE001 -- a variant that does not apply is reported, not fatal
+        # a variant that does not apply is reported, not fatal
+        except Exception as e:  # noqa: BLE001
             res[variant] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         print(f"[profile] {name} {variant}: {res[variant]}", flush=True)
     fx._run[name] = base_module
@@ -177,8 +189,10 @@ def bench_model(fx: bb.FeatureExtractor, name: str, x: torch.Tensor, args) -> di
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Profile: {results['host']['gpu']}, torch {results['host']['torch']}, batch {results['batch_size']}", "",
-             "| model | clips/s | TFLOP/s | GFLOP/clip | " + " | ".join(c for c, _ in CATEGORIES) + " | other |",
+    host = results["host"]
+    lines = [f"Profile: {host['gpu']}, torch {host['torch']}, batch {results['batch_size']}", "",
+             "| model | clips/s | TFLOP/s | GFLOP/clip | " + " | ".join(c for c, _ in CATEGORIES)
+             + " | other |",
              "|---|---:|---:|---:|" + "---:|" * (len(CATEGORIES) + 1)]
     for name, r in results["models"].items():
         cats = r.get("profile", {}).get("categories", {})
@@ -189,20 +203,23 @@ def markdown(results: dict) -> str:
                          + (f" {v['tflops']} TF/s" if "tflops" in v else ""))
         lines.append(f"| {name} | {r['base']['clips_per_s']} | {r['base']['tflops']} | "
                      f"{sum(r['gflop_per_clip'].values()):.0f} | " + " | ".join(cells) + " |")
-    lines += ["", "| model | variant | clips/s | x base | cosine to base (mean / min) | kernel ms by category |",
+    lines += ["", ("| model | variant | clips/s | x base | cosine to base (mean / min) "
+                   "| kernel ms by category |"),
               "|---|---|---:|---:|---|---|"]
     for name, r in results["models"].items():
         for v in VARIANTS[name]:
             if v in r:
                 rv = r[v]
                 cats = ", ".join(f"{c} {ms}" for c, ms in rv.get("categories_ms", {}).items())
-                lines.append(f"| {name} | {v} | {rv.get('clips_per_s', '')} | {rv.get('x_base', '')} | "
+                lines.append(f"| {name} | {v} | {rv.get('clips_per_s', '')} | "
+                             f"{rv.get('x_base', '')} | "
                              f"{rv.get('cos_to_base_mean_min', rv.get('error', ''))} | {cats} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--top", type=int, default=12, help="top kernels listed per model")
@@ -212,18 +229,24 @@ def main(argv=None) -> dict:
     p.add_argument("--out", type=Path, default=Path("profile-models.json"))
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.tiny
-    torch._dynamo.config.cache_size_limit = 64  # every variant of a block is one more compiled entry of its code
-    # base: the upstream transformers modules (no ``models.rewrites``); the variants apply them one by one
-    cfg = ModelsConfig(weights="tiny" if args.tiny else "random", device="cuda" if cuda else "cpu", rewrites=[])
+    # every variant of a block is one more compiled entry of its code
+    torch._dynamo.config.cache_size_limit = 64
+    # base: the upstream transformers modules (no ``models.rewrites``); the variants apply them one
+    # by one
+    cfg = ModelsConfig(weights="tiny" if args.tiny else "random",
+                       device="cuda" if cuda else "cpu", rewrites=[])
     t0 = time.perf_counter()
     fx = bb.FeatureExtractor(cfg)
-    results = {"host": {"gpu": torch.cuda.get_device_name(0) if cuda else "CPU", "torch": torch.__version__},
+    results = {"host": {"gpu": torch.cuda.get_device_name(0) if cuda else "CPU",
+                        "torch": torch.__version__},
                "batch_size": args.batch_size, "build_s": round(time.perf_counter() - t0, 1),
                "config": cfg.model_dump(), "models": {}}
     print(f"[profile] models built in {results['build_s']} s; compiled: {fx.compiled}", flush=True)
-    g = torch.Generator().manual_seed(0)  # random frames, never zeros (they can run faster than real data)
-    frames = torch.randint(0, 256, (args.batch_size, 32, 256, 256, 3), dtype=torch.uint8, generator=g)
-    inputs = bb.derive_inputs(frames.to(fx.device), dtype=fx.dtype)
+    # random frames, never zeros (they can run faster than real data)
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (args.batch_size, 32, 256, 256, 3), dtype=torch.uint8,
+                           generator=g)
+    inputs = derive_inputs(frames.to(fx.device), dtype=fx.dtype)
     for name in [n.strip() for n in args.models.split(",") if n.strip()]:
         results["models"][name] = bench_model(fx, name, inputs[name], args)
         if cuda:
@@ -231,16 +254,20 @@ def main(argv=None) -> dict:
     per = [r["base"]["ms_per_batch"] for r in results["models"].values()]
     results["four_models_clips_per_s"] = round(args.batch_size / (sum(per) / 1e3), 2)
     if args.variants:  # each model at its fastest variant
-        best = {n: min([("base", r["base"]["ms_per_batch"])] + [(v, r[v]["ms_per_batch"]) for v in VARIANTS[n]
-                                                               if "ms_per_batch" in r.get(v, {})], key=lambda kv: kv[1])
-                for n, r in results["models"].items()}
+        best = {}
+        for n, r in results["models"].items():
+            timed = [("base", r["base"]["ms_per_batch"])] + [
+                (v, r[v]["ms_per_batch"]) for v in VARIANTS[n] if "ms_per_batch" in r.get(v, {})]
+            best[n] = min(timed, key=lambda kv: kv[1])
         results["best_variants"] = {n: v for n, (v, _) in best.items()}
-        results["four_models_best_clips_per_s"] = round(args.batch_size / (sum(ms for _, ms in best.values()) / 1e3), 2)
+        best_ms = sum(ms for _, ms in best.values())
+        results["four_models_best_clips_per_s"] = round(args.batch_size / (best_ms / 1e3), 2)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print("\n" + markdown(results) + f"\n\nfour models in sequence (sum of per-model batches): "
           f"{results['four_models_clips_per_s']} clips/s; each at its fastest variant "
-          f"{results.get('best_variants')}: {results.get('four_models_best_clips_per_s')} clips/s", flush=True)
+          f"{results.get('best_variants')}: {results.get('four_models_best_clips_per_s')} "
+          "clips/s", flush=True)
     return results
 
 

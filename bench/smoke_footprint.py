@@ -51,7 +51,8 @@ def main() -> int:
         time.sleep(0.2)
     wall = time.perf_counter() - t0
     gib = peak / 2**30
-    print(f"\n[footprint] rc={child.returncode} wall {wall:.1f} s ({wall / BUDGET_S:.2f}x of 5 min), "
+    print(f"\n[footprint] rc={child.returncode} wall {wall:.1f} s "
+          f"({wall / BUDGET_S:.2f}x of 5 min), "
           f"peak process-tree RSS {gib:.2f} GiB ({gib / BUDGET_GIB:.2f}x of 8 GiB), "
           f"{os.cpu_count()} CPUs", flush=True)
     return child.returncode

@@ -1,10 +1,11 @@
-"""torch.compile's portable cache ("Mega-Cache") kept in storage, so a fresh worker loads compiled kernels.
+"""torch.compile's portable cache ("Mega-Cache") in storage: a fresh worker loads compiled kernels.
 
 A model actor on a new process compiles its blocks cold (the inductor cache under
 ``TORCHINDUCTOR_CACHE_DIR`` is local to the machine: a new KubeRay pod or the next scheduled run
-starts empty). The first actor to compile a configuration saves ``torch.compiler.save_cache_artifacts()``
-as one file under ``extract.compile_cache``; later actors ``load_cache_artifacts`` it before their
-first call, so inductor, AOTAutograd and autotuning hit instead of compile (dynamo still traces).
+starts empty). The first actor to compile a configuration saves
+``torch.compiler.save_cache_artifacts()`` as one file under ``extract.compile_cache``; later actors
+``load_cache_artifacts`` it before their first call, so inductor, AOTAutograd and autotuning hit
+instead of compile (dynamo still traces).
 
 torch validates every artifact against its own torch/triton version and GPU, so an entry from
 another stack is a miss, never wrong code; the key only keeps configurations apart. The cache is an
@@ -22,31 +23,34 @@ import torch
 
 from pipeline.storage import Storage
 
-# the ModelsConfig fields that change the compiled graphs (weights values do not: parameters are inputs)
-GRAPH_FIELDS = ("weights", "student", "videomae", "timesformer", "vivit", "dtype", "compile", "compile_scope",
-                "autocast", "fp8", "rewrites", "attention")
+# the ModelsConfig fields that change the compiled graphs (weight values do not: parameters are
+# inputs)
+GRAPH_FIELDS = ("weights", "student", "videomae", "timesformer", "vivit", "dtype", "compile", "fp8",
+                "rewrites", "attention")
 
 
 def cache_key(models: dict[str, Any], batch_shape: tuple[int, ...], device: torch.device) -> str:
-    """16 hex digits naming one (models config, input shape, torch, GPU, thread count) combination: inductor
-    keys its own entries on the process's thread count too (an actor's num_cpus), so they stay apart."""
+    """16 hex digits naming one (models config, input shape, torch, GPU, thread count) combination:
+    inductor keys its own entries on the process's thread count too (an actor's num_cpus), so they
+    stay apart."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    parts = {"models": {k: models[k] for k in GRAPH_FIELDS if k in models}, "batch_shape": list(batch_shape),
-             "torch": torch.__version__, "device": gpu, "threads": torch.get_num_threads()}
+    parts = {"models": {k: models[k] for k in GRAPH_FIELDS if k in models},
+             "batch_shape": list(batch_shape), "torch": torch.__version__, "device": gpu,
+             "threads": torch.get_num_threads()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def graphs_compiled() -> int:
-    """Graphs inductor compiled in this process so far (FX graph cache misses): a loaded entry that still
-    leaves misses did not cover this configuration, so the actor saves a new one."""
+    """Graphs inductor compiled in this process so far (FX graph cache misses): a loaded entry that
+    still leaves misses did not cover this configuration, so the actor saves a new one."""
     from torch._dynamo.utils import counters
     return counters["inductor"]["fxgraph_cache_miss"]
 
 
 class CompileCache:
-    """One cache entry, ``<storage>/<key>.bin``. ``warm_up(first_call)`` is the whole policy: ``load()``
-    before the first compiled call, ``save()`` after it when nothing was loaded or the call still
-    compiled graphs (``graphs_compiled``)."""
+    """One cache entry, ``<storage>/<key>.bin``. ``warm_up(first_call)`` is the whole policy:
+    ``load()`` before the first compiled call, ``save()`` after it when nothing was loaded or the
+    call still compiled graphs (``graphs_compiled``)."""
 
     def __init__(self, storage: Storage, key: str):
         self.storage, self.name = storage, f"{key}.bin"
@@ -56,8 +60,8 @@ class CompileCache:
         return self.storage.url(self.name)
 
     def load(self) -> tuple[bool, str]:
-        """Hot-load the entry into torch's caches: (loaded, what happened). No entry, an unreadable one
-        or one torch rejects gives (False, why); nothing is raised."""
+        """Hot-load the entry into torch's caches: (loaded, what happened). No entry, an unreadable
+        one or one torch rejects gives (False, why); nothing is raised."""
         try:
             data = self.storage.read_bytes(self.name)
         except FileNotFoundError:
@@ -66,7 +70,8 @@ class CompileCache:
             return False, f"not read ({type(e).__name__}: {e}); compiling cold"
         try:
             info = torch.compiler.load_cache_artifacts(data)
-        except Exception as e:  # noqa: BLE001 -- truncated or foreign entry: compile cold, save() replaces it
+        # a truncated or foreign entry: compile cold, save() replaces it
+        except Exception as e:  # noqa: BLE001
             return False, f"rejected ({type(e).__name__}: {e}); compiling cold"
         if info is None:  # torch logs why (checksum, version) and returns None
             return False, "rejected by torch (corrupt, or written by another torch); compiling cold"
@@ -74,8 +79,8 @@ class CompileCache:
         return n > 0, f"loaded {n} artifacts ({len(data) / 1e6:.1f} MB)"
 
     def save(self) -> int:
-        """Write what this process compiled (written under a temporary name, then moved into place, so a
-        reader never sees half a file); returns the bytes written (0: nothing was compiled)."""
+        """Write what this process compiled (written under a temporary name, then moved into place,
+        so a reader never sees half a file); returns the bytes written (0: nothing was compiled)."""
         artifacts = torch.compiler.save_cache_artifacts()
         if artifacts is None:
             return 0
@@ -86,8 +91,9 @@ class CompileCache:
         return len(data)
 
     def warm_up(self, first_call: Callable[[], Any]) -> str:
-        """Load, run ``first_call`` (the call that compiles), save when it was not covered; returns what
-        happened, for the start-up log. Storage errors on either side cost a cold compile, never the caller."""
+        """Load, run ``first_call`` (the call that compiles), save when it was not covered; returns
+        what happened, for the start-up log. Storage errors on either side cost a cold compile,
+        never the caller."""
         loaded, note = self.load()
         compiled_before = graphs_compiled()
         first_call()

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import DecodeConfig
+from pipeline.storage import Storage, is_remote
 
 OUTPUT_COLUMNS = ("video_id", "clip_index", "label_index", "split", "frames")
 
@@ -69,8 +70,8 @@ def clip_frame_indices(num_frames: int, cfg: DecodeConfig) -> np.ndarray:
         starts = np.rint(free * (np.arange(k) + 0.5) / k).astype(np.int64)
         return starts[:, None] + offsets[None, :]
     if cfg.short_video == "fail":
-        raise VideoError(f"too short: {num_frames} frames < needed {span} "
-                         f"(window {cfg.window} x stride {cfg.stride}; decode.short_video=pad|loop accepts it)")
+        raise VideoError(f"too short: {num_frames} frames < needed {span} (window {cfg.window} "
+                         f"x stride {cfg.stride}; decode.short_video=pad|loop accepts it)")
     if cfg.short_video == "pad":
         return np.minimum(np.broadcast_to(offsets, (k, cfg.window)), num_frames - 1).copy()
     starts = (np.arange(k) * num_frames) // k  # loop
@@ -96,21 +97,23 @@ def resize_center_crop(frames, short_side: int) -> np.ndarray:
     if side == short_side:
         return square.numpy()
     x = square.permute(0, 3, 1, 2)  # channels-last memory: the uint8 kernel's fast path
-    x = F.interpolate(x, size=(short_side, short_side), mode="bilinear", antialias=True, align_corners=False)
+    x = F.interpolate(x, size=(short_side, short_side), mode="bilinear", antialias=True,
+                      align_corners=False)
     return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def _frames(batch):
-    """decord NDArray -> torch uint8 (T, H, W, 3) on the same memory (DLPack): ``asnumpy()`` copied every
-    decoded frame once more (9-34 ms of a 360p video's ~400 ms on the 2-core dev host)."""
+    """decord NDArray -> torch uint8 (T, H, W, 3) on the same memory (DLPack): ``asnumpy()`` copied
+    every decoded frame once more (9-34 ms of a 360p video's ~400 ms on the 2-core dev host)."""
     from torch.utils.dlpack import from_dlpack
     return from_dlpack(batch.to_dlpack())
 
 
 def _source(path: str, storage_options: dict[str, Any] | None) -> str | bytes:
-    """A local path for decord, or the file's bytes for remote URLs (decord buffers file objects anyway)."""
-    path = path.removeprefix("file://")
-    if "://" not in path:
+    """A local path for decord, or the file's bytes for remote URLs (decord buffers file objects
+    anyway)."""
+    if not is_remote(path):
+        path = path.removeprefix("file://")
         if not os.path.exists(path):
             raise VideoError("file not found", path)
         if os.path.getsize(path) == 0:
@@ -118,7 +121,6 @@ def _source(path: str, storage_options: dict[str, Any] | None) -> str | bytes:
         return path
     from fsspec.core import url_to_fs
 
-    from pipeline.storage import Storage
     try:
         fs, p = url_to_fs(path, **Storage(path, storage_options).fs_options())
         with fs.open(p, "rb") as f:
@@ -160,7 +162,8 @@ def decode_clips(path: str, cfg: DecodeConfig, *, clip_indices=None,
     Raises VideoError (file missing/empty/unreadable, truncated or corrupt stream, zero
     frames, too short under ``short_video="fail"``).
     """
-    wanted = list(range(cfg.clips_per_video)) if clip_indices is None else sorted({int(i) for i in clip_indices})
+    wanted = (list(range(cfg.clips_per_video)) if clip_indices is None
+              else sorted({int(i) for i in clip_indices}))
     bad = [i for i in wanted if not 0 <= i < cfg.clips_per_video]
     if bad:
         raise ValueError(f"clip_indices {bad} outside 0..{cfg.clips_per_video - 1} for {path}")
@@ -180,7 +183,8 @@ def decode_clips(path: str, cfg: DecodeConfig, *, clip_indices=None,
             nh, nw = resized_shape(height, width, cfg.short_side)
             vr = _open(src, cfg.num_threads, width=nw, height=nh)
             if len(vr) != num_frames:
-                raise VideoError(f"frame count changed between opens ({num_frames} vs {len(vr)})", path)
+                raise VideoError(f"frame count changed between opens ({num_frames} vs "
+                                 f"{len(vr)})", path)
         unique, inverse = np.unique(index.ravel(), return_inverse=True)  # pad/loop repeat frames
         s, step = cfg.short_side, cfg.decode_chunk
         square = np.empty((unique.size, s, s, 3), np.uint8)
@@ -189,18 +193,22 @@ def decode_clips(path: str, cfg: DecodeConfig, *, clip_indices=None,
             stage = f"decoding frames {chunk[0]}..{chunk[-1]} of {num_frames}"
             frames = _frames(vr.get_batch(chunk.tolist()))
             if frames.shape[0] != chunk.size:
-                raise VideoError(f"decoder returned {frames.shape[0]} frames for {chunk.size} requested", path)
+                raise VideoError(f"decoder returned {frames.shape[0]} frames for {chunk.size} "
+                                 "requested", path)
             square[at:at + chunk.size] = resize_center_crop(frames, s)
     except VideoError:
         raise
-    except Exception as e:  # noqa: BLE001 -- DECORDError, RuntimeError("Error reading"), AssertionError (0 frames)
+    # DECORDError, RuntimeError("Error reading"), AssertionError (0 frames)
+    except Exception as e:  # noqa: BLE001
         if isinstance(e, AssertionError) or "frame count" in str(e):
             raise VideoError(f"zero frames ({_short_error(e)})", path) from None
         if "cannot find video stream" in str(e):
             raise VideoError("no video stream (zero frames)", path) from None
         if "Error reading" in str(e):
-            raise VideoError("cannot open: not a video, unsupported or truncated container", path) from None
-        raise VideoError(f"corrupt or truncated stream while {stage}: {_short_error(e)}", path) from None
+            raise VideoError("cannot open: not a video, unsupported or truncated container",
+                             path) from None
+        raise VideoError(f"corrupt or truncated stream while {stage}: {_short_error(e)}",
+                         path) from None
     # each unique frame was cropped once; expanding repeated indices (pad/loop) comes last
     if not np.array_equal(inverse, np.arange(inverse.size)):
         square = square[inverse]

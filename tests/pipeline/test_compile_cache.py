@@ -1,5 +1,6 @@
-"""torch.compile's portable cache in storage: a second process with an empty local inductor cache loads
-what the first one compiled, over a real S3 endpoint; bad entries cost a cold compile, never the job."""
+"""torch.compile's portable cache in storage: a second process with an empty local inductor cache
+loads what the first one compiled, over a real S3 endpoint; bad entries cost a cold compile, never
+the job."""
 from __future__ import annotations
 
 import json
@@ -42,8 +43,8 @@ def _worker(tmp_path, url: str, options: dict, inductor_dir: str) -> dict:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / inductor_dir)}
-    out = subprocess.run([sys.executable, str(script), url, json.dumps(options)], check=False, capture_output=True,
-                         text=True, env=env, timeout=600, cwd=os.getcwd())
+    out = subprocess.run([sys.executable, str(script), url, json.dumps(options)], check=False,
+                         capture_output=True, text=True, env=env, timeout=600, cwd=os.getcwd())
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -55,7 +56,8 @@ def test_a_fresh_process_loads_what_another_compiled_over_s3(tmp_path, s3_server
     assert first["loaded"] is False and first["note"].startswith("no entry yet")
     assert first["compiled"] >= 1 and first["saved"] > 0
     assert s3_server.fs().exists(url.removeprefix("s3://") + "/k.bin")
-    # an empty local inductor cache, as on a new pod: the graph comes from the S3 entry, nothing is compiled
+    # an empty local inductor cache, as on a new pod: the graph comes from the S3 entry, nothing is
+    # compiled
     second = _worker(tmp_path, url, s3_server.storage_options, "inductor-b")
     assert second["loaded"] is True and second["note"].startswith("loaded ")
     assert second["inductor"].get("fxgraph_cache_hit", 0) >= 1
@@ -97,4 +99,5 @@ def test_compile_cache_lives_under_the_job_storage_unless_given_its_own_place(tm
                                     "storage": {"options": {"anon": False}}})
     own = compile_cache_storage(job, storage)
     assert own.url() == str(tmp_path / "shared") and own.options == {"anon": False}
-    assert compile_cache_storage(JobConfig.model_validate({"extract": {"compile_cache": None}}), storage) is None
+    off = JobConfig.model_validate({"extract": {"compile_cache": None}})
+    assert compile_cache_storage(off, storage) is None

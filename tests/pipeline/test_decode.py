@@ -1,4 +1,5 @@
-"""Decoding real videos: clip placement, size, crop geometry, failures, short-video policies, the Ray fn."""
+"""Decoding real videos: clip placement, size, crop geometry, failures, short-video policies, the
+Ray fn."""
 from __future__ import annotations
 
 import decord
@@ -43,8 +44,9 @@ def test_short_video_policies_on_indices():
     base = {"window": 4, "stride": 3, "clips_per_video": 2}
     with pytest.raises(VideoError, match=r"too short: 7 frames < needed 10"):
         clip_frame_indices(7, DecodeConfig(**base))
-    assert clip_frame_indices(7, DecodeConfig(**base, short_video="pad")).tolist() == [[0, 3, 6, 6]] * 2
-    assert clip_frame_indices(7, DecodeConfig(**base, short_video="loop")).tolist() == [[0, 3, 6, 2], [3, 6, 2, 5]]
+    pad, loop = (DecodeConfig(**base, short_video=p) for p in ("pad", "loop"))
+    assert clip_frame_indices(7, pad).tolist() == [[0, 3, 6, 6]] * 2
+    assert clip_frame_indices(7, loop).tolist() == [[0, 3, 6, 2], [3, 6, 2, 5]]
     with pytest.raises(VideoError, match="zero frames"):
         clip_frame_indices(0, DecodeConfig(**base, short_video="loop"))
 
@@ -86,13 +88,15 @@ def test_clips_match_a_direct_full_size_decode(sample_files):
         ref = resize_center_crop(vr.get_batch(idx[ci].tolist()).asnumpy(), cfg.short_side)
         assert _mad(frames, ref) < 4  # different resamplers, same pixels
         # a window shifted by one stride is clearly further away
-        shifted = resize_center_crop(vr.get_batch((idx[ci] + cfg.stride).tolist()).asnumpy(), cfg.short_side)
+        shifted = resize_center_crop(vr.get_batch((idx[ci] + cfg.stride).tolist()).asnumpy(),
+                                     cfg.short_side)
         assert _mad(frames, shifted) > _mad(frames, ref) + 1
 
 
 def test_decoded_frames_are_taken_without_a_copy(sample_files):
-    """decord's batch becomes a torch tensor on the same memory (DLPack) with asnumpy()'s values, and it
-    stays valid after the reader and the batch are gone; resize_center_crop gives the same clip from either."""
+    """decord's batch becomes a torch tensor on the same memory (DLPack) with asnumpy()'s values,
+    and it stays valid after the reader and the batch are gone; resize_center_crop gives the same
+    clip from either."""
     vr = decord.VideoReader(str(sample_files["bikes.mp4"]), num_threads=1)
     batch = vr.get_batch([0, 2, 4])
     want = batch.asnumpy()
@@ -105,14 +109,17 @@ def test_decoded_frames_are_taken_without_a_copy(sample_files):
 
 
 def test_resize_in_decord_or_torch_give_the_same_picture(sample_files):
-    """Both resize paths (decord's swscale at a second open, torch after a source-size decode) and any
-    decode chunking give the same clips: chunking bit-identically, the two resamplers within a few levels."""
+    """Both resize paths (decord's swscale at a second open, torch after a source-size decode) and
+    any decode chunking give the same clips: chunking bit-identically, the two resamplers within a
+    few levels."""
     path = str(sample_files["bikes.mp4"])  # 640x272
-    torch_path = DecodeConfig(window=6, stride=3, clips_per_video=3, short_side=96, decoder_resize_ratio=100)
+    torch_path = DecodeConfig(window=6, stride=3, clips_per_video=3, short_side=96,
+                              decoder_resize_ratio=100)
     decord_path = torch_path.model_copy(update={"decoder_resize_ratio": 1.0})
     chunked = torch_path.model_copy(update={"decode_chunk": 4})  # 18 frames in 5 chunks
     ref = decode_clips(path, torch_path)
-    for (ci, a), (_, b), (_, c) in zip(ref, decode_clips(path, decord_path), decode_clips(path, chunked), strict=True):
+    others = decode_clips(path, decord_path), decode_clips(path, chunked)
+    for (ci, a), (_, b), (_, c) in zip(ref, *others, strict=True):
         assert a.shape == b.shape == (6, 96, 96, 3)
         assert _mad(a, b) < 4
         np.testing.assert_array_equal(a, c)
@@ -175,7 +182,8 @@ def test_missing_file(tmp_path):
 
 def test_short_video_pad_and_loop_on_a_real_video(bad_videos):
     path = str(bad_videos["too_short"])  # 10 frames; window 8 x stride 2 needs 15
-    native = decord.VideoReader(path, num_threads=1).get_batch(list(range(TOO_SHORT_FRAMES))).asnumpy()
+    vr = decord.VideoReader(path, num_threads=1)
+    native = vr.get_batch(list(range(TOO_SHORT_FRAMES))).asnumpy()
     ref = resize_center_crop(native, 64)
     with pytest.raises(VideoError, match="too short: 10 frames < needed 15"):
         decode_clips(path, SMALL)
@@ -194,7 +202,8 @@ def test_short_video_pad_and_loop_on_a_real_video(bad_videos):
 # ---------------------------------------------------------------- the Ray Data fn, on a plain dict
 
 def _batch(records: list[dict]) -> dict[str, np.ndarray]:
-    out = {k: np.array([r[k] for r in records]) for k in ("video_id", "path", "label_index", "split")}
+    out = {k: np.array([r[k] for r in records])
+           for k in ("video_id", "path", "label_index", "split")}
     if any("clip_indices" in r for r in records):
         out["clip_indices"] = np.array([r.get("clip_indices") for r in records], dtype=object)
     return out
@@ -204,11 +213,13 @@ def test_decode_fn_counts_rows_and_failures(sample_files, bad_videos):
     failures: list[tuple[dict, str]] = []
     fn = make_decode_fn(SMALL, record_failure=lambda rec, reason: failures.append((rec, reason)))
     records = [
-        {"video_id": "good0", "path": str(sample_files["bikes.mp4"]), "label_index": 2, "split": "train"},
+        {"video_id": "good0", "path": str(sample_files["bikes.mp4"]), "label_index": 2,
+         "split": "train"},
         {"video_id": "bad0", "path": str(bad_videos["text"]), "label_index": 0, "split": "val"},
         {"video_id": "good1", "path": str(sample_files["carphone_distorted.mp4"]), "label_index": 1,
          "split": "val", "clip_indices": [1]},
-        {"video_id": "bad1", "path": str(bad_videos["too_short"]), "label_index": 1, "split": "train"},
+        {"video_id": "bad1", "path": str(bad_videos["too_short"]), "label_index": 1,
+         "split": "train"},
         {"video_id": "good2", "path": str(sample_files["carphone_pristine.mp4"]), "label_index": 1,
          "split": "train", "clip_indices": None},
     ]
@@ -219,17 +230,20 @@ def test_decode_fn_counts_rows_and_failures(sample_files, bad_videos):
     assert out["label_index"].tolist() == [2, 2, 1, 1, 1] and out["label_index"].dtype == np.int64
     assert out["split"].tolist() == ["train", "train", "val", "train", "train"]
     assert out["frames"].shape == (5, 8, 64, 64, 3) and out["frames"].dtype == np.uint8
-    assert [(rec["video_id"], type(rec["label_index"])) for rec, _ in failures] == [("bad0", int), ("bad1", int)]
+    assert [(rec["video_id"], type(rec["label_index"])) for rec, _ in failures] == [
+        ("bad0", int), ("bad1", int)]
     assert "cannot open" in failures[0][1] and "too short" in failures[1][1]
     # every record is accounted for: videos with rows + failed videos == records in
     assert len(set(out["video_id"].tolist())) + len(failures) == len(records)
-    np.testing.assert_array_equal(out["frames"][2], dict(decode_clips(records[2]["path"], SMALL))[1])
+    np.testing.assert_array_equal(out["frames"][2],
+                                  dict(decode_clips(records[2]["path"], SMALL))[1])
 
 
 def test_decode_fn_all_failed_gives_typed_empty_batch(bad_videos):
     reasons = []
     fn = make_decode_fn(SMALL, record_failure=lambda rec, reason: reasons.append(reason))
-    out = fn(_batch([{"video_id": "x", "path": str(bad_videos["empty"]), "label_index": -1, "split": "val"}]))
+    out = fn(_batch([{"video_id": "x", "path": str(bad_videos["empty"]), "label_index": -1,
+                      "split": "val"}]))
     assert out["frames"].shape == (0, 8, 64, 64, 3) and out["frames"].dtype == np.uint8
     assert out["clip_index"].dtype == np.int64 and len(out["video_id"]) == 0
     assert reasons == ["empty file (0 bytes)"]
@@ -249,7 +263,8 @@ def test_decode_from_s3_matches_local(s3_server, sample_files):
         assert ci == cj
         np.testing.assert_array_equal(a, b)
     with pytest.raises(VideoError, match="file not found"):
-        decode_clips(f"s3://{bucket}/v/missing.mp4", SMALL, storage_options=s3_server.storage_options)
+        decode_clips(f"s3://{bucket}/v/missing.mp4", SMALL,
+                     storage_options=s3_server.storage_options)
     failures = []
     fn = make_decode_fn(SMALL, record_failure=lambda r, why: failures.append(why),
                         storage_options=s3_server.storage_options)
