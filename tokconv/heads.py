@@ -26,8 +26,10 @@ class ResidualHead(nn.Module):
         if num_classes < 1:
             raise ValueError(f"ResidualHead: num_classes must be >= 1, got {num_classes}")
         self.target_names = list(target_dims)
-        self.config = {"student_dim": int(student_dim), "target_dims": {k: int(v) for k, v in target_dims.items()},
-                       "num_classes": int(num_classes), "hidden": int(hidden), "dropout": float(dropout)}
+        self.config = {"student_dim": int(student_dim),
+                       "target_dims": {k: int(v) for k, v in target_dims.items()},
+                       "num_classes": int(num_classes), "hidden": int(hidden),
+                       "dropout": float(dropout)}
         self.target_norms = nn.ModuleDict({n: nn.LayerNorm(d) for n, d in target_dims.items()})
         self.main = Mlp(sum(target_dims.values()), hidden, num_classes, drop=dropout)
         self.student_norm = nn.LayerNorm(student_dim)
@@ -38,7 +40,8 @@ class ResidualHead(nn.Module):
         missing = [n for n in self.target_names if n not in converted]
         if missing:
             raise KeyError(f"ResidualHead: converted features lack targets {missing}")
-        return torch.cat([self.target_norms[n](converted[n].mean(dim=1)) for n in self.target_names], dim=-1)
+        return torch.cat([self.target_norms[n](converted[n].mean(dim=1))
+                          for n in self.target_names], dim=-1)
 
     def forward(self, student: torch.Tensor, converted: dict[str, torch.Tensor]) -> torch.Tensor:
         if student.dim() != 3 or student.shape[-1] != self.config["student_dim"]:

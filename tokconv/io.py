@@ -49,7 +49,8 @@ def _read_config(path: Path) -> dict:
         raise FileNotFoundError(f"missing {path}")
     cfg = json.loads(path.read_text())
     if cfg.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {cfg['format_version']} is newer than {FORMAT_VERSION}")
+        raise ValueError(f"{path}: format_version {cfg['format_version']} is newer than "
+                         f"{FORMAT_VERSION}")
     return cfg
 
 
@@ -57,7 +58,8 @@ def save_converter(model: nn.Module, directory) -> Path:
     """Write ``model.safetensors`` + ``config.json`` under ``directory``; returns the directory."""
     cfg = getattr(model, "config", None)
     if not cfg or "name" not in cfg:
-        raise ValueError("save_converter: model has no preset config (build it with create_converter)")
+        raise ValueError("save_converter: model has no preset config "
+                         "(build it with create_converter)")
     d = Path(directory)
     _save(model, d / CONVERTER_WEIGHTS, d / CONVERTER_CONFIG, dict(cfg))
     return d

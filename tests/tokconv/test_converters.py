@@ -53,7 +53,7 @@ def test_full_size_layouts_and_budget(name):
         assert out[tname].shape == (2, spec.tokens, spec.dim), tname
         assert torch.isfinite(out[tname]).all(), tname
         assert out[tname].std() > 0, tname
-    assert torch.equal(vivit, out["vivit"])                            # one target == its slice of all
+    assert torch.equal(vivit, out["vivit"])                        # one target == its dict entry
     assert out["videomae"][0].std(0).mean() > 0                        # tokens differ by position
 
 
@@ -102,7 +102,8 @@ def test_gradients_determinism_rank_and_mask(name):
     for k, v in reg.items():
         assert v.dim() == 0 and torch.isfinite(v), k
     loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    missing = [n for n, p in model.named_parameters()
+               if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing, f"{name}: parameters without a finite gradient: {missing}"
 
     # masking: exactly half the student tokens of every sample, and their content is ignored
@@ -136,7 +137,8 @@ def test_torchscript_export_matches_eager_on_another_batch(name, tmp_path):
     torch.manual_seed(0)
     kw = {"dim": 64, "headdim": 32} if name.startswith("ssm") else {}
     model = create_converter(name, student=SMOKE_STUDENT, targets=SMOKE_TARGETS, **kw).eval()
-    assert not any("resample" in k for k in model.state_dict())       # not saved: the export format is unchanged
+    # not saved: the export format is unchanged
+    assert not any("resample" in k for k in model.state_dict())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         _torchscript(model, (2048, 64), str(tmp_path / "ts.pt"))
@@ -150,16 +152,18 @@ def test_torchscript_export_matches_eager_on_another_batch(name, tmp_path):
 
 def test_tokenlearner_summaries_are_softmax_weighted_sums_of_the_tokens():
     torch.manual_seed(0)
-    model = create_converter("tokenlearner_small", student=TINY_STUDENT, targets=TINY_TARGETS).double().eval()
+    model = create_converter("tokenlearner_small", student=TINY_STUDENT,
+                             targets=TINY_TARGETS).double().eval()
     x = torch.randn(2, TINY_STUDENT.tokens, TINY_STUDENT.dim, dtype=torch.float64)
     z, _ = model.encode(x)
     h = model.in_proj(model.in_norm(x)) + model.in_pos(TINY_STUDENT.grid)
-    w = model.select(model.select_norm(h)).softmax(dim=1)                # (B, Ns, K): over the tokens
+    w = model.select(model.select_norm(h)).softmax(dim=1)            # (B, Ns, K): over the tokens
     expect = torch.einsum("bnk,bnd->bkd", w, h)
     for blk in model.blocks:
         expect = blk(expect)
     torch.testing.assert_close(z, expect)
-    torch.testing.assert_close(model.last_weights.sum(-1), torch.ones(2, w.shape[-1], dtype=torch.float64))
+    torch.testing.assert_close(model.last_weights.sum(-1),
+                               torch.ones(2, w.shape[-1], dtype=torch.float64))
 
 
 def test_bad_constructor_arguments_name_the_input():

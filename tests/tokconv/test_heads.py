@@ -10,7 +10,8 @@ DIMS = {"videomae": 12, "timesformer": 12, "vivit": 10}
 def _batch(b=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     student = torch.randn(b, 20, 16, generator=g)
-    conv = {"videomae": torch.randn(b, 8, 12, generator=g), "timesformer": torch.randn(b, 16, 12, generator=g),
+    conv = {"videomae": torch.randn(b, 8, 12, generator=g),
+            "timesformer": torch.randn(b, 16, 12, generator=g),
             "vivit": torch.randn(b, 1, 10, generator=g)}
     return student, conv
 
@@ -21,7 +22,8 @@ def test_shapes_config_and_both_branches_used():
     student, conv = _batch()
     logits = head(student, conv)
     assert logits.shape == (6, 5) and torch.isfinite(logits).all()
-    assert head.config == {"student_dim": 16, "target_dims": DIMS, "num_classes": 5, "hidden": 32, "dropout": 0.0}
+    assert head.config == {"student_dim": 16, "target_dims": DIMS, "num_classes": 5, "hidden": 32,
+                           "dropout": 0.0}
     # the residual branch sees the student, the main branch the converted features
     assert not torch.allclose(head(student * 2, conv), logits)
     conv2 = dict(conv, vivit=conv["vivit"] + 1.0 + torch.randn_like(conv["vivit"]))

@@ -44,7 +44,8 @@ def test_converter_round_trip_is_bit_identical(name, tmp_path):
 
 
 def test_bf16_converter_round_trip(tmp_path):
-    model = create_converter("baseline_interp_linear", student=STUDENT, targets=TARGETS).to(torch.bfloat16)
+    model = create_converter("baseline_interp_linear", student=STUDENT,
+                             targets=TARGETS).to(torch.bfloat16)
     save_converter(model, tmp_path)
     loaded = load_converter(tmp_path)
     assert next(loaded.parameters()).dtype == torch.bfloat16

@@ -36,17 +36,20 @@ class Converter(nn.Module):
             raise ValueError("a converter needs at least one target")
         for name, spec in targets.items():
             if not isinstance(spec, TargetSpec):
-                raise TypeError(f"target {name!r}: expected a TargetSpec, got {type(spec).__name__}")
+                raise TypeError(f"target {name!r}: expected a TargetSpec, "
+                                f"got {type(spec).__name__}")
             if not name.isidentifier():
-                raise ValueError(f"target name {name!r} must be an identifier (used as a module key)")
+                raise ValueError(f"target name {name!r} must be an identifier "
+                                 "(used as a module key)")
         if rank is not None and rank < 1:
             raise ValueError(f"rank must be >= 1 or None, got {rank}")
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         self.student = student
         self.targets = dict(targets)
-        # student grid -> each target's layout (matrices as buffers: device/dtype moves, TorchScript)
-        self.resample = nn.ModuleDict({n: GridResample(student.grid, s.grid) for n, s in self.targets.items()})
+        # student grid -> each target's layout (matrices as buffers: .to() moves, TorchScript)
+        self.resample = nn.ModuleDict({n: GridResample(student.grid, s.grid)
+                                       for n, s in self.targets.items()})
         self.rank = rank
         self.mask_ratio = float(mask_ratio)
         self.config: dict[str, Any] = {}
@@ -72,7 +75,8 @@ class Converter(nn.Module):
         dict {name: tensor} for every target when ``target`` is None."""
         s = self.student
         if x.dim() != 3 or x.shape[1] != s.tokens or x.shape[2] != s.dim:
-            raise ValueError(f"converter input must be (B, {s.tokens}, {s.dim}), got {tuple(x.shape)}")
+            raise ValueError(f"converter input must be (B, {s.tokens}, {s.dim}), "
+                             f"got {tuple(x.shape)}")
         if target is not None and target not in self.targets:
             raise KeyError(f"unknown target {target!r}; this converter has {sorted(self.targets)}")
         self._reg = {}
@@ -126,7 +130,8 @@ class TargetOutput(nn.Module):
 
 
 def target_outputs(in_dim: int, targets: dict[str, TargetSpec]) -> nn.ModuleDict:
-    return nn.ModuleDict({n: TargetOutput(in_dim=in_dim, out_dim=s.dim) for n, s in targets.items()})
+    return nn.ModuleDict({n: TargetOutput(in_dim=in_dim, out_dim=s.dim)
+                          for n, s in targets.items()})
 
 
 def target_embeddings(dim: int, targets: dict[str, TargetSpec]) -> nn.ParameterDict:

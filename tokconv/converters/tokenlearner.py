@@ -1,6 +1,7 @@
 """Design D: TokenLearner selection of K token summaries + query cross-attention decode.
 
-    x (B, Ns, Ds) -> LayerNorm -> in_proj (Ds -> d, low rank with ``rank``) + student coord embedding
+    x (B, Ns, Ds) -> LayerNorm -> in_proj (Ds -> d, low rank with ``rank``)
+      + student coord embedding                                         (B, Ns, d)
       -> selection MLP (d -> hidden -> K), softmax over the Ns tokens  w: (B, K, Ns)
       -> summaries z = w^T h                                            (B, K, d)
       -> depth x self-attention over the summaries                      (B, K, d)
@@ -35,8 +36,8 @@ class TokenLearnerConverter(QueryDecodeMixin, Converter):
     def __init__(self, *, student: TargetSpec, targets: dict[str, TargetSpec],
                  rank: int | None = None, mask_ratio: float = 0.0, dim: int = 384,
                  num_tokens: int = 256, select_hidden: int = 256, depth: int = 1,
-                 heads: int = 6, mlp_ratio: float = 2.0, d_dec: int | None = None, dec_heads: int | None = None,
-                 dec_mlp_ratio: float = 1.0,
+                 heads: int = 6, mlp_ratio: float = 2.0, d_dec: int | None = None,
+                 dec_heads: int | None = None, dec_mlp_ratio: float = 1.0,
                  query_hidden: int = 256, pos_hidden: int = 128, drop_path: float = 0.0):
         super().__init__(student=student, targets=targets, rank=rank, mask_ratio=mask_ratio)
         self.in_norm = nn.LayerNorm(student.dim)
@@ -51,7 +52,8 @@ class TokenLearnerConverter(QueryDecodeMixin, Converter):
         self.local = nn.Linear(dim, d_dec)
         self.queries = CoordQueries(dim=d_dec, hidden=query_hidden)
         self.target_embed = target_embeddings(d_dec, self.targets)
-        self.decoder = AttentionBlock(dim=d_dec, kv_dim=dim, num_heads=dec_heads or heads, mlp_ratio=dec_mlp_ratio)
+        self.decoder = AttentionBlock(dim=d_dec, kv_dim=dim, num_heads=dec_heads or heads,
+                                      mlp_ratio=dec_mlp_ratio)
         self.out = target_outputs(d_dec, self.targets)
         self.last_weights: torch.Tensor | None = None
 
@@ -84,5 +86,6 @@ def tokenlearner_base(*, student: TargetSpec = STUDENT, targets=None, **kwargs) 
 def tokenlearner_small(*, student: TargetSpec = STUDENT, targets=None, **kwargs) -> Converter:
     """~2.0M params: K=128 summaries of width 256, one summary self-attention block."""
     return build_preset(TokenLearnerConverter, "tokenlearner_small", student=student,
-                        targets=targets, defaults={"dim": 256, "num_tokens": 128, "depth": 1, "heads": 4,
-                                                       "select_hidden": 192}, overrides=kwargs)
+                        targets=targets, defaults={"dim": 256, "num_tokens": 128, "depth": 1,
+                                                   "heads": 4, "select_hidden": 192},
+                        overrides=kwargs)
