@@ -29,10 +29,6 @@ class TargetSpec:
         if self.dim <= 0:
             raise ValueError(f"target {self.name!r}: dim must be positive, got {self.dim}")
 
-    @property
-    def is_global(self) -> bool:
-        return self.grid is None
-
     def to_dict(self) -> dict:
         return asdict(self)
 

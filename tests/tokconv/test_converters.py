@@ -162,7 +162,7 @@ def test_tokenlearner_summaries_are_softmax_weighted_sums_of_the_tokens():
     for blk in model.blocks:
         expect = blk(expect)
     torch.testing.assert_close(z, expect)
-    torch.testing.assert_close(model.last_weights.sum(-1),
+    torch.testing.assert_close(model.selection_weights(h).sum(-1),
                                torch.ones(2, w.shape[-1], dtype=torch.float64))
 
 

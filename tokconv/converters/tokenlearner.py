@@ -55,21 +55,22 @@ class TokenLearnerConverter(QueryDecodeMixin, Converter):
         self.decoder = AttentionBlock(dim=d_dec, kv_dim=dim, num_heads=dec_heads or heads,
                                       mlp_ratio=dec_mlp_ratio)
         self.out = target_outputs(d_dec, self.targets)
-        self.last_weights: torch.Tensor | None = None
+
+    def selection_weights(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, Ns, d) embedded tokens -> (B, K, Ns) weights, softmax over the tokens."""
+        # softmax on the last axis: over axis 1 of (B, Ns, K), CUDA's strided "spatial" softmax
+        # kernel was 40% of tokenlearner's forward on an H200
+        return self.select(self.select_norm(h)).transpose(1, 2).softmax(dim=-1)
 
     def encode(self, x: torch.Tensor):
         """-> (summaries (B, K, d), local (B, Ns, d))."""
         h = self.in_proj(self.in_norm(x)) + self.in_pos(self.student.grid)   # (B, Ns, d)
-        # softmax over the tokens on the last axis: over axis 1 of (B, Ns, K), CUDA's strided
-        # "spatial" softmax kernel was 40% of tokenlearner's forward on an H200
-        w = self.select(self.select_norm(h)).transpose(1, 2).softmax(dim=-1)  # (B, K, Ns)
-        self.last_weights = w.detach()
+        w = self.selection_weights(h)                                         # (B, K, Ns)
         self.add_regulariser("selection", selection_penalty(w, "entropy", dim=-1))
         z = w @ h                                                             # (B, K, d)
         for blk in self.blocks:
             z = blk(z)
         return z, self.local(h)
-
 
 
 @register_converter
