@@ -1,7 +1,8 @@
 """Save and load converters and heads: safetensors weights + a JSON config (local paths only).
 
 Directory layout: ``model.safetensors`` + ``config.json`` (converter: preset name, student and
-target specs, preset kwargs, dtype) and ``head.safetensors`` + ``head.json`` (head ctor kwargs).
+target specs, preset kwargs, dtype) and ``head.safetensors`` + ``head.json`` (head ctor kwargs;
+JSON with sorted keys, which loses nothing: the head orders its targets by name itself).
 A loaded model rebuilt from the files alone reproduces the saved model's outputs bit for bit
 (same device and dtype).
 """

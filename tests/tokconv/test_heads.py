@@ -57,3 +57,15 @@ def test_errors_name_the_bad_input():
         head(torch.randn(6, 20, 8), conv)
     with pytest.raises(ValueError, match="num_classes"):
         ResidualHead(student_dim=16, target_dims=DIMS, num_classes=0)
+
+
+def test_logits_do_not_depend_on_the_order_of_target_dims():
+    torch.manual_seed(0)
+    head = ResidualHead(student_dim=16, target_dims=DIMS, num_classes=5, hidden=32).eval()
+    reordered = ResidualHead(student_dim=16, target_dims=dict(reversed(DIMS.items())),
+                             num_classes=5, hidden=32).eval()
+    reordered.load_state_dict(head.state_dict())
+    student, conv = _batch()
+    with torch.no_grad():
+        assert torch.equal(head(student, conv), reordered(student, conv))
+    assert head.target_names == reordered.target_names == sorted(DIMS)
