@@ -1,6 +1,8 @@
 """Every registered preset (H2's ssm_* presets included automatically): layouts, budget,
 gradients, determinism, tiny target sets, masking and the regulariser API."""
 
+import copy
+import pickle
 import warnings
 
 import pytest
@@ -117,6 +119,28 @@ def test_gradients_determinism_rank_and_mask(name):
         torch.manual_seed(1)
         y2 = model(x2)
     assert all(torch.allclose(y[k], y2[k]) for k in y)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_deepcopy_and_pickle_after_a_training_step(name):
+    # pipeline.evaluate deep-copies the converter it is given, often right after training: the
+    # last forward's regulariser terms are non-leaf tensors of its autograd graph
+    torch.manual_seed(0)
+    model = create_converter(name, student=TINY_STUDENT, targets=TINY_TARGETS, rank=4,
+                             mask_ratio=0.5).train()
+    x = torch.randn(2, TINY_STUDENT.tokens, TINY_STUDENT.dim)
+    out = model(x)
+    reg = model.regularisers()
+    (sum(o.square().mean() for o in out.values()) + sum(reg.values())).backward()
+    copies = [copy.deepcopy(model), pickle.loads(pickle.dumps(model))]
+    assert set(model.regularisers()) == set(reg) and model.last_mask is not None  # kept
+    for c in copies:                         # a copy has run no forward: only the weight term
+        assert set(c.regularisers()) == {"nuclear"} and c.last_mask is None
+    with torch.no_grad():
+        want = model.eval()(x)
+        for c in copies:
+            got = c.eval()(x)
+            assert all(torch.equal(got[k], want[k]) for k in want), name
 
 
 def test_selection_regulariser_is_a_normalised_entropy():

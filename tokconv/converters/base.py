@@ -91,6 +91,13 @@ class Converter(nn.Module):
     def forward_all(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self(x)
 
+    def __getstate__(self) -> dict:
+        # copies and pickles leave out the last forward's state: its regulariser terms belong to
+        # that forward's autograd graph (deepcopy refuses non-leaf tensors; evaluate copies models)
+        state = self.__dict__.copy()
+        state["_reg"], state["last_mask"] = {}, None
+        return state
+
     def regularisers(self) -> dict[str, torch.Tensor]:
         """Deficiency terms: "selection" from the last forward (designs with selection or
         attention weights), "nuclear" from the low-rank projections (when ``rank`` is set)."""
