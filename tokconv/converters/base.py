@@ -6,8 +6,33 @@ A converter maps student tokens (B, student.tokens, student.dim) to any of its t
 * ``encode(x) -> state``: the shared trunk, run once per forward (x already masked);
 * ``decode(state, name) -> (B, spec.tokens, spec.dim)``: the layout of target ``name``.
 
+The designs, one file each (presets ``<design>_base`` / ``<design>_small``):
+
+* ``baseline_interp_linear`` (baseline.py): grid resampling + one linear map per target, the
+  floor every design must beat;
+* A ``perceiver_*`` (perceiver.py): latents cross-attend to the student tokens, latent
+  self-attention, query decode;
+* B ``convmix_*`` (convmix.py): gMLP blocks on the student grid whose spatial gating mixes tokens
+  with a (T x T) and a (HW x HW) matrix, separable token mixing as matmuls
+  (tokconv/layers/mixing.py, no convolution), then resampling to each target and a GLU MLP;
+* C ``ssm_*`` (ssm.py): bidirectional selective-scan blocks over the tokens in raster order, the
+  Mamba-2 SSD mixer by default (tokconv/ops/ssd.py), ``mixer="s6"`` for the Mamba-1 scan
+  (tokconv/ops/selective_scan.py); resampling decode, attention pooling for a global target;
+* D ``tokenlearner_*`` (tokenlearner.py): K softmax-weighted summaries of the tokens, summary
+  self-attention, query decode.
+
+A and D decode with ``QueryDecodeMixin``: each output token's query is the coordinate query of
+its place on the target grid + a target embedding + the student's local features resampled to
+that place, and it cross-attends to the trunk's memory (latents, summaries).
+``self.resample[name]`` (``GridResample``) maps the student grid to target ``name``'s: separable
+interpolation matrices held as non-persistent buffers (they follow ``.to()``, TorchScript sees
+constants), a mean over the tokens for a global target.
+
 ``forward(x, target)`` returns one target, ``forward(x)`` / ``forward_all(x)`` a dict of all of
 them from a single trunk pass (call the module itself under DDP so its hooks run).
+``regularisers()`` gives the deficiency terms of the last forward (``add_regulariser``) and the
+nuclear norm of the low-rank projections; ``last_mask`` is the last training mask. That
+per-forward state is left out of copies and pickles (``__getstate__``).
 
 Presets are plain functions registered with ``@register_converter`` that call ``build_preset``;
 it records ``model.config = {"name", "student", "targets", "kwargs"}`` so ``tokconv.io`` can

@@ -10,8 +10,9 @@
       -> per-target output affine                                         (B, Nt, Dt)
 
 All mixing is matmuls on the token layout (token mixing, channel mixing, the resampling
-matrices): no convolution or interpolation kernel. The heavy blocks run on the student grid
-once for all targets; the target grids only see per-token work.
+matrices): no convolution or interpolation kernel (the name is from the design document's
+depthwise-separable convolution, which the separable token mixing replaced). The heavy blocks
+run on the student grid once for all targets; the target grids only see per-token work.
 """
 from __future__ import annotations
 
