@@ -18,6 +18,14 @@ chunked pure-torch scan: matmuls, so it runs at matmul speed); the S6 scan is
 ``tokconv.ops.selective_scan_fn`` (mamba_ssm's CUDA kernel, else a reference whose (B, D, N, L)
 state made ssm_* cost 40-80% of the student's forward on an H200; issue 18). Both are linear in
 sequence length, unlike attention.
+
+FLOP counts (torch's FlopCounterMode, pipeline.evaluate.gflops_per_clip) cover matmuls,
+convolutions and attention, not elementwise work. The SSD scan is matmuls, so "ssd" is counted;
+the S6 scan is elementwise only (either backend), so "s6" under-counts by its scan: about
+9 E N L FLOPs per direction and block (mamba's estimate; E = expand * dim, N = d_state,
+L = tokens), 0.45 GFLOP a clip for ssm_base (counted: 10.0, so ~4% low) and 0.30 for ssm_small
+(5.9, ~5% low). It is left so: a custom op carrying a FLOP formula needs its own backward, and a
+traced (TorchScript) s6 model would then load only where tokconv registered the op.
 """
 from __future__ import annotations
 

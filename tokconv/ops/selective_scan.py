@@ -20,6 +20,7 @@ scan (no Python loop over L); ``selective_scan_naive`` is the literal sequential
 that the tests compare both against. The backend is chosen once (env ``TOKCONV_FUSED=0/1``,
 auto by default); ``use_backend(...)`` overrides it for tests (nanochat flash_attention style).
 At run time the reference is used whenever the kernel is missing or inputs are not on CUDA.
+Neither path's arithmetic is seen by torch's FlopCounterMode (see tokconv/converters/ssm.py).
 """
 from __future__ import annotations
 
