@@ -1,4 +1,5 @@
-"""Converter benchmark (issue 18): cost against the student on the GPU, fidelity on held-out SOURCES.
+"""Converter benchmark (issue 18): cost against the student on the GPU, fidelity on held-out
+SOURCES.
 
 ``cost``: the student encoder (V-JEPA 2 ViT-L, random init, bf16, batch --batch) timed in the same
 run as every preset's ``forward_all`` (bf16 weights, inference) and forward+backward (autocast bf16
@@ -55,7 +56,8 @@ BASELINE = "baseline_interp_linear"
 
 @dataclass
 class Pairs:
-    """Feature pairs on the device: split -> {"student", <target>...: (N, tokens, dim) fp16, "label_index"}."""
+    """Feature pairs on the device: split -> {"student", <target>...: (N, tokens, dim) fp16,
+    "label_index"}."""
     train: dict
     val: dict
     specs: dict[str, TargetSpec]
@@ -78,10 +80,11 @@ def load_store(url: str, name: str, device: torch.device) -> Pairs:
     keys = [*specs, "label_index"]
 
     def take(split):
-        parts = [{k: b[k].to(device) for k in keys} for b in store.iter_torch(split=split, batch_size=32,
-                                                                              columns=[*keys, "split"])]
+        batches = store.iter_torch(split=split, batch_size=32, columns=[*keys, "split"])
+        parts = [{k: b[k].to(device) for k in keys} for b in batches]
         if not parts:
-            raise SystemExit(f"--store {url}: no {split!r} clips (the footage manifest holds sources out as 'val')")
+            raise SystemExit(f"--store {url}: no {split!r} clips "
+                             "(the footage manifest holds sources out as 'val')")
         return {k: torch.cat([p[k] for p in parts]) for k in keys}
 
     train, val = take("train"), take("val")
@@ -89,8 +92,8 @@ def load_store(url: str, name: str, device: torch.device) -> Pairs:
     mean, std = stats_tensors(store.stats("train"), targets, device)
     stats = {t: {"mean": mean[t], "std": std[t]} for t in targets}
     classes = store.read_meta().get("class_names", [])
-    desc = (f"store {url} ({name}): {train['student'].shape[0]} train / {val['student'].shape[0]} held-out "
-            f"clips, {len(classes)} classes")
+    desc = (f"store {url} ({name}): {train['student'].shape[0]} train / "
+            f"{val['student'].shape[0]} held-out clips, {len(classes)} classes")
     return Pairs(train, val, specs, stats, classes, desc)
 
 
@@ -98,7 +101,8 @@ def synthetic_pairs(args, device: torch.device) -> Pairs:
     """SMOKE TEST ONLY: random student tokens, each teacher a fixed random function of them."""
     g = torch.Generator().manual_seed(1234)
     student = TargetSpec("student", STUDENT.tokens, args.student_dim, STUDENT.grid)
-    specs = {"student": student, **{n: TargetSpec(n, t.tokens, args.teacher_dim, t.grid) for n, t in TEACHERS.items()}}
+    specs = {"student": student, **{n: TargetSpec(n, t.tokens, args.teacher_dim, t.grid)
+                                    for n, t in TEACHERS.items()}}
     n = args.train_clips + args.eval_clips
     x = torch.randn(n, student.tokens, student.dim, generator=g)
     data = {"student": x.half(), "label_index": torch.randint(0, 3, (n,), generator=g)}
@@ -106,12 +110,21 @@ def synthetic_pairs(args, device: torch.device) -> Pairs:
     for name, spec in specs.items():
         if name != "student":
             w = torch.randn(student.dim, spec.dim, generator=g) / student.dim ** 0.5
-            data[name] = (torch.tanh(resample_tokens(x, student.grid, spec.grid) @ w) * 2 + 0.5).half()
+            y = resample_tokens(x, student.grid, spec.grid) @ w
+            data[name] = (torch.tanh(y) * 2 + 0.5).half()
     split = lambda sl: {k: v[sl].to(device) for k, v in data.items()}
     train = split(slice(0, args.train_clips))
-    stats = {t: {"mean": train[t].float().mean((0, 1)), "std": train[t].float().std((0, 1))} for t in specs if t != "student"}
+    stats = {t: {"mean": train[t].float().mean((0, 1)), "std": train[t].float().std((0, 1))}
+             for t in specs if t != "student"}
     return Pairs(train, split(slice(args.train_clips, n)), specs, stats, ["a", "b", "c"],
-                 f"SYNTHETIC pairs (smoke test, not a result): {args.train_clips} train / {args.eval_clips} held-out")
+                 f"SYNTHETIC pairs (smoke test, not a result): {args.train_clips} train / "
+                 f"{args.eval_clips} held-out")
+
+
+def load_pairs(args, device: torch.device) -> Pairs:
+    if args.synthetic:
+        return synthetic_pairs(args, device)
+    return load_store(args.store, args.store_name, device)
 
 
 # ------------------------------------------------------------------------------------------ cost
@@ -148,7 +161,8 @@ def student_ms(batch: int, device: torch.device, iters: int) -> dict[str, float]
     out = {}
     with torch.inference_mode():
         out["stock_eager"] = device_ms(run, device, iters, min(3, iters))
-        model = bb._finish("student", model, bb.model_rewrites(bb.ModelsConfig(), "student"), device)
+        rewrites = bb.model_rewrites(bb.ModelsConfig(), "student")
+        model = bb._finish("student", model, rewrites, device)
         out["pipeline_eager"] = device_ms(run, device, iters, min(3, iters))
     return out
 
@@ -162,7 +176,8 @@ def top_kernels(fn, n: int = 4) -> list[list]:
         if cuda:
             torch.cuda.synchronize()
     time_of = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
-    events = [e for e in prof.key_averages() if time_of(e) > 0 and (not cuda or e.device_type.name == "CUDA")]
+    events = [e for e in prof.key_averages()
+              if time_of(e) > 0 and (not cuda or e.device_type.name == "CUDA")]
     total = sum(time_of(e) for e in events) or 1.0
     events.sort(key=lambda e: -time_of(e))
     return [[e.key[:70], round(time_of(e) / total, 3)] for e in events[:n]]
@@ -182,7 +197,8 @@ def preset_cost(name: str, batch: int, device: torch.device, iters: int) -> dict
         row["fwd_ms"] = device_ms(fwd, device, iters, 5)
         row["fwd_kernels"] = top_kernels(fwd)
     for mode in ("autocast", "bf16"):
-        model = copy.deepcopy(cpu_model).to(device, torch.bfloat16 if mode == "bf16" else torch.float32).train()
+        dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+        model = copy.deepcopy(cpu_model).to(device, dtype).train()
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):
             grads = {k: torch.randn_like(v) for k, v in model(x).items()}
 
@@ -190,7 +206,8 @@ def preset_cost(name: str, batch: int, device: torch.device, iters: int) -> dict
             with torch.autocast(device.type, torch.bfloat16, enabled=mode == "autocast"):
                 out = model(x)
                 regs = [r for r in model.regularisers().values() if r.requires_grad]
-            torch.autograd.backward([*out.values(), *regs], [*(grads[k] for k in out), *map(torch.ones_like, regs)])
+            torch.autograd.backward([*out.values(), *regs],
+                                    [*(grads[k] for k in out), *map(torch.ones_like, regs)])
             model.zero_grad(set_to_none=True)
         row[f"fwdbwd_ms_{mode}"] = device_ms(step, device, iters, 3)
         if mode == "autocast":
@@ -202,8 +219,9 @@ def preset_cost(name: str, batch: int, device: torch.device, iters: int) -> dict
 def cmd_cost(args) -> dict:
     device = torch.device(args.device)
     names = presets(args.presets, args.extra)
-    res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
-           "batch": args.batch, "ssd_backend": backend() if HAS_FUSED_SSD else "reference",
+    res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "torch": torch.__version__, "batch": args.batch,
+           "ssd_backend": backend() if HAS_FUSED_SSD else "reference",
            "student_ms": student_ms(args.batch, device, args.student_iters), "rows": {}}
     ref = res["student_ms"]["stock_eager"]
     print(f"[cost] student forward, batch {args.batch}: {res['student_ms']}", flush=True)
@@ -217,7 +235,8 @@ def cmd_cost(args) -> dict:
         r["fwd_pct_student"] = 100 * r["fwd_ms"] / ref
         r["fwdbwd_pct_student"] = 100 * r["fwdbwd_ms_autocast"] / ref
         print(f"[cost] {name}: fwd {r['fwd_ms']:.2f} ms ({r['fwd_pct_student']:.2f}%), fwd+bwd "
-              f"{r['fwdbwd_ms_autocast']:.2f} ms ({r['fwdbwd_pct_student']:.2f}%), bf16 {r['fwdbwd_ms_bf16']:.2f}; "
+              f"{r['fwdbwd_ms_autocast']:.2f} ms ({r['fwdbwd_pct_student']:.2f}%), "
+              f"bf16 {r['fwdbwd_ms_bf16']:.2f}; "
               f"top fwd {r['fwd_kernels'][:2]}", flush=True)
         write(args.out, res)
         if device.type == "cuda":
@@ -239,12 +258,14 @@ class Budget:
 
 def train_config(name: str, budget: Budget, deficiency: dict | None = None) -> TrainConfig:
     base, kw = split_variant(name)
-    return TrainConfig(converter=base, converter_kwargs=kw, head=HeadConfig(enabled=True), seed=budget.seed,
+    return TrainConfig(converter=base, converter_kwargs=kw, head=HeadConfig(enabled=True),
+                       seed=budget.seed,
                        optim=OptimConfig(lr=budget.lr, warmup_steps=budget.warmup),
                        deficiency=DeficiencyConfig(**(deficiency or {})))
 
 
-def fit(name: str, pairs: Pairs, budget: Budget, device: torch.device, deficiency: dict | None = None):
+def fit(name: str, pairs: Pairs, budget: Budget, device: torch.device,
+        deficiency: dict | None = None):
     """Train preset ``name`` + a residual head like pipeline.train (distill + head CE + deficiency
     terms with warm-up), same batch order for every call. Returns (converter, head, log)."""
     cfg = train_config(name, budget, deficiency)
@@ -255,7 +276,8 @@ def fit(name: str, pairs: Pairs, budget: Budget, device: torch.device, deficienc
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     sched = _make_scheduler(opt, cfg.optim, budget.steps)
     d = cfg.deficiency
-    w_reg = {"nuclear": WarmupSchedule(d.w_nuclear, d.warmup_steps), "selection": WarmupSchedule(d.w_selection, d.warmup_steps)}
+    w_reg = {"nuclear": WarmupSchedule(d.w_nuclear, d.warmup_steps),
+             "selection": WarmupSchedule(d.w_selection, d.warmup_steps)}
     w_jac = WarmupSchedule(d.w_jacobian, d.warmup_steps)
     mean = {t: s["mean"] for t, s in pairs.stats.items()}
     std = {t: s["std"] for t, s in pairs.stats.items()}
@@ -274,14 +296,16 @@ def fit(name: str, pairs: Pairs, budget: Budget, device: torch.device, deficienc
             regs = converter.regularisers()
             logits = head(x, out)
         out = {k: v.float() for k, v in out.items()}
-        loss, _ = distill_loss(out, {t: pairs.train[t][idx] for t in pairs.targets}, mean=mean, std=std)
-        loss = loss + budget.w_head * F.cross_entropy(logits.float(), pairs.train["label_index"][idx])
+        teachers = {t: pairs.train[t][idx] for t in pairs.targets}
+        loss, _ = distill_loss(out, teachers, mean=mean, std=std)
+        ce = F.cross_entropy(logits.float(), pairs.train["label_index"][idx])
+        loss = loss + budget.w_head * ce
         for key, value in regs.items():
             if w_reg.get(key) and w_reg[key](step) > 0:
                 loss = loss + w_reg[key](step) * value.float()
         if w_jac(step) > 0:
-            loss = loss + w_jac(step) * jacobian_penalty(
-                lambda z: torch.cat([o.flatten(1) for o in converter.forward_all(z).values()], 1), x)
+            flat = lambda z: torch.cat([o.flatten(1) for o in converter.forward_all(z).values()], 1)
+            loss = loss + w_jac(step) * jacobian_penalty(flat, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
@@ -290,13 +314,14 @@ def fit(name: str, pairs: Pairs, budget: Budget, device: torch.device, deficienc
         if step % 50 == 0 or step == budget.steps - 1:
             losses.append(round(loss.item(), 4))
     sync_s = time.perf_counter() - t0
-    return converter, head, {"train_s": round(sync_s, 1), "loss_first": losses[0], "loss_last": losses[-1],
-                             "loss_every_50": losses}
+    return converter, head, {"train_s": round(sync_s, 1), "loss_first": losses[0],
+                             "loss_last": losses[-1], "loss_every_50": losses}
 
 
 @torch.no_grad()
 def evaluate(converter, head, pairs: Pairs, device: torch.device, batch: int = 16) -> dict:
-    """Held-out fidelity per target (pipeline.evaluate.FidelityMeter on standardised features) + top-1."""
+    """Held-out fidelity per target (pipeline.evaluate.FidelityMeter on standardised features)
+    + top-1."""
     converter.eval(), head.eval()
     meters = {t: FidelityMeter(pairs.specs[t].dim) for t in pairs.targets}
     correct = total = 0
@@ -307,27 +332,31 @@ def evaluate(converter, head, pairs: Pairs, device: torch.device, batch: int = 1
             out = converter.forward_all(x)
             logits = head(x, out)
         for t, m in meters.items():
-            m.update(out[t].float(), standardize(val[t][i:i + batch].float(), pairs.stats[t]["mean"], pairs.stats[t]["std"]))
+            want = standardize(val[t][i:i + batch].float(), pairs.stats[t]["mean"],
+                               pairs.stats[t]["std"])
+            m.update(out[t].float(), want)
         labels = val["label_index"][i:i + batch]
         correct += topk_correct(logits.float(), labels, ks=(1,))[1]
         total += int((labels >= 0).sum())
     per = {t: {k: round(v, 5) for k, v in m.compute().items()} for t, m in meters.items()}
-    return {"targets": per, "mean_cosine": round(statistics.fmean(v["cosine"] for v in per.values()), 5),
+    return {"targets": per,
+            "mean_cosine": round(statistics.fmean(v["cosine"] for v in per.values()), 5),
             "mean_r2": round(statistics.fmean(v["r2"] for v in per.values()), 5),
             "top1": round(correct / total, 4) if total else None}
 
 
 def run_one(name, pairs, budget, device, deficiency=None) -> dict:
     converter, head, log = fit(name, pairs, budget, device, deficiency)
-    row = {"preset": name, "deficiency": deficiency or {}, **log, **evaluate(converter, head, pairs, device)}
+    row = {"preset": name, "deficiency": deficiency or {}, **log,
+           **evaluate(converter, head, pairs, device)}
     cpu = copy.deepcopy(converter).cpu().eval()
     shape = (pairs.specs["student"].tokens, pairs.specs["student"].dim)
     row.update(params=count_params(converter), gflops=round(gflops_per_clip(cpu, shape), 3),
                latency_ms_clip=round(latency_ms(converter, shape, repeats=5, device=device), 3))
     fid = " ".join(f"{t} {v['cosine']:.3f}/{v['r2']:.3f}" for t, v in row["targets"].items())
-    print(f"[{name}{' ' + json.dumps(deficiency) if deficiency else ''}] cos/R2 {fid}; mean {row['mean_cosine']:.4f}/"
-          f"{row['mean_r2']:.4f} top1 {row['top1']}; loss {log['loss_first']} -> {log['loss_last']} "
-          f"({log['train_s']} s)", flush=True)
+    print(f"[{name}{' ' + json.dumps(deficiency) if deficiency else ''}] cos/R2 {fid}; "
+          f"mean {row['mean_cosine']:.4f}/{row['mean_r2']:.4f} top1 {row['top1']}; "
+          f"loss {log['loss_first']} -> {log['loss_last']} ({log['train_s']} s)", flush=True)
     del converter, head
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -336,10 +365,11 @@ def run_one(name, pairs, budget, device, deficiency=None) -> dict:
 
 def cmd_quality(args) -> dict:
     device = torch.device(args.device)
-    pairs = synthetic_pairs(args, device) if args.synthetic else load_store(args.store, args.store_name, device)
+    pairs = load_pairs(args, device)
     budget = Budget(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
     print(f"# converters quality: {pairs.desc}; {budget}", flush=True)
-    res = {"description": pairs.desc, "synthetic": bool(args.synthetic), "budget": budget.__dict__, "rows": []}
+    res = {"description": pairs.desc, "synthetic": bool(args.synthetic), "budget": budget.__dict__,
+           "rows": []}
     for name in presets(args.presets, args.extra):
         guarded(res, name, lambda name=name: run_one(name, pairs, budget, device))
         write(args.out, res)
@@ -347,7 +377,7 @@ def cmd_quality(args) -> dict:
 
 
 def guarded(res: dict, label: str, fn) -> None:
-    """Append ``fn()`` to res["rows"]; a failure is recorded under res["errors"] and the run goes on."""
+    """Append ``fn()`` to res["rows"]; a failure goes to res["errors"] and the run goes on."""
     try:
         res["rows"].append(fn())
     except Exception as e:  # noqa: BLE001
@@ -360,7 +390,7 @@ SWEEP = {"rank": (None, 64, 16), "mask_ratio": (0.0, 0.3, 0.6), "w_jacobian": (0
 
 def cmd_sweep(args) -> dict:
     device = torch.device(args.device)
-    pairs = synthetic_pairs(args, device) if args.synthetic else load_store(args.store, args.store_name, device)
+    pairs = load_pairs(args, device)
     budget = Budget(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
     warm = {"warmup_steps": args.steps // 4}
     settings = [{}] + [{knob: v, **warm} for knob, values in SWEEP.items() for v in values[1:]]
@@ -375,30 +405,37 @@ def cmd_sweep(args) -> dict:
 # ------------------------------------------------------------------------------------------ tables
 
 def markdown(res: dict, command: str) -> str:
-    """One table per run, every preset (or setting) a row; differences vs the floor / the first row."""
+    """One table per run, every preset (or setting) a row; differences vs the floor / first row."""
     if command == "cost":
         ref = res["student_ms"]["stock_eager"]
-        lines = [(f"student forward (stock, eager, bf16, batch {res['batch']}): {ref:.1f} ms; with the pipeline's "
-                 f"rewrites {res['student_ms']['pipeline_eager']:.1f} ms"), "",
-                 ("| preset | params (M) | GFLOP/clip | fwd ms | % student | fwd+bwd ms | % student | fwd+bwd bf16 ms "
-                 "| 1 clip GPU ms | 1 clip CPU ms | top forward kernels |"), "|---|" + "---:|" * 9 + "---|"]
+        lines = [(f"student forward (stock, eager, bf16, batch {res['batch']}): {ref:.1f} ms; "
+                  f"with the pipeline's rewrites {res['student_ms']['pipeline_eager']:.1f} ms"), "",
+                 ("| preset | params (M) | GFLOP/clip | fwd ms | % student | fwd+bwd ms "
+                  "| % student | fwd+bwd bf16 ms | 1 clip GPU ms | 1 clip CPU ms "
+                  "| top forward kernels |"),
+                 "|---|" + "---:|" * 9 + "---|"]
         for name, r in res["rows"].items():
             kern = "; ".join(f"{k[:40]} {100 * v:.0f}%" for k, v in r["fwd_kernels"][:2])
-            lines.append(f"| {name} | {r['params'] / 1e6:.2f} | {r['gflops']:.2f} | {r['fwd_ms']:.2f} | "
-                         f"{r['fwd_pct_student']:.2f} | {r['fwdbwd_ms_autocast']:.2f} | {r['fwdbwd_pct_student']:.2f} | "
-                         f"{r['fwdbwd_ms_bf16']:.2f} | {r['latency_ms_clip_gpu']:.2f} | {r['latency_ms_clip_cpu']:.0f} | {kern} |")
+            lines.append(f"| {name} | {r['params'] / 1e6:.2f} | {r['gflops']:.2f} | "
+                         f"{r['fwd_ms']:.2f} | {r['fwd_pct_student']:.2f} | "
+                         f"{r['fwdbwd_ms_autocast']:.2f} | {r['fwdbwd_pct_student']:.2f} | "
+                         f"{r['fwdbwd_ms_bf16']:.2f} | {r['latency_ms_clip_gpu']:.2f} | "
+                         f"{r['latency_ms_clip_cpu']:.0f} | {kern} |")
         return "\n".join(lines)
     rows = res["rows"]
     base = rows[0]
     targets = list(base["targets"])
-    head = "| " + ("setting" if command == "sweep" else "preset") + " | " + " | ".join(
-        f"{t} cos | {t} R^2" for t in targets) + " | mean cos (d) | mean R^2 (d) | top-1 | params (M) | GFLOP | ms/clip |"
+    head = ("| " + ("setting" if command == "sweep" else "preset") + " | "
+            + " | ".join(f"{t} cos | {t} R^2" for t in targets)
+            + " | mean cos (d) | mean R^2 (d) | top-1 | params (M) | GFLOP | ms/clip |")
     lines = [head, "|---|" + "---:|" * (2 * len(targets) + 6)]
     for r in rows:
-        label = (", ".join(f"{k}={v}" for k, v in r["deficiency"].items() if k != "warmup_steps") or "off") \
-            if command == "sweep" else r["preset"]
-        cells = " | ".join(f"{r['targets'][t]['cosine']:.3f} | {r['targets'][t]['r2']:.3f}" for t in targets)
-        lines.append(f"| {label} | {cells} | {r['mean_cosine']:.4f} ({r['mean_cosine'] - base['mean_cosine']:+.4f}) | "
+        knobs = ", ".join(f"{k}={v}" for k, v in r["deficiency"].items() if k != "warmup_steps")
+        label = (knobs or "off") if command == "sweep" else r["preset"]
+        cells = " | ".join(f"{r['targets'][t]['cosine']:.3f} | {r['targets'][t]['r2']:.3f}"
+                           for t in targets)
+        lines.append(f"| {label} | {cells} | {r['mean_cosine']:.4f} "
+                     f"({r['mean_cosine'] - base['mean_cosine']:+.4f}) | "
                      f"{r['mean_r2']:.4f} ({r['mean_r2'] - base['mean_r2']:+.4f}) | {r['top1']} | "
                      f"{r['params'] / 1e6:.2f} | {r['gflops']:.2f} | {r['latency_ms_clip']:.2f} |")
     return "\n".join(lines)
@@ -417,7 +454,8 @@ def split_variant(name: str) -> tuple[str, dict]:
     """``preset[key=value;...]`` -> (preset, {key: value parsed as YAML})."""
     import yaml
     base, _, rest = name.partition("[")
-    return base, {k: yaml.safe_load(v) for k, v in (i.split("=", 1) for i in rest.rstrip("]").split(";") if i)}
+    items = (i.split("=", 1) for i in rest.rstrip("]").split(";") if i)
+    return base, {k: yaml.safe_load(v) for k, v in items}
 
 
 def make(name: str):
@@ -433,14 +471,17 @@ def write(path, res) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("cost", "quality", "sweep"):
         s = sub.add_parser(name)
         s.add_argument("--out", help="JSON results (rewritten after every preset)")
-        s.add_argument("--presets", default="*", help="comma list of globs over list_converters(); the floor always runs")
+        s.add_argument("--presets", default="*",
+                       help="comma list of globs over list_converters(); the floor always runs")
         s.add_argument("--extra", action="append", default=[], metavar="PRESET[K=V;K=V]",
-                       help="also a variant of a preset with these constructor overrides (repeatable)")
+                       help="also a variant of a preset with these constructor overrides "
+                            "(repeatable)")
         if name == "cost":
             s.add_argument("--batch", type=int, default=32)
             s.add_argument("--iters", type=int, default=20)
@@ -448,8 +489,10 @@ def parse_args(argv=None):
             s.add_argument("--device", default="cuda", help="cpu: a dry run of this script only")
             continue
         data = s.add_mutually_exclusive_group(required=True)
-        data.add_argument("--store", help="storage URL of a feature store with train / val (held-out) splits")
-        data.add_argument("--synthetic", action="store_true", help="random pairs: ONLY to smoke-test this script")
+        data.add_argument("--store",
+                          help="storage URL of a feature store with train / val (held-out) splits")
+        data.add_argument("--synthetic", action="store_true",
+                          help="random pairs: ONLY to smoke-test this script")
         s.add_argument("--store-name", default="features")
         s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         s.add_argument("--steps", type=int, default=2000 if name == "quality" else 1000)

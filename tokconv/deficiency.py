@@ -37,8 +37,10 @@ def nuclear_norm(w: torch.Tensor | nn.Module) -> torch.Tensor:
     autocast failed in svd_cuda_gesvdj)."""
     if isinstance(w, nn.Linear):
         w = w.weight
-    if not isinstance(w, LowRankLinear | torch.Tensor) or (isinstance(w, torch.Tensor) and w.dim() != 2):
-        raise TypeError(f"nuclear_norm: expected a 2D weight, nn.Linear or LowRankLinear, got {type(w)}")
+    if (not isinstance(w, LowRankLinear | torch.Tensor)
+            or (isinstance(w, torch.Tensor) and w.dim() != 2)):
+        raise TypeError("nuclear_norm: expected a 2D weight, nn.Linear or LowRankLinear, "
+                        f"got {type(w)}")
     ref = w.up.weight if isinstance(w, LowRankLinear) else w
     wide = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))
     with torch.autocast(ref.device.type, enabled=False):
@@ -61,7 +63,8 @@ def mask_tokens(x: torch.Tensor, ratio: float, generator: torch.Generator | None
     mask = torch.zeros(b, n, dtype=torch.bool, device=x.device)
     if n_mask == 0:
         return x, mask
-    noise = torch.rand(b, n, generator=generator, device=x.device if generator is None else generator.device)
+    device = x.device if generator is None else generator.device
+    noise = torch.rand(b, n, generator=generator, device=device)
     idx = noise.to(x.device).argsort(dim=1)[:, :n_mask]
     mask.scatter_(1, idx, True)
     return x.masked_fill(mask.unsqueeze(-1), 0.0), mask
@@ -139,7 +142,8 @@ class WarmupSchedule:
 
     def __init__(self, weight: float, warmup_steps: int = 0, *, start: float = 0.0):
         if weight < 0 or warmup_steps < 0 or not 0.0 <= start <= 1.0:
-            raise ValueError(f"WarmupSchedule: bad weight={weight}, warmup_steps={warmup_steps}, start={start}")
+            raise ValueError(f"WarmupSchedule: bad weight={weight}, "
+                             f"warmup_steps={warmup_steps}, start={start}")
         self.weight, self.warmup_steps, self.start = float(weight), int(warmup_steps), float(start)
 
     def __call__(self, step: int) -> float:
@@ -149,4 +153,5 @@ class WarmupSchedule:
         return self.weight * (self.start + (1.0 - self.start) * frac)
 
     def __repr__(self) -> str:
-        return f"WarmupSchedule(weight={self.weight}, warmup_steps={self.warmup_steps}, start={self.start})"
+        return (f"WarmupSchedule(weight={self.weight}, warmup_steps={self.warmup_steps}, "
+                f"start={self.start})")

@@ -1,7 +1,8 @@
 """Save and load converters and heads: safetensors weights + a JSON config (local paths only).
 
 Directory layout: ``model.safetensors`` + ``config.json`` (converter: preset name, student and
-target specs, preset kwargs, dtype) and ``head.safetensors`` + ``head.json`` (head ctor kwargs).
+target specs, preset kwargs, dtype) and ``head.safetensors`` + ``head.json`` (head ctor kwargs;
+JSON with sorted keys, which loses nothing: the head orders its targets by name itself).
 A loaded model rebuilt from the files alone reproduces the saved model's outputs bit for bit
 (same device and dtype).
 """
@@ -49,7 +50,8 @@ def _read_config(path: Path) -> dict:
         raise FileNotFoundError(f"missing {path}")
     cfg = json.loads(path.read_text())
     if cfg.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {cfg['format_version']} is newer than {FORMAT_VERSION}")
+        raise ValueError(f"{path}: format_version {cfg['format_version']} is newer than "
+                         f"{FORMAT_VERSION}")
     return cfg
 
 
@@ -57,7 +59,8 @@ def save_converter(model: nn.Module, directory) -> Path:
     """Write ``model.safetensors`` + ``config.json`` under ``directory``; returns the directory."""
     cfg = getattr(model, "config", None)
     if not cfg or "name" not in cfg:
-        raise ValueError("save_converter: model has no preset config (build it with create_converter)")
+        raise ValueError("save_converter: model has no preset config "
+                         "(build it with create_converter)")
     d = Path(directory)
     _save(model, d / CONVERTER_WEIGHTS, d / CONVERTER_CONFIG, dict(cfg))
     return d

@@ -19,7 +19,8 @@ def _as_tensor(v, like: torch.Tensor) -> torch.Tensor:
 
 
 def standardize(x: torch.Tensor, mean, std, eps: float = 1e-6) -> torch.Tensor:
-    """(x - mean) / max(std, eps); mean/std (D,) (tensor, array or scalar) broadcast over (..., D)."""
+    """(x - mean) / max(std, eps); mean/std (D,) (tensor, array or scalar) broadcast over
+    (..., D)."""
     return (x - _as_tensor(mean, x)) / _as_tensor(std, x).clamp_min(eps)
 
 
@@ -32,7 +33,8 @@ def target_loss(pred: torch.Tensor, target: torch.Tensor, *, w_cos: float = 1.0,
                 w_sl1: float = 1.0) -> torch.Tensor:
     """(B, N, D) x (B, N, D) -> scalar: w_cos * mean token (1 - cos) + w_sl1 * smoothL1."""
     if pred.shape != target.shape:
-        raise ValueError(f"prediction {tuple(pred.shape)} and teacher {tuple(target.shape)} differ in shape")
+        raise ValueError(f"prediction {tuple(pred.shape)} and teacher {tuple(target.shape)} "
+                         "differ in shape")
     pred, target = pred.float(), target.float()
     cos = 1.0 - F.cosine_similarity(pred, target, dim=-1, eps=1e-6).mean()
     return w_cos * cos + w_sl1 * F.smooth_l1_loss(pred, target)

@@ -22,15 +22,12 @@ class TargetSpec:
         if self.grid is not None:
             object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
             if len(self.grid) != 3 or prod(self.grid) != self.tokens:
-                raise ValueError(f"target {self.name!r}: grid {self.grid} does not hold {self.tokens} tokens")
+                raise ValueError(f"target {self.name!r}: grid {self.grid} does not hold "
+                                 f"{self.tokens} tokens")
         elif self.tokens != 1:
             raise ValueError(f"target {self.name!r}: only a single global token may have grid=None")
         if self.dim <= 0:
             raise ValueError(f"target {self.name!r}: dim must be positive, got {self.dim}")
-
-    @property
-    def is_global(self) -> bool:
-        return self.grid is None
 
     def to_dict(self) -> dict:
         return asdict(self)

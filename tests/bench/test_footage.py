@@ -14,7 +14,7 @@ from pipeline.decode import decode_clips
 from pipeline.sources import list_videos
 
 SMALL = {"clips": 3, "frames": 12, "size": 64, "holdout": 0.5, "seed": 0}
-PICK = ("camera", "chelsea", "coins", "carphone")   # photos of two groups (one of 2 sources), a video
+PICK = ("camera", "chelsea", "coins", "carphone")  # photos of two groups (one of 2 sources), video
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,8 @@ def test_build_is_deterministic(built):
 def test_clips_are_distinct_moving_footage(built):
     _, root, _, _ = built
     cfg = DecodeConfig(window=6, stride=2, clips_per_video=1, short_side=64)
-    clips = {p.name: decode_clips(str(p), cfg)[0][1].astype(np.float32) for p in sorted(root.rglob("*.mp4"))}
+    clips = {p.name: decode_clips(str(p), cfg)[0][1].astype(np.float32)
+             for p in sorted(root.rglob("*.mp4"))}
     assert all(c.shape == (6, 64, 64, 3) for c in clips.values())
     for (na, a), (nb, b) in itertools.combinations(clips.items(), 2):
         assert np.abs(a - b).mean() > 2.0, (na, nb)                      # distinct clips
@@ -85,7 +86,8 @@ def test_manifest_is_read_by_the_sources_stage_with_one_split_per_source(built):
     split_of = {}
     for v in videos:
         row = by_path[str(v["path"]).split(str(root) + "/")[-1]]
-        assert v["label"] == row["label"] == next(s.group for s in sources if s.name == row["source"])
+        group = next(s.group for s in sources if s.name == row["source"])
+        assert v["label"] == row["label"] == group
         assert v["split"] == row["split"]
         split_of.setdefault(row["source"], set()).add(v["split"])
     assert all(len(s) == 1 for s in split_of.values())                  # no source on both sides

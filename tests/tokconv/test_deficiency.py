@@ -16,7 +16,8 @@ from tokconv.deficiency import (
 )
 
 STUDENT = TargetSpec("student", 4 * 6 * 6, 16, (4, 6, 6))
-TARGETS = {"grid": TargetSpec("grid", 2 * 5 * 5, 12, (2, 5, 5)), "cls": TargetSpec("cls", 1, 12, None)}
+TARGETS = {"grid": TargetSpec("grid", 2 * 5 * 5, 12, (2, 5, 5)),
+           "cls": TargetSpec("cls", 1, 12, None)}
 
 
 @pytest.mark.parametrize("rank", [1, 3, 8])
@@ -34,7 +35,7 @@ def test_low_rank_map_has_rank_at_most_r_and_nuclear_norm_is_exact(rank):
 
 
 def test_nuclear_norm_of_bfloat16_weights_and_under_autocast():
-    # QR/SVD have no bf16 kernels: the penalty is computed in float32 whatever the weights / autocast
+    # QR/SVD have no bf16 kernels: the penalty is in float32 whatever the weights / autocast
     torch.manual_seed(0)
     lr = LowRankLinear(32, 24, rank=4)
     ref = nuclear_norm(lr).item()
@@ -115,7 +116,8 @@ def _sensitivity(model, x, eps=1e-2):
 def test_jacobian_penalty_lowers_output_sensitivity():
     # same init, same fixed batch and targets, 8 Adam steps with and without the penalty
     student = TargetSpec("student", 2 * 4 * 4, 16, (2, 4, 4))
-    targets = {"grid": TargetSpec("grid", 2 * 3 * 3, 12, (2, 3, 3)), "cls": TargetSpec("cls", 1, 12)}
+    targets = {"grid": TargetSpec("grid", 2 * 3 * 3, 12, (2, 3, 3)),
+               "cls": TargetSpec("cls", 1, 12)}
     torch.manual_seed(0)
     x = torch.randn(4, student.tokens, student.dim)
     y = {n: torch.randn(4, s.tokens, s.dim) for n, s in targets.items()}

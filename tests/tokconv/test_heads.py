@@ -10,7 +10,8 @@ DIMS = {"videomae": 12, "timesformer": 12, "vivit": 10}
 def _batch(b=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     student = torch.randn(b, 20, 16, generator=g)
-    conv = {"videomae": torch.randn(b, 8, 12, generator=g), "timesformer": torch.randn(b, 16, 12, generator=g),
+    conv = {"videomae": torch.randn(b, 8, 12, generator=g),
+            "timesformer": torch.randn(b, 16, 12, generator=g),
             "vivit": torch.randn(b, 1, 10, generator=g)}
     return student, conv
 
@@ -21,7 +22,8 @@ def test_shapes_config_and_both_branches_used():
     student, conv = _batch()
     logits = head(student, conv)
     assert logits.shape == (6, 5) and torch.isfinite(logits).all()
-    assert head.config == {"student_dim": 16, "target_dims": DIMS, "num_classes": 5, "hidden": 32, "dropout": 0.0}
+    assert head.config == {"student_dim": 16, "target_dims": DIMS, "num_classes": 5, "hidden": 32,
+                           "dropout": 0.0}
     # the residual branch sees the student, the main branch the converted features
     assert not torch.allclose(head(student * 2, conv), logits)
     conv2 = dict(conv, vivit=conv["vivit"] + 1.0 + torch.randn_like(conv["vivit"]))
@@ -55,3 +57,15 @@ def test_errors_name_the_bad_input():
         head(torch.randn(6, 20, 8), conv)
     with pytest.raises(ValueError, match="num_classes"):
         ResidualHead(student_dim=16, target_dims=DIMS, num_classes=0)
+
+
+def test_logits_do_not_depend_on_the_order_of_target_dims():
+    torch.manual_seed(0)
+    head = ResidualHead(student_dim=16, target_dims=DIMS, num_classes=5, hidden=32).eval()
+    reordered = ResidualHead(student_dim=16, target_dims=dict(reversed(DIMS.items())),
+                             num_classes=5, hidden=32).eval()
+    reordered.load_state_dict(head.state_dict())
+    student, conv = _batch()
+    with torch.no_grad():
+        assert torch.equal(head(student, conv), reordered(student, conv))
+    assert head.target_names == reordered.target_names == sorted(DIMS)

@@ -44,7 +44,8 @@ def test_converter_round_trip_is_bit_identical(name, tmp_path):
 
 
 def test_bf16_converter_round_trip(tmp_path):
-    model = create_converter("baseline_interp_linear", student=STUDENT, targets=TARGETS).to(torch.bfloat16)
+    model = create_converter("baseline_interp_linear", student=STUDENT,
+                             targets=TARGETS).to(torch.bfloat16)
     save_converter(model, tmp_path)
     loaded = load_converter(tmp_path)
     assert next(loaded.parameters()).dtype == torch.bfloat16
@@ -66,6 +67,43 @@ def test_head_round_trip_is_bit_identical(tmp_path):
     conv = {"videomae": torch.randn(3, 50, 16), "vivit": torch.randn(3, 1, 16)}
     with torch.no_grad():
         assert torch.equal(head(s, conv), loaded(s, conv))
+
+
+def _head_inputs(dims: dict[str, int], seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    conv = {n: torch.randn(3, 1 if n == "vivit" else 50, d, generator=g) for n, d in dims.items()}
+    return torch.randn(3, 10, 24, generator=g), conv
+
+
+def test_head_with_targets_out_of_alphabetical_order_round_trips(tmp_path):
+    # head.json is written with sorted keys: the rebuilt head must not concatenate the targets in
+    # another order than the saved one
+    dims = {"vivit": 8, "videomae": 16, "timesformer": 12}
+    torch.manual_seed(0)
+    head = ResidualHead(student_dim=24, target_dims=dims, num_classes=5, hidden=32).eval()
+    save_head(head, tmp_path)
+    saved = json.loads((tmp_path / "head.json").read_text())["kwargs"]["target_dims"]
+    assert list(saved) == sorted(dims)                     # the file lost the construction order
+    loaded = load_head(tmp_path)
+    s, conv = _head_inputs(dims)
+    with torch.no_grad():
+        assert torch.equal(head(s, conv), loaded(s, conv))
+
+
+def test_head_json_of_the_previous_format_loads_as_before(tmp_path):
+    # what save_head wrote before: kwargs with sorted keys, rebuilt by ResidualHead(**kwargs)
+    dims = {"timesformer": 12, "videomae": 16, "vivit": 8}
+    torch.manual_seed(0)
+    ref = ResidualHead(student_dim=24, target_dims=dims, num_classes=5, hidden=32).eval()
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()},
+              str(tmp_path / "head.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "head.json").write_text(json.dumps(
+        {"dtype": "float32", "format_version": 1, "kwargs": ref.config}, indent=2, sort_keys=True))
+    loaded = load_head(tmp_path)
+    s, conv = _head_inputs(dims)
+    with torch.no_grad():
+        assert torch.equal(ref(s, conv), loaded(s, conv))
 
 
 def test_errors(tmp_path):

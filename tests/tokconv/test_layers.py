@@ -71,9 +71,10 @@ def test_resample_global_and_identity_and_bad_grid():
         resample_tokens(x, (4, 4, 3), (2, 2, 2))
 
 
-GRID_PAIRS = [(STUDENT.grid, TEACHERS["videomae"].grid), (STUDENT.grid, TEACHERS["timesformer"].grid),
-              ((4, 6, 6), (6, 7, 7)), ((4, 6, 6), (2, 5, 5)), ((3, 5, 7), (3, 5, 9)), ((2, 3, 3), (5, 3, 3)),
-              ((1, 1, 1), (2, 3, 2))]
+GRID_PAIRS = [(STUDENT.grid, TEACHERS["videomae"].grid),
+              (STUDENT.grid, TEACHERS["timesformer"].grid),
+              ((4, 6, 6), (6, 7, 7)), ((4, 6, 6), (2, 5, 5)), ((3, 5, 7), (3, 5, 9)),
+              ((2, 3, 3), (5, 3, 3)), ((1, 1, 1), (2, 3, 2))]
 
 
 @pytest.mark.parametrize("src,dst", GRID_PAIRS)

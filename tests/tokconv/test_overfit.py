@@ -45,7 +45,7 @@ def pairs():
     from pipeline.samples import sample_files
 
     cfg = DecodeConfig(window=32, stride=2, clips_per_video=1, short_side=256)
-    frames = np.stack([decode_clips(str(p), cfg)[0][1] for p in sample_files()])  # (4, 32, 256, 256, 3)
+    frames = np.stack([decode_clips(str(p), cfg)[0][1] for p in sample_files()])  # (4,32,256,256,3)
     torch.manual_seed(0)
     extractor = FeatureExtractor(ModelsConfig(weights="tiny", device="cpu"))
     feats = extractor(frames)
@@ -100,9 +100,11 @@ def baseline_loss(pairs):
     return last
 
 
-@pytest.mark.parametrize("name", [n for n in _one_preset_per_design() if not n.startswith("baseline")])
+@pytest.mark.parametrize("name", [n for n in _one_preset_per_design()
+                                  if not n.startswith("baseline")])
 def test_design_overfits_real_feature_pairs(name, pairs, baseline_loss):
     first, last = _fit(name, pairs)
     assert np.isfinite(last)
     assert last < first / 5, f"{name}: loss {first:.4f} -> {last:.4f}"
-    assert last < baseline_loss, f"{name}: {last:.4f} does not beat the baseline {baseline_loss:.4f}"
+    assert last < baseline_loss, (f"{name}: {last:.4f} does not beat the baseline "
+                                  f"{baseline_loss:.4f}")

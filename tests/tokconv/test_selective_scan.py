@@ -83,7 +83,8 @@ def test_reference_float32_long_sequence_and_dtype():
     ref = selective_scan_ref(**x, delta_softplus=True)
     naive = selective_scan_naive(**x, delta_softplus=True)
     torch.testing.assert_close(ref, naive, rtol=1e-4, atol=1e-4)
-    xb = {k: (v.bfloat16() if k in ("u", "delta", "B", "C") else v) for k, v in x.items() if v is not None}
+    xb = {k: (v.bfloat16() if k in ("u", "delta", "B", "C") else v)
+          for k, v in x.items() if v is not None}
     out = selective_scan_ref(**xb, delta_softplus=True)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), naive, rtol=0.05, atol=0.05)
@@ -102,7 +103,8 @@ def test_shape_errors_name_the_input():
 @pytest.mark.parametrize("env,has,override,expect", [
     (None, False, None, "reference"), (None, True, None, "fused"), ("auto", True, None, "fused"),
     ("0", True, None, "reference"), ("1", True, None, "fused"),
-    ("1", True, "reference", "reference"), ("0", True, "fused", "fused"), (None, False, "reference", "reference"),
+    ("1", True, "reference", "reference"), ("0", True, "fused", "fused"),
+    (None, False, "reference", "reference"),
 ])
 def test_resolve_backend_rule(env, has, override, expect):
     assert ss.resolve_backend(env, has, override) == expect

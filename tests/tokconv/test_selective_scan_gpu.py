@@ -22,7 +22,7 @@ def _inputs(dtype, batch=2, dim=64, dstate=16, length=2048, bc="variable", seed=
     r = lambda *s, dt=dtype: torch.randn(*s, generator=g, device=device, dtype=dt)
     shape_bc = {"variable": (batch, dstate, length), "grouped": (batch, 2, dstate, length)}[bc]
     x = {"u": r(batch, dim, length), "delta": r(batch, dim, length) * 0.5,
-             "A": -torch.rand(dim, dstate, generator=g, device=device) * 4 - 0.1,   # fp32, like mamba
+             "A": -torch.rand(dim, dstate, generator=g, device=device) * 4 - 0.1,  # fp32 (mamba)
              "B": r(*shape_bc), "C": r(*shape_bc), "D": r(dim, dt=torch.float32),
              "z": r(batch, dim, length), "delta_bias": r(dim, dt=torch.float32) * 0.1}
     return {k: v.requires_grad_() for k, v in x.items()}
@@ -93,5 +93,6 @@ def test_ssm_converter_fused_equals_reference_bf16():
         with use_backend("reference"):
             b = model(x)
     for k in a:
-        cos = torch.nn.functional.cosine_similarity(a[k].float().flatten(1), b[k].float().flatten(1))
+        cos = torch.nn.functional.cosine_similarity(a[k].float().flatten(1),
+                                                    b[k].float().flatten(1))
         assert cos.min() > 0.999, k

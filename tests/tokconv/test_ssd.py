@@ -1,4 +1,4 @@
-"""Chunked SSD scan (Mamba-2) == the literal recurrence, values and gradients; dispatch and errors."""
+"""Chunked SSD scan (Mamba-2) == the literal recurrence, values and gradients; dispatch, errors."""
 from __future__ import annotations
 
 import pytest
@@ -8,14 +8,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from tokconv.ops import ssd_scan_fn, ssd_scan_naive, ssd_scan_ref, use_backend
 
 
-def _inputs(batch=2, length=37, heads=4, headdim=3, groups=2, dstate=5, dtype=torch.float64, seed=0):
+def _inputs(batch=2, length=37, heads=4, headdim=3, groups=2, dstate=5, dtype=torch.float64,
+            seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
     x = {"x": r(batch, length, heads, headdim), "dt": r(batch, length, heads) * 0.5,
          "A": -torch.rand(heads, generator=g, dtype=dtype) * 4 - 0.1,
          "B": r(batch, length, groups, dstate), "C": r(batch, length, groups, dstate)}
     kw = {"D": r(heads), "z": r(batch, length, heads, headdim), "dt_bias": r(heads) * 0.1}
-    return {k: v.requires_grad_() for k, v in x.items()}, {k: v.requires_grad_() for k, v in kw.items()}
+    return ({k: v.requires_grad_() for k, v in x.items()},
+            {k: v.requires_grad_() for k, v in kw.items()})
 
 
 def _grads(fn, args, kw, **extra):
@@ -45,14 +47,16 @@ def test_optional_inputs_and_per_channel_skip():
     a = [v.detach() for v in args.values()]
     torch.testing.assert_close(ssd_scan_ref(*a, 8), ssd_scan_naive(*a), rtol=1e-10, atol=1e-10)
     D = torch.randn(4, 3, dtype=torch.float64)
-    torch.testing.assert_close(ssd_scan_ref(*a, 8, D=D), ssd_scan_naive(*a, D=D), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ssd_scan_ref(*a, 8, D=D), ssd_scan_naive(*a, D=D),
+                               rtol=1e-10, atol=1e-10)
 
 
 def test_bfloat16_close_to_float64():
     args, _ = _inputs(length=256, dstate=16)
     a = [v.detach() for v in args.values()]
     ref = ssd_scan_naive(*a, dt_softplus=True)
-    low = ssd_scan_ref(*[t.to(torch.bfloat16) if t.dim() > 1 else t.float() for t in a], 64, dt_softplus=True)
+    low = ssd_scan_ref(*[t.to(torch.bfloat16) if t.dim() > 1 else t.float() for t in a], 64,
+                       dt_softplus=True)
     assert low.dtype == torch.bfloat16
     cos = torch.nn.functional.cosine_similarity(low.double().flatten(), ref.flatten(), dim=0)
     assert cos > 0.999, cos
@@ -78,7 +82,8 @@ def test_bad_shapes_name_the_input():
     with pytest.raises(ValueError, match="A must be"):
         ssd_scan_ref(a[0], a[1], a[2][:-1], *a[3:])
     with pytest.raises(ValueError, match="G \\| 4"):
-        ssd_scan_ref(*a[:3], a[3][:, :, :1].expand(-1, -1, 3, -1), a[4][:, :, :1].expand(-1, -1, 3, -1))
+        ssd_scan_ref(*a[:3], a[3][:, :, :1].expand(-1, -1, 3, -1),
+                     a[4][:, :, :1].expand(-1, -1, 3, -1))
 
 
 @pytest.mark.gpu

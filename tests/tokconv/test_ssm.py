@@ -1,5 +1,6 @@
 """Design C (ssm_*): bidirectional scan (Mamba-2 SSD by default, Mamba-1 S6 as mixer="s6"), both
-directions in one grouped scan, layouts, budget, and that it trains on CPU with the pure-torch scans."""
+directions in one grouped scan, layouts, budget, and that it trains on CPU with the pure-torch
+scans."""
 from __future__ import annotations
 
 import pytest
@@ -46,8 +47,8 @@ def test_shapes_and_global_pooling():
         out = model(x)
     assert out["up"].shape == (3, 75, 8) and out["cls"].shape == (3, 1, 6)
     # only the targets' needs are built: no global query / pooling without a global target
-    grid_only = create_converter("ssm_small", student=STUDENT, targets={"up": TARGETS["up"]}, dim=16,
-                                 headdim=8)
+    grid_only = create_converter("ssm_small", student=STUDENT, targets={"up": TARGETS["up"]},
+                                 dim=16, headdim=8)
     assert grid_only.pool_score is None and grid_only.pos.global_query is None
 
 
@@ -85,9 +86,10 @@ def test_ssd_block_equals_two_separate_sequential_scans():
     B_f, C_f, B_b, C_b = (t.unsqueeze(2) for t in bc.chunk(4, dim=-1))
     A = -torch.exp(blk.A_log)
     kw = {"dt_softplus": True}
-    y_f = ssd_scan_naive(u, dt[..., :2], A[:2], B_f, C_f, D=blk.D[:2], dt_bias=blk.dt_bias[:2], **kw)
-    y_b = ssd_scan_naive(u.flip(1), dt[..., 2:].flip(1), A[2:], B_b.flip(1), C_b.flip(1), D=blk.D[2:],
-                         dt_bias=blk.dt_bias[2:], **kw).flip(1)
+    y_f = ssd_scan_naive(u, dt[..., :2], A[:2], B_f, C_f, D=blk.D[:2], dt_bias=blk.dt_bias[:2],
+                         **kw)
+    y_b = ssd_scan_naive(u.flip(1), dt[..., 2:].flip(1), A[2:], B_b.flip(1), C_b.flip(1),
+                         D=blk.D[2:], dt_bias=blk.dt_bias[2:], **kw).flip(1)
     y = (0.5 * (y_f + y_b)).reshape(2, 19, 8)
     expect = x + blk.out_proj(blk.out_norm(y * F.silu(z)))
     torch.testing.assert_close(blk(x), expect, rtol=1e-10, atol=1e-10)
@@ -110,7 +112,8 @@ def test_mamba_initialisation():
     ssd = _tiny().blocks[0]
     dt = F.softplus(ssd.dt_bias)
     assert dt.min() >= 1e-4 - 1e-7 and dt.max() <= 0.1 + 1e-6     # dt in [dt_min, dt_max]
-    assert (-torch.exp(ssd.A_log) <= -1 + 1e-6).all() and (-torch.exp(ssd.A_log) >= -16 - 1e-5).all()
+    A = -torch.exp(ssd.A_log)
+    assert (A <= -1 + 1e-6).all() and (A >= -16 - 1e-5).all()
     blk = _tiny(mixer="s6").blocks[0]
     dt = F.softplus(blk.fwd.dt_proj.bias)
     assert dt.min() >= 1e-4 - 1e-7 and dt.max() <= 0.1 + 1e-6     # dt in [dt_min, dt_max]

@@ -1,4 +1,5 @@
-"""Converter designs; importing this package registers every preset."""
+"""Converter designs (listed in base.py's docstring); importing this package registers every
+preset."""
 from . import (  # noqa: F401
     baseline,
     convmix,

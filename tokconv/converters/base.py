@@ -6,8 +6,33 @@ A converter maps student tokens (B, student.tokens, student.dim) to any of its t
 * ``encode(x) -> state``: the shared trunk, run once per forward (x already masked);
 * ``decode(state, name) -> (B, spec.tokens, spec.dim)``: the layout of target ``name``.
 
+The designs, one file each (presets ``<design>_base`` / ``<design>_small``):
+
+* ``baseline_interp_linear`` (baseline.py): grid resampling + one linear map per target, the
+  floor every design must beat;
+* A ``perceiver_*`` (perceiver.py): latents cross-attend to the student tokens, latent
+  self-attention, query decode;
+* B ``convmix_*`` (convmix.py): gMLP blocks on the student grid whose spatial gating mixes tokens
+  with a (T x T) and a (HW x HW) matrix, separable token mixing as matmuls
+  (tokconv/layers/mixing.py, no convolution), then resampling to each target and a GLU MLP;
+* C ``ssm_*`` (ssm.py): bidirectional selective-scan blocks over the tokens in raster order, the
+  Mamba-2 SSD mixer by default (tokconv/ops/ssd.py), ``mixer="s6"`` for the Mamba-1 scan
+  (tokconv/ops/selective_scan.py); resampling decode, attention pooling for a global target;
+* D ``tokenlearner_*`` (tokenlearner.py): K softmax-weighted summaries of the tokens, summary
+  self-attention, query decode.
+
+A and D decode with ``QueryDecodeMixin``: each output token's query is the coordinate query of
+its place on the target grid + a target embedding + the student's local features resampled to
+that place, and it cross-attends to the trunk's memory (latents, summaries).
+``self.resample[name]`` (``GridResample``) maps the student grid to target ``name``'s: separable
+interpolation matrices held as non-persistent buffers (they follow ``.to()``, TorchScript sees
+constants), a mean over the tokens for a global target.
+
 ``forward(x, target)`` returns one target, ``forward(x)`` / ``forward_all(x)`` a dict of all of
 them from a single trunk pass (call the module itself under DDP so its hooks run).
+``regularisers()`` gives the deficiency terms of the last forward (``add_regulariser``) and the
+nuclear norm of the low-rank projections; ``last_mask`` is the last training mask. That
+per-forward state is left out of copies and pickles (``__getstate__``).
 
 Presets are plain functions registered with ``@register_converter`` that call ``build_preset``;
 it records ``model.config = {"name", "student", "targets", "kwargs"}`` so ``tokconv.io`` can
@@ -36,17 +61,20 @@ class Converter(nn.Module):
             raise ValueError("a converter needs at least one target")
         for name, spec in targets.items():
             if not isinstance(spec, TargetSpec):
-                raise TypeError(f"target {name!r}: expected a TargetSpec, got {type(spec).__name__}")
+                raise TypeError(f"target {name!r}: expected a TargetSpec, "
+                                f"got {type(spec).__name__}")
             if not name.isidentifier():
-                raise ValueError(f"target name {name!r} must be an identifier (used as a module key)")
+                raise ValueError(f"target name {name!r} must be an identifier "
+                                 "(used as a module key)")
         if rank is not None and rank < 1:
             raise ValueError(f"rank must be >= 1 or None, got {rank}")
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         self.student = student
         self.targets = dict(targets)
-        # student grid -> each target's layout (matrices as buffers: device/dtype moves, TorchScript)
-        self.resample = nn.ModuleDict({n: GridResample(student.grid, s.grid) for n, s in self.targets.items()})
+        # student grid -> each target's layout (matrices as buffers: .to() moves, TorchScript)
+        self.resample = nn.ModuleDict({n: GridResample(student.grid, s.grid)
+                                       for n, s in self.targets.items()})
         self.rank = rank
         self.mask_ratio = float(mask_ratio)
         self.config: dict[str, Any] = {}
@@ -72,7 +100,8 @@ class Converter(nn.Module):
         dict {name: tensor} for every target when ``target`` is None."""
         s = self.student
         if x.dim() != 3 or x.shape[1] != s.tokens or x.shape[2] != s.dim:
-            raise ValueError(f"converter input must be (B, {s.tokens}, {s.dim}), got {tuple(x.shape)}")
+            raise ValueError(f"converter input must be (B, {s.tokens}, {s.dim}), "
+                             f"got {tuple(x.shape)}")
         if target is not None and target not in self.targets:
             raise KeyError(f"unknown target {target!r}; this converter has {sorted(self.targets)}")
         self._reg = {}
@@ -86,6 +115,13 @@ class Converter(nn.Module):
 
     def forward_all(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self(x)
+
+    def __getstate__(self) -> dict:
+        # copies and pickles leave out the last forward's state: its regulariser terms belong to
+        # that forward's autograd graph (deepcopy refuses non-leaf tensors; evaluate copies models)
+        state = self.__dict__.copy()
+        state["_reg"], state["last_mask"] = {}, None
+        return state
 
     def regularisers(self) -> dict[str, torch.Tensor]:
         """Deficiency terms: "selection" from the last forward (designs with selection or
@@ -126,7 +162,8 @@ class TargetOutput(nn.Module):
 
 
 def target_outputs(in_dim: int, targets: dict[str, TargetSpec]) -> nn.ModuleDict:
-    return nn.ModuleDict({n: TargetOutput(in_dim=in_dim, out_dim=s.dim) for n, s in targets.items()})
+    return nn.ModuleDict({n: TargetOutput(in_dim=in_dim, out_dim=s.dim)
+                          for n, s in targets.items()})
 
 
 def target_embeddings(dim: int, targets: dict[str, TargetSpec]) -> nn.ParameterDict:

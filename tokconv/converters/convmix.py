@@ -10,8 +10,9 @@
       -> per-target output affine                                         (B, Nt, Dt)
 
 All mixing is matmuls on the token layout (token mixing, channel mixing, the resampling
-matrices): no convolution or interpolation kernel. The heavy blocks run on the student grid
-once for all targets; the target grids only see per-token work.
+matrices): no convolution or interpolation kernel (the name is from the design document's
+depthwise-separable convolution, which the separable token mixing replaced). The heavy blocks
+run on the student grid once for all targets; the target grids only see per-token work.
 """
 from __future__ import annotations
 
@@ -38,8 +39,9 @@ class ConvMixConverter(Converter):
         self.pos = CoordQueries(dim=dim, hidden=query_hidden,
                                 global_query=any(s.grid is None for s in self.targets.values()))
         self.target_embed = target_embeddings(dim, self.targets)
-        self.blocks_out = nn.ModuleList([ResidualMlp(dim=dim, hidden=out_hidden, glu=True, drop_path=drop_path)
-                                         for _ in range(depth_out)])
+        self.blocks_out = nn.ModuleList([
+            ResidualMlp(dim=dim, hidden=out_hidden, glu=True, drop_path=drop_path)
+            for _ in range(depth_out)])
         self.out = target_outputs(dim, self.targets)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,7 +61,7 @@ class ConvMixConverter(Converter):
 @register_converter
 @param_budget(3.3e6, 4.2e6)
 def convmix_base(*, student: TargetSpec = STUDENT, targets=None, **kwargs) -> Converter:
-    """~3.7M params: width 384, 2 spatial-gating blocks (hidden 768) + 1 GLU block on the targets."""
+    """~3.7M params: width 384, 2 spatial-gating blocks (hidden 768), 1 GLU block on targets."""
     return build_preset(ConvMixConverter, "convmix_base", student=student, targets=targets,
                         defaults={"dim": 384, "depth_in": 2, "depth_out": 1, "hidden": 768,
                                   "out_hidden": 768}, overrides=kwargs)
@@ -68,7 +70,7 @@ def convmix_base(*, student: TargetSpec = STUDENT, targets=None, **kwargs) -> Co
 @register_converter
 @param_budget(1.5e6, 2.5e6)
 def convmix_small(*, student: TargetSpec = STUDENT, targets=None, **kwargs) -> Converter:
-    """~2.0M params: width 256, 2 spatial-gating blocks (hidden 512) + 1 GLU block on the targets."""
+    """~2.0M params: width 256, 2 spatial-gating blocks (hidden 512), 1 GLU block on targets."""
     return build_preset(ConvMixConverter, "convmix_small", student=student, targets=targets,
                         defaults={"dim": 256, "depth_in": 2, "depth_out": 1, "hidden": 512,
                                   "out_hidden": 512}, overrides=kwargs)

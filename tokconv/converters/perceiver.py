@@ -1,6 +1,7 @@
 """Design A: latent cross-attention resampler (Perceiver-IO style).
 
-    x (B, Ns, Ds) -> LayerNorm -> in_proj (Ds -> d_lat, low rank with ``rank``) + student coord embedding
+    x (B, Ns, Ds) -> LayerNorm -> in_proj (Ds -> d_lat, low rank with ``rank``)
+      + student coord embedding                                            (B, Ns, d_lat)
       -> encode: n_lat learned latents cross-attend to the tokens        (B, n_lat, d_lat)
       -> depth x latent self-attention                                     (B, n_lat, d_lat)
       -> decode: queries = coordinate queries of the target grid + target embedding
@@ -57,7 +58,8 @@ class PerceiverConverter(QueryDecodeMixin, Converter):
         self.local = nn.Linear(d_lat, d_dec)
         self.queries = CoordQueries(dim=d_dec, hidden=query_hidden)
         self.target_embed = target_embeddings(d_dec, self.targets)
-        self.decoder = AttentionBlock(dim=d_dec, kv_dim=d_lat, num_heads=dec_heads, mlp_ratio=mlp_ratio)
+        self.decoder = AttentionBlock(dim=d_dec, kv_dim=d_lat, num_heads=dec_heads,
+                                      mlp_ratio=mlp_ratio)
         self.out = target_outputs(d_dec, self.targets)
 
     def encode(self, x: torch.Tensor):
@@ -77,7 +79,8 @@ class PerceiverConverter(QueryDecodeMixin, Converter):
 def perceiver_base(*, student: TargetSpec = STUDENT, targets=None, **kwargs) -> Converter:
     """~4.0M params: 256 latents x 384, one latent self-attention block, decode width 256."""
     return build_preset(PerceiverConverter, "perceiver_base", student=student, targets=targets,
-                        defaults={"n_lat": 256, "d_lat": 384, "d_dec": 256, "depth": 1}, overrides=kwargs)
+                        defaults={"n_lat": 256, "d_lat": 384, "d_dec": 256, "depth": 1},
+                        overrides=kwargs)
 
 
 @register_converter

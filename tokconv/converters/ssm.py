@@ -18,6 +18,14 @@ chunked pure-torch scan: matmuls, so it runs at matmul speed); the S6 scan is
 ``tokconv.ops.selective_scan_fn`` (mamba_ssm's CUDA kernel, else a reference whose (B, D, N, L)
 state made ssm_* cost 40-80% of the student's forward on an H200; issue 18). Both are linear in
 sequence length, unlike attention.
+
+FLOP counts (torch's FlopCounterMode, pipeline.evaluate.gflops_per_clip) cover matmuls,
+convolutions and attention, not elementwise work. The SSD scan is matmuls, so "ssd" is counted;
+the S6 scan is elementwise only (either backend), so "s6" under-counts by its scan: about
+9 E N L FLOPs per direction and block (mamba's estimate; E = expand * dim, N = d_state,
+L = tokens), 0.45 GFLOP a clip for ssm_base (counted: 10.0, so ~4% low) and 0.30 for ssm_small
+(5.9, ~5% low). It is left so: a custom op carrying a FLOP formula needs its own backward, and a
+traced (TorchScript) s6 model would then load only where tokconv registered the op.
 """
 from __future__ import annotations
 
@@ -36,7 +44,8 @@ from .base import Converter, build_preset, param_budget, target_embeddings, targ
 
 def _dt_bias(n: int, dt_min: float, dt_max: float) -> torch.Tensor:
     """mamba's init: dt log-uniform in [dt_min, dt_max], stored through softplus^-1."""
-    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
+    lo, hi = math.log(dt_min), math.log(dt_max)
+    dt = torch.exp(torch.rand(n) * (hi - lo) + lo).clamp(min=1e-4)
     return dt + torch.log(-torch.expm1(-dt))
 
 
@@ -52,13 +61,16 @@ class BiSSDBlock(nn.Module):
         super().__init__()
         inner = expand * dim
         if inner % headdim:
-            raise ValueError(f"BiSSDBlock: inner width {inner} is not divisible by headdim {headdim}")
-        self.inner, self.d_state, self.heads, self.headdim = inner, d_state, inner // headdim, headdim
+            raise ValueError(f"BiSSDBlock: inner width {inner} is not divisible by "
+                             f"headdim {headdim}")
+        self.inner, self.d_state, self.heads = inner, d_state, inner // headdim
+        self.headdim = headdim
         self.chunk_size = chunk_size
         self.norm = nn.LayerNorm(dim)
         self.in_proj = nn.Linear(dim, 2 * inner + 4 * d_state + 2 * self.heads, bias=False)
         self.dt_bias = nn.Parameter(_dt_bias(2 * self.heads, dt_min, dt_max))
-        self.A_log = nn.Parameter(torch.log(torch.empty(2 * self.heads).uniform_(1, 16)))  # mamba-2 init
+        # mamba-2 init: A uniform in [1, 16], kept as log
+        self.A_log = nn.Parameter(torch.log(torch.empty(2 * self.heads).uniform_(1, 16)))
         self.D = nn.Parameter(torch.ones(2 * self.heads))
         self.out_norm = nn.LayerNorm(inner)
         self.out_proj = nn.Linear(inner, dim, bias=False)
@@ -70,9 +82,9 @@ class BiSSDBlock(nn.Module):
         u = u.reshape(b, length, h, p)
         rev = lambda t: t.flip(1)
         B_f, C_f, B_b, C_b = bc.chunk(4, dim=-1)
-        y = ssd_scan_fn(torch.cat([u, rev(u)], dim=2),                                # (b, L, 2h, p)
-                        torch.cat([dt[..., :h], rev(dt[..., h:])], dim=-1),
-                        -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32))),
+        A = -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
+        y = ssd_scan_fn(torch.cat([u, rev(u)], dim=2),                        # (b, L, 2h, p)
+                        torch.cat([dt[..., :h], rev(dt[..., h:])], dim=-1), A,
                         torch.stack([B_f, rev(B_b)], dim=2), torch.stack([C_f, rev(C_b)], dim=2),
                         self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
         y = 0.5 * (y[:, :, :h] + rev(y[:, :, h:])).reshape(b, length, e)
@@ -97,11 +109,13 @@ class SelectiveSSM(nn.Module):
         with torch.no_grad():
             self.dt_proj.bias.copy_(_dt_bias(dim, dt_min, dt_max))
         # S4D-real init: A = -(1..N) per channel, kept as log for positivity
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(dim, 1))
+        s4d = torch.arange(1, d_state + 1, dtype=torch.float32)
+        self.A_log = nn.Parameter(torch.log(s4d).repeat(dim, 1))
         self.D = nn.Parameter(torch.ones(dim))
 
     def scan_inputs(self, x: torch.Tensor):
-        """x (B, E, L) -> u, delta (B, E, L); A (E, N) fp32; B, C (B, N, L); D, delta_bias (E,) fp32."""
+        """x (B, E, L) -> u, delta (B, E, L); A (E, N) fp32; B, C (B, N, L);
+        D, delta_bias (E,) fp32."""
         length = x.shape[-1]
         u = F.silu(self.conv1d(x)[..., :length])                            # causal: drop the tail
         dbc = self.x_proj(u.transpose(1, 2))                                # (B, L, R + 2N)
@@ -156,9 +170,13 @@ class SSMConverter(Converter):
         self.in_proj = make_projection(student.dim, dim, rank=rank)
         # one coordinate embedding for the student and every target grid: same normalised space
         self.pos = CoordQueries(dim=dim, hidden=query_hidden, global_query=has_global)
-        block = (lambda: BiSSDBlock(dim=dim, expand=expand, d_state=d_state, headdim=headdim)) \
-            if mixer == "ssd" else (lambda: BiMambaBlock(dim=dim, expand=expand, d_state=d_state, d_conv=d_conv))
-        self.blocks = nn.ModuleList([block() for _ in range(depth)])
+        if mixer == "ssd":
+            blocks = [BiSSDBlock(dim=dim, expand=expand, d_state=d_state, headdim=headdim)
+                      for _ in range(depth)]
+        else:
+            blocks = [BiMambaBlock(dim=dim, expand=expand, d_state=d_state, d_conv=d_conv)
+                      for _ in range(depth)]
+        self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(dim)
         self.target_embed = target_embeddings(dim, self.targets)
         self.pool_score = nn.Linear(dim, 1) if has_global else None  # attention pooling
@@ -188,15 +206,19 @@ class SSMConverter(Converter):
 @register_converter
 @param_budget(2.1e6, 2.5e6)
 def ssm_base(*, student: TargetSpec = STUDENT, targets=None, **kwargs) -> Converter:
-    """~2.3M params: width 384, 2 bidirectional Mamba-2 blocks (6 heads of 64 a direction, d_state 16)."""
+    """~2.3M params: width 384, 2 bidirectional Mamba-2 blocks (6 heads of 64 a direction,
+    d_state 16)."""
     return build_preset(SSMConverter, "ssm_base", student=student, targets=targets,
-                        defaults={"dim": 384, "depth": 2, "d_state": 16, "expand": 1, "query_hidden": 128},
+                        defaults={"dim": 384, "depth": 2, "d_state": 16, "expand": 1,
+                                  "query_hidden": 128},
                         overrides=kwargs)
 
 
 @register_converter
 @param_budget(1.0e6, 1.8e6)
 def ssm_small(*, student: TargetSpec = STUDENT, targets=None, **kwargs) -> Converter:
-    """~1.3M params: width 256, 2 bidirectional Mamba-2 blocks (4 heads of 64 a direction, d_state 16)."""
+    """~1.3M params: width 256, 2 bidirectional Mamba-2 blocks (4 heads of 64 a direction,
+    d_state 16)."""
     return build_preset(SSMConverter, "ssm_small", student=student, targets=targets,
-                        defaults={"dim": 256, "depth": 2, "d_state": 16, "expand": 1}, overrides=kwargs)
+                        defaults={"dim": 256, "depth": 2, "d_state": 16, "expand": 1},
+                        overrides=kwargs)

@@ -1,6 +1,7 @@
 """Design D: TokenLearner selection of K token summaries + query cross-attention decode.
 
-    x (B, Ns, Ds) -> LayerNorm -> in_proj (Ds -> d, low rank with ``rank``) + student coord embedding
+    x (B, Ns, Ds) -> LayerNorm -> in_proj (Ds -> d, low rank with ``rank``)
+      + student coord embedding                                         (B, Ns, d)
       -> selection MLP (d -> hidden -> K), softmax over the Ns tokens  w: (B, K, Ns)
       -> summaries z = w^T h                                            (B, K, d)
       -> depth x self-attention over the summaries                      (B, K, d)
@@ -35,8 +36,8 @@ class TokenLearnerConverter(QueryDecodeMixin, Converter):
     def __init__(self, *, student: TargetSpec, targets: dict[str, TargetSpec],
                  rank: int | None = None, mask_ratio: float = 0.0, dim: int = 384,
                  num_tokens: int = 256, select_hidden: int = 256, depth: int = 1,
-                 heads: int = 6, mlp_ratio: float = 2.0, d_dec: int | None = None, dec_heads: int | None = None,
-                 dec_mlp_ratio: float = 1.0,
+                 heads: int = 6, mlp_ratio: float = 2.0, d_dec: int | None = None,
+                 dec_heads: int | None = None, dec_mlp_ratio: float = 1.0,
                  query_hidden: int = 256, pos_hidden: int = 128, drop_path: float = 0.0):
         super().__init__(student=student, targets=targets, rank=rank, mask_ratio=mask_ratio)
         self.in_norm = nn.LayerNorm(student.dim)
@@ -51,23 +52,25 @@ class TokenLearnerConverter(QueryDecodeMixin, Converter):
         self.local = nn.Linear(dim, d_dec)
         self.queries = CoordQueries(dim=d_dec, hidden=query_hidden)
         self.target_embed = target_embeddings(d_dec, self.targets)
-        self.decoder = AttentionBlock(dim=d_dec, kv_dim=dim, num_heads=dec_heads or heads, mlp_ratio=dec_mlp_ratio)
+        self.decoder = AttentionBlock(dim=d_dec, kv_dim=dim, num_heads=dec_heads or heads,
+                                      mlp_ratio=dec_mlp_ratio)
         self.out = target_outputs(d_dec, self.targets)
-        self.last_weights: torch.Tensor | None = None
+
+    def selection_weights(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, Ns, d) embedded tokens -> (B, K, Ns) weights, softmax over the tokens."""
+        # softmax on the last axis: over axis 1 of (B, Ns, K), CUDA's strided "spatial" softmax
+        # kernel was 40% of tokenlearner's forward on an H200
+        return self.select(self.select_norm(h)).transpose(1, 2).softmax(dim=-1)
 
     def encode(self, x: torch.Tensor):
         """-> (summaries (B, K, d), local (B, Ns, d))."""
         h = self.in_proj(self.in_norm(x)) + self.in_pos(self.student.grid)   # (B, Ns, d)
-        # softmax over the tokens on the last axis: over axis 1 of (B, Ns, K), CUDA's strided
-        # "spatial" softmax kernel was 40% of tokenlearner's forward on an H200
-        w = self.select(self.select_norm(h)).transpose(1, 2).softmax(dim=-1)  # (B, K, Ns)
-        self.last_weights = w.detach()
+        w = self.selection_weights(h)                                         # (B, K, Ns)
         self.add_regulariser("selection", selection_penalty(w, "entropy", dim=-1))
         z = w @ h                                                             # (B, K, d)
         for blk in self.blocks:
             z = blk(z)
         return z, self.local(h)
-
 
 
 @register_converter
@@ -84,5 +87,6 @@ def tokenlearner_base(*, student: TargetSpec = STUDENT, targets=None, **kwargs) 
 def tokenlearner_small(*, student: TargetSpec = STUDENT, targets=None, **kwargs) -> Converter:
     """~2.0M params: K=128 summaries of width 256, one summary self-attention block."""
     return build_preset(TokenLearnerConverter, "tokenlearner_small", student=student,
-                        targets=targets, defaults={"dim": 256, "num_tokens": 128, "depth": 1, "heads": 4,
-                                                       "select_hidden": 192}, overrides=kwargs)
+                        targets=targets, defaults={"dim": 256, "num_tokens": 128, "depth": 1,
+                                                   "heads": 4, "select_hidden": 192},
+                        overrides=kwargs)

@@ -40,7 +40,8 @@ class CrossAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         qh, k, v = self._heads(q, kv)
-        out = F.scaled_dot_product_attention(qh, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        drop = self.attn_drop if self.training else 0.0
+        out = F.scaled_dot_product_attention(qh, k, v, dropout_p=drop)
         b, h, nq, hd = out.shape
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, nq, h * hd)))
 
@@ -90,5 +91,6 @@ class AttentionBlock(nn.Module):
         return x
 
     def attention_weights(self, x: torch.Tensor, kv: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, Nq, Nk) head-averaged weights of this block's attention (see CrossAttention.weights)."""
+        """(B, Nq, Nk) head-averaged weights of this block's attention
+        (see CrossAttention.weights)."""
         return self.attn.weights(*self._normed(x, kv))

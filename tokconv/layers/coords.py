@@ -68,7 +68,8 @@ class CoordQueries(nn.Module):
     def forward(self, grid: tuple[int, int, int] | None) -> torch.Tensor:
         if grid is None:
             if self.global_query is None:
-                raise ValueError("CoordQueries was built without a global query (global_query=False)")
+                raise ValueError("CoordQueries was built without a global query "
+                                 "(global_query=False)")
             return self.global_query
         w = self.mlp.fc1.weight
         return self.mlp(self.fourier(grid_coords(grid, device=w.device, dtype=w.dtype)))

@@ -24,7 +24,8 @@ from .resample import separable_mix
 
 
 class SpatialGatingBlock(nn.Module):
-    def __init__(self, *, dim: int, hidden: int, grid: tuple[int, int, int], drop_path: float = 0.0):
+    def __init__(self, *, dim: int, hidden: int, grid: tuple[int, int, int],
+                 drop_path: float = 0.0):
         super().__init__()
         t, h, w = grid
         self.grid = tuple(grid)
@@ -39,8 +40,8 @@ class SpatialGatingBlock(nn.Module):
 
     def gate(self, v: torch.Tensor) -> torch.Tensor:
         """(B, N, hidden) -> b + M_t v + M_hw v (B, N, hidden)."""
-        mixed = separable_mix(v, self.grid, self.mix_t, None) + separable_mix(v, self.grid, None, self.mix_hw)
-        return mixed + self.gate_bias
+        mixed_t = separable_mix(v, self.grid, self.mix_t, None)
+        return mixed_t + separable_mix(v, self.grid, None, self.mix_hw) + self.gate_bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u, v = F.gelu(self.fc1(self.norm(x))).chunk(2, dim=-1)

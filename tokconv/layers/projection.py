@@ -16,7 +16,8 @@ class LowRankLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, *, rank: int, bias: bool = True):
         super().__init__()
         if not 1 <= rank <= min(in_features, out_features):
-            raise ValueError(f"LowRankLinear: rank {rank} must be in [1, min({in_features}, {out_features})]")
+            raise ValueError(f"LowRankLinear: rank {rank} must be in "
+                             f"[1, min({in_features}, {out_features})]")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.down = nn.Linear(in_features, rank, bias=False)   # V^T
         self.up = nn.Linear(rank, out_features, bias=bias)     # U

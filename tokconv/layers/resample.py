@@ -105,7 +105,8 @@ def _trivial(x, src_grid, dst_grid):
     if src_grid is None:
         if dst_grid is None and x.shape[1] == 1:   # global -> global
             return x
-        raise ValueError(f"resample_tokens: a global source (grid=None) cannot be resampled to {dst_grid!r}")
+        raise ValueError("resample_tokens: a global source (grid=None) cannot be resampled "
+                         f"to {dst_grid!r}")
     if x.shape[1] != prod(src_grid):
         raise ValueError(f"resample_tokens: {x.shape[1]} tokens do not fill grid {src_grid!r}")
     if dst_grid is None:
@@ -149,7 +150,8 @@ class GridResample(nn.Module):
         super().__init__()
         self.src, self.dst = tuple(src), (None if dst is None else tuple(dst))
         same = self.dst is None or self.dst == self.src
-        m_t, m_hw = (None, None) if same else _build_matrices(self.src, self.dst, "cpu", torch.float32)
+        m_t, m_hw = ((None, None) if same
+                     else _build_matrices(self.src, self.dst, "cpu", torch.float32))
         self.register_buffer("m_t", m_t, persistent=False)
         self.register_buffer("m_hw", m_hw, persistent=False)
 

@@ -20,6 +20,7 @@ scan (no Python loop over L); ``selective_scan_naive`` is the literal sequential
 that the tests compare both against. The backend is chosen once (env ``TOKCONV_FUSED=0/1``,
 auto by default); ``use_backend(...)`` overrides it for tests (nanochat flash_attention style).
 At run time the reference is used whenever the kernel is missing or inputs are not on CUDA.
+Neither path's arithmetic is seen by torch's FlopCounterMode (see tokconv/converters/ssm.py).
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def _load_fused():
         return None
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as fn
-    except Exception:  # noqa: BLE001 -- ImportError, missing .so, ABI mismatch with this torch: fall back
+    except Exception:  # noqa: BLE001 -- ImportError, missing .so, ABI mismatch: fall back
         return None
     return fn
 
@@ -70,9 +71,11 @@ def resolve_backend(env: str | None, has_fused: bool, override: str | None = Non
     """
     if override is not None:
         if override not in ("fused", "reference"):
-            raise ValueError(f"backend override must be 'fused', 'reference' or None, got {override!r}")
+            raise ValueError("backend override must be 'fused', 'reference' or None, "
+                             f"got {override!r}")
         if override == "fused" and not has_fused:
-            raise RuntimeError("backend override 'fused' but mamba_ssm's selective scan is not importable")
+            raise RuntimeError("backend override 'fused' but mamba_ssm's selective scan "
+                               "is not importable")
         return override
     env = (env or "auto").strip().lower()
     if env in ("0", "false", "no", "off"):
@@ -110,10 +113,11 @@ def use_backend(name: str | None):
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                       return_last_state=False):
     """Selective scan; shapes in the module docstring. Fused kernel on CUDA when selected."""
-    if (backend() == "fused" and u.is_cuda and u.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and not A.is_complex()):
+    if (backend() == "fused" and u.is_cuda
+            and u.dtype in (torch.float32, torch.float16, torch.bfloat16) and not A.is_complex()):
         return _fused_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                              return_last_state)
 
 
 def _float_inputs(u, delta, delta_bias, delta_softplus):
@@ -133,7 +137,8 @@ def _prepare(u, delta, A, B, C, delta_bias, delta_softplus, log_decay=False):
     if A.is_complex():
         raise NotImplementedError("complex A is not supported by the pure-torch selective scan")
     if u.dim() != 3 or delta.shape != u.shape:
-        raise ValueError(f"u and delta must both be (B, D, L); got u {tuple(u.shape)}, delta {tuple(delta.shape)}")
+        raise ValueError(f"u and delta must both be (B, D, L); got u {tuple(u.shape)}, "
+                         f"delta {tuple(delta.shape)}")
     batch, dim, length = u.shape
     if A.dim() != 2 or A.shape[0] != dim:
         raise ValueError(f"A must be (D={dim}, N); got {tuple(A.shape)}")
@@ -147,7 +152,8 @@ def _prepare(u, delta, A, B, C, delta_bias, delta_softplus, log_decay=False):
             return M[None, :, :, None]
         if M.dim() == 3 and M.shape == (batch, dstate, length):
             return M[:, None]
-        if M.dim() == 4 and M.shape[0] == batch and M.shape[2:] == (dstate, length) and dim % M.shape[1] == 0:
+        if (M.dim() == 4 and M.shape[0] == batch and M.shape[2:] == (dstate, length)
+                and dim % M.shape[1] == 0):
             return M.repeat_interleave(dim // M.shape[1], dim=1)
         raise ValueError(f"{name} must be (D, N), (B, N, L) or (B, G, N, L) with G | D "
                          f"(B={batch}, D={dim}, N={dstate}, L={length}); got {tuple(M.shape)}")
@@ -194,7 +200,8 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     batch, dim, length, dstate = *_check(u, delta, A), A.shape[1]
     u, delta = _float_inputs(u, delta, delta_bias, delta_softplus)
     dtype = u.dtype
-    Bg, Cg = _grouped(B, "B", batch, dim, dstate, length), _grouped(C, "C", batch, dim, dstate, length)
+    Bg = _grouped(B, "B", batch, dim, dstate, length)
+    Cg = _grouped(C, "C", batch, dim, dstate, length)
     gb, gc = Bg.shape[1], Cg.shape[1]
     if gb > 1 and gc > 1 and gb != gc:
         raise ValueError(f"B and C must have the same number of groups, got {gb} and {gc}")
@@ -244,7 +251,8 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 
 def _check(u, delta, A):
     if u.dim() != 3 or delta.shape != u.shape:
-        raise ValueError(f"u and delta must both be (B, D, L); got u {tuple(u.shape)}, delta {tuple(delta.shape)}")
+        raise ValueError(f"u and delta must both be (B, D, L); got u {tuple(u.shape)}, "
+                         f"delta {tuple(delta.shape)}")
     if A.dim() != 2 or A.shape[0] != u.shape[1]:
         raise ValueError(f"A must be (D={u.shape[1]}, N); got {tuple(A.shape)}")
     return u.shape
@@ -257,7 +265,8 @@ def _grouped(M, name, batch, dim, dstate, length):
         return M.reshape(1, 1, dim, dstate, 1)
     if M.dim() == 3 and M.shape == (batch, dstate, length):
         return M[:, None, None]
-    if M.dim() == 4 and M.shape[0] == batch and M.shape[2:] == (dstate, length) and dim % M.shape[1] == 0:
+    if (M.dim() == 4 and M.shape[0] == batch and M.shape[2:] == (dstate, length)
+            and dim % M.shape[1] == 0):
         return M[:, :, None]
     raise ValueError(f"{name} must be (D, N), (B, N, L) or (B, G, N, L) with G | D "
                      f"(B={batch}, D={dim}, N={dstate}, L={length}); got {tuple(M.shape)}")

@@ -54,10 +54,10 @@ def ssd_scan_fn(x, dt, A, B, C, chunk_size: int = CHUNK, D=None, z=None, dt_bias
                 dt_softplus: bool = False, return_final_states: bool = False):
     """SSD scan; shapes in the module docstring. The fused kernel on CUDA when selected."""
     if _fused_fn is not None and backend() == "fused" and x.is_cuda:
-        return _fused_fn(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
-                         return_final_states=return_final_states)
-    return ssd_scan_ref(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
-                        return_final_states=return_final_states)
+        return _fused_fn(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
+                         dt_softplus=dt_softplus, return_final_states=return_final_states)
+    return ssd_scan_ref(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
+                        dt_softplus=dt_softplus, return_final_states=return_final_states)
 
 
 def _check(x, dt, A, B, C):
@@ -111,7 +111,7 @@ def ssd_scan_ref(x, dt, A, B, C, chunk_size: int = CHUNK, D=None, z=None, dt_bia
     if pad:  # dt = 0 on the padding: no decay and no input, nothing changes before it
         xs, Bs, Cs = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
         dt = F.pad(dt, (0, 0, 0, pad))
-    cum = (dt * A.to(dt.dtype)).view(b, c, q, g, r).permute(0, 3, 4, 1, 2).cumsum(-1)   # (b, g, r, c, q)
+    cum = (dt * A.to(dt.dtype)).view(b, c, q, g, r).permute(0, 3, 4, 1, 2).cumsum(-1)  # b,g,r,c,q
     xdt = (xs * dt[..., None].to(dtype)).view(b, c, q, g, r, p).permute(0, 3, 4, 1, 2, 5)
     Bc = Bs.view(b, c, q, g, n).permute(0, 3, 1, 2, 4).unsqueeze(2)     # (b, g, 1, c, q, n)
     Cc = Cs.view(b, c, q, g, n).permute(0, 3, 1, 2, 4).unsqueeze(2)
