@@ -7,7 +7,7 @@ Stage builders take only their own sub-config.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -196,16 +196,50 @@ class TrainConfig(_Strict):
     optim: OptimConfig = OptimConfig()
     deficiency: DeficiencyConfig = DeficiencyConfig()
     epochs: int = Field(2, ge=1)
-    batch_size: int = Field(8, ge=1, description="per worker")
-    num_workers: int = Field(2, ge=1)
+    batch_size: int = Field(8, ge=1, description="clips per worker per step")
+    num_workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        2, description="Ray Train workers (DDP ranks); auto: one per GPU with use_gpu, else one per node; default 2")
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0)
-    max_failures: int = Field(1, ge=0)
+    wait_for_workers: bool = Field(False, description="let Ray wait for workers the cluster cannot hold now (an "
+                                   "autoscaler that publishes no limits); default False: fail at once")
+    max_failures: int = Field(1, ge=0, description="worker-group restarts from the last checkpoint; default 1")
     seed: int = 0
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="bf16: CUDA autocast over fp32 master weights; auto: bf16 on CUDA, fp32 on CPU")
+    cache: Literal["none", "host", "gpu", "auto"] = Field(
+        "auto", description="where a worker keeps its shard of the train split once read: none (read every "
+        "epoch), host memory, the training device, auto (device if it fits, else host, else none); default auto")
+    shuffle_window: int = Field(128, ge=1, description="clips shuffled together on the device (rounded up to a "
+                                "multiple of batch_size); row groups are permuted per epoch too; default 128")
+    read_ahead: int = Field(4, ge=1, description="Parquet row groups a worker reads ahead in threads; default 4")
+    checkpoint_every_steps: int | None = Field(None, ge=1, description="also checkpoint every this many steps "
+                                               "(epoch ends always); default None")
+    keep_checkpoints: int = Field(2, ge=1, description="latest checkpoints kept (the best is kept apart); default 2")
+    resume: Literal["auto", "never"] = Field(
+        "auto", description="auto: a re-submitted job continues its unfinished run; never: always a new run")
+    val_split: str = Field("val", description="store split validated on during training (skipped when empty)")
+    val_every_steps: int | None = Field(None, ge=1, description="also validate every this many steps (epoch ends "
+                                        "always); default None")
+    best_metric: str = Field("val.mean_cosine", description="validation metric that picks the best checkpoint "
+                             "(val.mean_cosine, val.top1, val.<target>.cosine or .r2)")
+    best_mode: Literal["max", "min"] = Field("max", description="whether best_metric is better high or low")
+    early_stopping_patience: int | None = Field(None, ge=1, description="stop after this many validations "
+                                                "without best_metric improving by min_delta; None: off")
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="smallest improvement that counts; default 0")
+    result: Literal["last", "best"] = Field("last", description="checkpoint runs/<job>/train.json hands to "
+                                            "evaluate/export: the last one or the best validated one")
+    log_every_steps: int = Field(20, ge=1, description="steps between writes of the per-step metrics log (one "
+                                 "device sync each; every step still gets a record); default 20")
     warm_start: bool = Field(True, description="start from the current `latest` export when one exists")
-    materialize_max_mb: float = Field(
-        512, ge=0, description="a train split of at most this size (Parquet bytes) is read into the object "
-        "store once and reused every epoch; larger ones stream from storage every epoch")
+
+    @field_validator("best_metric")
+    @classmethod
+    def _val_metric(cls, v: str) -> str:
+        if not v.startswith("val."):
+            raise ValueError(f"must be a validation metric (val.mean_cosine, val.top1, val.<target>.cosine "
+                             f"or .r2), got {v!r}")
+        return v
 
     @field_validator("converter")
     @classmethod

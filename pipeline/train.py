@@ -1,28 +1,42 @@
 """Train stage: Ray Train ``TorchTrainer`` (DDP) fits a converter for every teacher target plus a
 residual classification head on the feature store.
 
-Layout written under the storage root::
+The per-worker loop is ``pipeline.train_loop`` (data path: ``pipeline.train_data``); this module
+holds the model pieces, the driver and the Ray Train wiring. Layout under the storage root::
 
-    runs/<job>/train-<UTC stamp>/checkpoint_*/   Ray checkpoints: tokconv.io files + train_state.pt
-    runs/<job>/train.json                        pointer: final checkpoint, metrics, model config
+    runs/<job>/train/<job>-<NNN>/            one training run (Ray Train's run directory)
+        run.json                             settings a resume must share (written before training)
+        step-<step>/                         checkpoints (last train.keep_checkpoints): tokconv.io
+                                             model files + train_state.pt (optimiser, scheduler, progress)
+        best-<step>/  best.json              the best validated model files, and what made it best
+        metrics.jsonl                        the per-step log (below)
+        result.json                          written when the run finished: a finished run is never resumed
+    runs/<job>/train.json                    pointer for evaluate/export: checkpoint, metrics, model config
 
-Every worker streams its shard of the store with ``get_dataset_shard("train").iter_torch_batches``
-and a collate that turns the raw-bytes columns into tensors (``FeatureStore.to_torch``). The
-converter learns *standardised* teacher features (store stats); the head reads the student tokens
-and the converted (standardised) tokens. Restarts (``FailureConfig``) resume from the last
-checkpoint; ``train.warm_start`` starts from the exported ``latest`` model when its config matches.
+Run names come from the job (``<job>-000``, ``<job>-001``, ...): a re-submitted job continues its
+last run when that has no result.json (``train.resume: auto``); a worker that dies restarts the
+group from the last checkpoint (``FailureConfig``); a finished job's re-run starts the next run.
+
+metrics.jsonl, one JSON object per line, appended while training runs (a resume drops the
+records after its checkpoint's step)::
+
+    {"kind": "step", "step", "epoch", "time" (unix s), "loss", "loss.<target>", "loss.head",
+     "reg.<name>", "w.<name>", "lr", "grad_norm", "clips_per_s", "data_wait_frac"}
+    {"kind": "val", "step", "epoch", "val.<target>.cosine", "val.<target>.r2", "val.top1" (or null),
+     "val.mean_cosine"}
 """
 from __future__ import annotations
 
-import datetime as _dt
+import json
 import logging
+import math
 import os
 import posixpath
-import tempfile
+import re
+import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tokconv import create_converter
@@ -31,11 +45,22 @@ from tokconv.targets import TargetSpec, specs_from_dict, specs_to_dict
 from .config import JobConfig
 from .featurestore import FeatureStore
 from .storage import Storage
+from .train_data import plan_blocks
 
 TRAIN_STATE = "train_state.pt"
 # worker-side progress: Ray Train's worker log handler prints each record once on the driver
 # (a plain print() there is both logged and tee'd, i.e. shown twice)
 _log = logging.getLogger(__name__)
+
+
+def _store_name(job: JobConfig) -> str:
+    """The feature store's name (one accessor: the field is moving to the job level)."""
+    return job.extract.store
+
+
+def _model_name(job: JobConfig) -> str:
+    """The exported model's name (one accessor: the field is moving to the job level)."""
+    return job.export.model_name
 
 
 # ---------------------------------------------------------------- model pieces (driver + workers)
@@ -78,6 +103,8 @@ def stats_tensors(stats: dict, names, device=None) -> tuple[dict[str, torch.Tens
     return mean, std
 
 
+
+
 class _TrainModule(nn.Module):
     """Converter + head in ONE module so DDP sees one forward per step (incl. the Jacobian term).
 
@@ -102,8 +129,6 @@ class _TrainModule(nn.Module):
         return out, logits, regs, jac
 
 
-def _unwrap(model: nn.Module) -> _TrainModule:
-    return model.module if hasattr(model, "module") else model
 
 
 def save_model_dir(converter: nn.Module, head: nn.Module | None, path: str) -> None:
@@ -114,163 +139,6 @@ def save_model_dir(converter: nn.Module, head: nn.Module | None, path: str) -> N
         save_head(head, path)
 
 
-# ---------------------------------------------------------------- the per-worker loop
-
-class _Collate:
-    """Arrow batch -> dict of tensors via ``FeatureStore.to_torch`` (raw bytes, no per-element work)."""
-
-    def __init__(self, store: FeatureStore, keys: list[str]):
-        self.store, self.keys = store, keys
-
-    def __call__(self, batch) -> dict[str, torch.Tensor]:
-        t = self.store.to_torch(batch)
-        return {k: t[k] for k in self.keys}
-
-
-def _collate_fn(store: FeatureStore, keys: list[str]):
-    from ray.data.collate_fn import ArrowBatchCollateFn
-
-    class ArrowCollate(_Collate, ArrowBatchCollateFn):
-        pass
-
-    return ArrowCollate(store, keys)
-
-
-def _make_scheduler(optimizer, optim_cfg, total_steps: int):
-    from timm.scheduler import CosineLRScheduler
-    warmup = min(optim_cfg.warmup_steps, max(total_steps - 1, 0))
-    return CosineLRScheduler(optimizer, t_initial=max(total_steps, 1), lr_min=optim_cfg.lr * 0.01,
-                             warmup_t=warmup, warmup_lr_init=optim_cfg.lr * 0.01, warmup_prefix=True,
-                             t_in_epochs=False)
-
-
-def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker; ``config`` is plain data (see ``run_train``)."""
-    import ray.train
-    import ray.train.torch
-
-    from tokconv.deficiency import WarmupSchedule
-    from tokconv.losses import distill_loss
-
-    job = JobConfig.model_validate(config["job"])
-    tc = job.train
-    storage = Storage(config["storage_url"], config["storage_options"])
-    store = FeatureStore(storage, job.extract.store)
-    specs = specs_from_dict(config["specs"])
-    targets = list(teacher_specs(specs))
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    device = ray.train.torch.get_device()
-
-    torch.manual_seed(tc.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-    converter, head = build_models(tc, specs, config["num_classes"])
-    module = _TrainModule(converter=converter, head=head)
-
-    start_epoch, step, state, history, resumed_from, warm_from = 0, 0, None, [], None, None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:  # restart after a failure: resume exactly where the last report left off
-        with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, TRAIN_STATE), map_location="cpu", weights_only=False)
-        module.load_state_dict(state["model"])
-        start_epoch, step = state["epoch"], state["step"]
-        history, resumed_from = list(state["metrics"]["loss_history"]), state["epoch"]
-        warm_from = state["metrics"].get("warm_started_from")
-        if rank == 0:
-            _log.info("[train] resumed from the checkpoint of epoch %d", start_epoch)
-    elif config.get("warm_start_version"):
-        from .export import download_model
-        with tempfile.TemporaryDirectory() as d:
-            download_model(storage, job.export.model_name, config["warm_start_version"], d)
-            _load_weights_from_dir(module, d)
-        warm_from = config["warm_start_version"]
-        if rank == 0:
-            _log.info("[train] warm start from %s/%s", job.export.model_name, warm_from)
-
-    use_ddp = ctx.get_world_size() > 1
-    model = ray.train.torch.prepare_model(
-        module, parallel_strategy="ddp" if use_ddp else None,
-        parallel_strategy_kwargs={"find_unused_parameters": True} if use_ddp else None)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.optim.lr, weight_decay=tc.optim.weight_decay)
-    total_steps = config["steps_per_epoch"] * tc.epochs
-    scheduler = _make_scheduler(optimizer, tc.optim, total_steps)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-
-    mean, std = stats_tensors(config["stats"], targets, device)
-    d = tc.deficiency
-    sched_w = {"nuclear": WarmupSchedule(d.w_nuclear, d.warmup_steps),
-               "selection": WarmupSchedule(d.w_selection, d.warmup_steps)}
-    sched_jac = WarmupSchedule(d.w_jacobian, d.warmup_steps)
-    keys = ["student", *targets, "label_index"]
-    shard = ray.train.get_dataset_shard("train")
-    torch.manual_seed(tc.seed * 1000 + rank + 1)  # per-rank randomness (token masking, shuffling)
-
-    for epoch in range(start_epoch, tc.epochs):
-        model.train()
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, distill, head ce, n batches
-        correct = torch.zeros(2, dtype=torch.float64)  # correct, labelled
-        for batch in shard.iter_torch_batches(batch_size=tc.batch_size, collate_fn=_collate_fn(store, keys),
-                                              local_shuffle_buffer_size=4 * tc.batch_size,
-                                              local_shuffle_seed=tc.seed + epoch * 101 + rank):
-            x = batch["student"].to(device, torch.float32)
-            teach = {k: batch[k].to(device, torch.float32) for k in targets}
-            labels = batch["label_index"].to(device).long()
-            w_jac = sched_jac(step)
-            out, logits, regs, jac = model(x, with_jacobian=w_jac > 0)
-            loss, _ = distill_loss(out, teach, mean=mean, std=std, w_cos=tc.loss.w_cos, w_sl1=tc.loss.w_sl1,
-                                   target_weights=tc.loss.target_weights or None)
-            distill = loss.detach()
-            ce = torch.zeros((), device=device)
-            if logits is not None and (labels >= 0).any():
-                ce = F.cross_entropy(logits, labels, ignore_index=-1)
-                loss = loss + tc.loss.w_head * ce
-                ok = labels >= 0
-                correct += torch.tensor([(logits.argmax(1)[ok] == labels[ok]).sum().item(), ok.sum().item()],
-                                        dtype=torch.float64)
-            for name, value in regs.items():
-                w = sched_w[name](step) if name in sched_w else 0.0
-                if w > 0:
-                    loss = loss + w * value
-            if jac is not None:
-                loss = loss + w_jac * jac
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, tc.optim.grad_clip)
-            optimizer.step()
-            step += 1
-            scheduler.step_update(step)
-            sums += torch.tensor([loss.item(), distill.item(), ce.item(), 1.0], dtype=torch.float64)
-
-        if use_ddp:  # epoch means over all workers (gloo all_reduce on CPU tensors)
-            both = torch.cat([sums, correct]).to(device)
-            torch.distributed.all_reduce(both)
-            sums, correct = both[:4].cpu(), both[4:].cpu()
-        n = max(sums[3].item(), 1.0)
-        history.append(sums[0].item() / n)
-        metrics = {"epoch": epoch + 1, "step": step, "loss": sums[0].item() / n, "loss_history": list(history),
-                   "resumed_from_epoch": resumed_from, "warm_started_from": warm_from,
-                   "distill_loss": sums[1].item() / n, "head_loss": sums[2].item() / n,
-                   "train_top1": correct[0].item() / correct[1].item() if correct[1] > 0 else None,
-                   "lr": optimizer.param_groups[0]["lr"]}
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                inner = _unwrap(model)
-                save_model_dir(inner.converter, inner.head, tmp)
-                torch.save({"model": inner.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step,
-                            "metrics": metrics}, os.path.join(tmp, TRAIN_STATE))
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                _log.info(f"[train] epoch {epoch + 1}/{tc.epochs} step {step} loss {metrics['loss']:.4f} "
-                          f"distill {metrics['distill_loss']:.4f} head {metrics['head_loss']:.4f} "
-                          f"lr {metrics['lr']:.2e}")
-            ray.train.report(metrics, checkpoint=checkpoint)
-        if rank == 0 and config.get("fail_after_epoch") == epoch + 1 and ckpt is None:
-            # fault injection ($TOKCONV_FAIL_AFTER_EPOCH, restart tests): first attempt only
-            raise RuntimeError(f"injected failure after epoch {epoch + 1}")
 
 
 def _load_weights_from_dir(module: _TrainModule, path: str) -> None:
@@ -281,7 +149,7 @@ def _load_weights_from_dir(module: _TrainModule, path: str) -> None:
         module.head.load_state_dict(load_head(path).state_dict())
 
 
-# ---------------------------------------------------------------- driver side
+
 
 def _same_config(a: dict, b: dict) -> bool:
     import json
@@ -308,12 +176,121 @@ def _warm_start_version(job: JobConfig, storage: Storage, converter, head) -> st
     return latest["version"]
 
 
-def _rel(storage: Storage, path: str) -> str:
-    root = storage.root.rstrip("/")
-    path = path.split("://", 1)[-1] if storage.protocol != "file" else path
-    if not path.startswith(root + "/"):
-        raise ValueError(f"checkpoint path {path!r} is not under the storage root {root!r}")
-    return path[len(root) + 1:]
+# ---------------------------------------------------------------- driver side
+
+class _RaySession:
+    """``pipeline.train_loop``'s view of Ray Train: rank, device, last checkpoint, report."""
+
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.local_world_size = ctx.get_local_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def restore(self) -> dict | None:
+        import ray.train
+
+        from .train_loop import load_state
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as d:
+            return load_state(d)
+
+    def report(self, metrics: dict, directory: str | None, name: str) -> None:
+        import ray.train
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None,
+                         checkpoint_dir_name=name)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker; ``config`` is plain data (see ``run_train``)."""
+    from .train_loop import run_worker
+    run_worker(config, _RaySession())
+
+
+def resolve_num_workers(tc) -> int:
+    """``train.num_workers`` (auto: one per GPU with use_gpu, else one per node), checked against
+    what the cluster can ever hold: the autoscaler's maximum when it publishes one, else the
+    nodes there now. A request that cannot be met fails here instead of waiting forever."""
+    import ray
+    from ray._private.state import state
+
+    limits = state.get_max_resources_from_cluster_config()
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    total = limits or {k: sum(n.get(k, 0) for n in nodes) for k in ("CPU", "GPU")}
+    gpus, cpus = float(total.get("GPU", 0)), float(total.get("CPU", 0))
+    where = "the autoscaler's maximum" if limits else "the cluster (no autoscaler limits)"
+    if tc.num_workers == "auto":
+        n = int(gpus) if tc.use_gpu else max(1, sum(1 for r in nodes if r.get("CPU", 0) >= tc.cpus_per_worker))
+        if n < 1:
+            raise ValueError(f"train.num_workers=auto with train.use_gpu=true: {where} has no GPUs "
+                             f"({cpus:g} CPU, 0 GPU)")
+    else:
+        n = tc.num_workers
+    if limits is None and tc.wait_for_workers:
+        return n
+    gpu_each = 1.0 if tc.use_gpu else 0.0
+    if limits:
+        fits = min(cpus // tc.cpus_per_worker, gpus // gpu_each if gpu_each else math.inf)
+    else:  # each worker on one node
+        fits = sum(min(r.get("CPU", 0) // tc.cpus_per_worker, r.get("GPU", 0) // gpu_each if gpu_each else math.inf)
+                   for r in nodes)
+    if n > fits:
+        raise ValueError(
+            f"train.num_workers={n} asks for {n * gpu_each:g} GPU and {n * tc.cpus_per_worker:g} CPU "
+            f"(train.use_gpu={tc.use_gpu}, train.cpus_per_worker={tc.cpus_per_worker:g} per worker); {where} has "
+            f"{gpus:g} GPU and {cpus:g} CPU on {len(nodes)} node(s), room for {int(fits)} worker(s). Lower "
+            f"train.num_workers (train.num_workers=auto: one per GPU)"
+            + ("" if limits else ", or set train.wait_for_workers=true if an autoscaler will add nodes"))
+    return n
+
+
+def _choose_run(storage: Storage, job: JobConfig, signature: dict) -> tuple[str, dict | None]:
+    """(run name, run.json of the unfinished run it continues | None for a new run)."""
+    base = posixpath.join("runs", job.name, "train")
+    runs = sorted((n for n in storage.ls(base) if re.fullmatch(rf"{re.escape(job.name)}-\d{{3,}}", n)),
+                  key=lambda n: int(n.rsplit("-", 1)[1]))
+    last = runs[-1] if runs else None
+    if last and job.train.resume == "auto" and not storage.exists(base, last, "result.json"):
+        info = storage.read_json(posixpath.join(base, last, "run.json"), default=None)
+        if info is not None:
+            differ = [k for k in signature if json.dumps(info["signature"].get(k), sort_keys=True)
+                      != json.dumps(signature[k], sort_keys=True)]
+            if differ:
+                raise ValueError(f"train.resume=auto: the unfinished run {last} was started with other "
+                                 f"{', '.join(differ)}; re-submit with those settings, or train.resume=never "
+                                 f"for a new run")
+            return last, info
+    return f"{job.name}-{int(last.rsplit('-', 1)[1]) + 1 if last else 0:03d}", None
+
+
+def worker_config(job: JobConfig, storage: Storage, run_rel: str, warm_start: str | None = None) -> dict:
+    """What every worker needs, as plain data: the job, storage, store layout and stats, the train and
+    validation blocks (``train_data.plan_blocks``), the run's directory and metrics log."""
+    tc = job.train
+    store = FeatureStore(storage, _store_name(job))
+    specs = store.specs()
+    if "student" not in specs or not teacher_specs(specs):
+        raise ValueError(f"feature store {_store_name(job)!r}: needs 'student' and at least one teacher, "
+                         f"has {sorted(specs)}")
+    stats = store.stats()
+    blocks = plan_blocks(store, "train")  # footers only: no pass over the data
+    if not blocks:
+        raise ValueError(f"feature store {_store_name(job)!r} has no clips in split 'train'")
+    return {"job": job.model_dump(mode="json"),
+            # absolute root: a relative local URL would resolve against each worker's own cwd
+            "storage_url": storage.root if storage.protocol == "file" else storage.root_url,
+            "storage_options": storage.options, "specs": specs_to_dict(specs),
+            "stats": {k: {"mean": [float(v) for v in stats[k]["mean"]], "std": [float(v) for v in stats[k]["std"]]}
+                      for k in teacher_specs(specs)},
+            "class_names": class_names_of(store) if tc.head.enabled else [],
+            "num_classes": len(class_names_of(store)) if tc.head.enabled else 0,
+            "blocks": blocks, "val_blocks": plan_blocks(store, tc.val_split) if tc.val_split != "train" else [],
+            "run_rel": run_rel, "metrics_log": posixpath.join(run_rel, "metrics.jsonl"),
+            "warm_start_version": warm_start}
 
 
 def run_train(job: JobConfig, storage: Storage) -> dict[str, Any]:
@@ -321,71 +298,89 @@ def run_train(job: JobConfig, storage: Storage) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    t_start = time.time()
     tc = job.train
-    store = FeatureStore(storage, job.extract.store)
-    specs = store.specs()
-    if "student" not in specs or not teacher_specs(specs):
-        raise ValueError(f"feature store {job.extract.store!r}: needs 'student' and at least one teacher, "
-                         f"has {sorted(specs)}")
-    class_names = class_names_of(store) if tc.head.enabled else []
-    stats = store.stats()
-    stats_plain = {k: {"mean": [float(v) for v in stats[k]["mean"]], "std": [float(v) for v in stats[k]["std"]]}
-                   for k in teacher_specs(specs)}
-    n_train = store.num_clips("train")  # from the commit records: no pass over the data
-    if n_train == 0:
-        raise ValueError(f"feature store {job.extract.store!r} has no clips in split 'train'")
-    ds = store.read_dataset(split="train")
-    store_mb = sum(r["bytes"] for r in store.commits()) / 2**20
-    if store_mb <= tc.materialize_max_mb:  # small: read once, not once per epoch
-        ds = ds.materialize()
-    per_step = tc.batch_size * tc.num_workers
-    steps_per_epoch = -(-n_train // per_step)
+    num_workers = resolve_num_workers(tc)
+    config = worker_config(job, storage, run_rel="")
+    specs, class_names = specs_from_dict(config["specs"]), config["class_names"]
+    n_train = sum(len(b["rows"]) for b in config["blocks"])
+    n_val = sum(len(b["rows"]) for b in config["val_blocks"])
+    _check_validation(tc, list(teacher_specs(specs)), n_val)
+    if n_train < num_workers:
+        raise ValueError(f"train.num_workers={num_workers}: more workers than the {n_train} train clips")
+    steps_per_epoch = -(-(n_train // num_workers) // tc.batch_size)
 
     converter, head = build_models(tc, specs, len(class_names))  # driver copy: config + parameter count
-    warm = _warm_start_version(job, storage, converter, head) if tc.warm_start else None
-
-    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    run_name = f"train-{stamp}"
-    runs_dir = storage.path("runs", job.name)
+    signature = {"num_workers": num_workers, "train_clips": n_train, "store": _store_name(job),
+                 **tc.model_dump(mode="json", include={"converter", "converter_kwargs", "head", "loss", "optim",
+                                                       "deficiency", "epochs", "batch_size", "seed",
+                                                       "shuffle_window"})}
+    run_name, resumed = _choose_run(storage, job, signature)
+    run_rel = posixpath.join("runs", job.name, "train", run_name)
+    if resumed:
+        warm = resumed.get("warm_start")
+    else:
+        warm = _warm_start_version(job, storage, converter, head) if tc.warm_start else None
+        storage.write_json(posixpath.join(run_rel, "run.json"), {"run": run_name, "signature": signature,
+                                                                 "warm_start": warm})
+    runs_dir = storage.path("runs", job.name, "train")
     storage.fs.makedirs(runs_dir, exist_ok=True)
     run_config = ray.train.RunConfig(
         name=run_name, storage_path=runs_dir,
         storage_filesystem=storage.pyarrow_filesystem() if storage.protocol != "file" else None,
         failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2))
-    # absolute root: a relative local URL would resolve against each worker's own cwd
-    config = {"job": job.model_dump(mode="json"),
-              "storage_url": storage.root if storage.protocol == "file" else storage.root_url,
-              "storage_options": storage.options, "specs": specs_to_dict(specs), "stats": stats_plain,
-              "num_classes": len(class_names), "steps_per_epoch": steps_per_epoch, "warm_start_version": warm,
-              "fail_after_epoch": int(os.environ.get("TOKCONV_FAIL_AFTER_EPOCH", "0"))}
-    print(f"[train] {tc.converter}: {n_train} train clips, {tc.num_workers} workers x batch {tc.batch_size}, "
-          f"{tc.epochs} epochs ({steps_per_epoch} steps each) -> {storage.url('runs', job.name, run_name)}",
-          flush=True)
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints))
+    config.update(run_rel=run_rel, metrics_log=posixpath.join(run_rel, "metrics.jsonl"), warm_start_version=warm)
+    metrics_rel = config["metrics_log"]
+    print(f"[train] {tc.converter}: {n_train} train / {n_val} {tc.val_split} clips, {num_workers} workers x "
+          f"batch {tc.batch_size}, {tc.epochs} epochs ({steps_per_epoch} steps each), "
+          f"{'resuming' if resumed else 'new'} run -> {storage.url(run_rel)}", flush=True)
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=tc.use_gpu,
                                                resources_per_worker={"CPU": tc.cpus_per_worker}),
-        run_config=run_config, datasets={"train": ds})
+        run_config=run_config)
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} finished without a checkpoint")
-    ckpt_rel = _rel(storage, result.checkpoint.path)
+    last_rel = _rel(storage, result.checkpoint.path)
+    best = storage.read_json(posixpath.join(run_rel, "best.json"), default=None)
+    ckpt_rel = best["dir"] if tc.result == "best" and best else last_rel
     n_params = sum(p.numel() for p in converter.parameters())
     summary = {
-        "run": storage.url("runs", job.name, run_name),
-        "checkpoint": storage.url(ckpt_rel), "checkpoint_rel": ckpt_rel,
+        "run": storage.url(run_rel), "run_name": run_name, "resumed": resumed is not None,
+        "checkpoint": storage.url(ckpt_rel), "checkpoint_rel": ckpt_rel, "last_checkpoint_rel": last_rel,
+        "best_checkpoint_rel": best["dir"] if best else None, "best": best, "metrics_log": metrics_rel,
         "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str, list, type(None)))},
         "converter": tc.converter, "converter_params": n_params,
         "head_params": sum(p.numel() for p in head.parameters()) if head is not None else 0,
-        "class_names": class_names, "train_clips": n_train, "warm_start": warm,
-        "specs": specs_to_dict(specs),
+        "class_names": class_names, "train_clips": n_train, "val_clips": n_val, "num_workers": num_workers,
+        "warm_start": warm, "specs": specs_to_dict(specs), "started": t_start,
     }
+    storage.write_json(posixpath.join(run_rel, "result.json"), summary)
     storage.write_json(posixpath.join("runs", job.name, "train.json"), summary)
     summary = {k: v for k, v in summary.items() if k not in ("specs", "class_names")}  # short CLI summary
     summary["pointer"] = storage.url("runs", job.name, "train.json")
     print(f"[train] done: loss {summary['metrics'].get('loss')} checkpoint {summary['checkpoint']}", flush=True)
     return summary
+
+
+def _check_validation(tc, targets: list[str], n_val: int) -> None:
+    known = {"val.mean_cosine", "val.top1", *(f"val.{t}.{m}" for t in targets for m in ("cosine", "r2"))}
+    if tc.best_metric not in known:
+        raise ValueError(f"train.best_metric {tc.best_metric!r} is not a validation metric; known: "
+                         f"{', '.join(sorted(known))}")
+    if tc.early_stopping_patience and n_val == 0:
+        raise ValueError(f"train.early_stopping_patience needs validation clips; split {tc.val_split!r} "
+                         f"(train.val_split) has none")
+
+
+def _rel(storage: Storage, path: str) -> str:
+    root = storage.root.rstrip("/")
+    path = path.split("://", 1)[-1] if storage.protocol != "file" else path
+    if not path.startswith(root + "/"):
+        raise ValueError(f"checkpoint path {path!r} is not under the storage root {root!r}")
+    return path[len(root) + 1:]
 
 
 def load_trained(job: JobConfig, storage: Storage, dest: str) -> tuple[nn.Module, nn.Module | None, dict]:
