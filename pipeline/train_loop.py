@@ -51,6 +51,7 @@ from .train_step import (
     make_optimizer,
     make_scheduler,
     seed_step,
+    step_once,
     validate,
     wrap_ddp,
 )
@@ -97,7 +98,7 @@ class MetricsLog:
     def __init__(self, storage: Storage, rel: str, keep_through: int):
         self.storage, self.rel = storage, rel
         old = storage.read_bytes(rel).decode().splitlines() if storage.exists(rel) else []
-        self.lines = [ln for ln in old if ln.strip() and json.loads(ln)["step"] <= keep_through]
+        self.lines = [ln for ln in old if _step_of(ln) <= keep_through]
         self.storage.write_bytes(rel, "".join(ln + "\n" for ln in self.lines).encode())
         self.written = len(self.lines)
         self.pending: list[tuple[dict, list[str], torch.Tensor]] = []
@@ -134,6 +135,14 @@ class MetricsLog:
         else:
             self.storage.write_bytes(self.rel, "".join(ln + "\n" for ln in self.lines).encode())
         self.written = len(self.lines)
+
+
+def _step_of(line: str) -> float:
+    """A record's step; a line torn by a killed writer counts as past every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 # ---------------------------------------------------------------- the loop
@@ -269,11 +278,8 @@ def run_worker(cfg: dict, session) -> None:
                 t1 = time.perf_counter()
                 seed_step(tc.seed, rank, prog.step)
                 weights = objective.weights(prog.step)
-                loss, terms = objective(model, batch, prog.step)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.optim.grad_clip or math.inf, foreach=True)
-                optimizer.step()
+                loss, terms, grad_norm = step_once(model, objective, optimizer, params, batch, prog.step,
+                                                   tc.optim.grad_clip)
                 lr = optimizer.param_groups[0]["lr"]
                 prog.step, prog.pos = prog.step + 1, prog.pos + 1
                 scheduler.step_update(prog.step)

@@ -66,6 +66,17 @@ class Objective:
         return loss, terms
 
 
+def step_once(model, objective: Objective, optimizer, params, batch: dict[str, torch.Tensor], step: int,
+              grad_clip: float | None):
+    """One optimiser step on ``batch`` -> (loss, terms, grad norm before clipping); no host sync."""
+    loss, terms = objective(model, batch, step)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf, foreach=True)
+    optimizer.step()
+    return loss, terms, grad_norm
+
+
 def make_scheduler(optimizer, optim_cfg, total_steps: int):
     from timm.scheduler import CosineLRScheduler
     warmup = min(optim_cfg.warmup_steps, max(total_steps - 1, 0))
