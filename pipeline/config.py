@@ -212,7 +212,8 @@ class TrainConfig(_Strict):
         "epoch), host memory, the training device, auto (device if it fits, else host, else none); default auto")
     shuffle_window: int = Field(128, ge=1, description="clips shuffled together on the device (rounded up to a "
                                 "multiple of batch_size); row groups are permuted per epoch too; default 128")
-    read_ahead: int = Field(4, ge=1, description="Parquet row groups a worker reads ahead in threads; default 4")
+    read_ahead: int = Field(8, ge=1, description="Parquet row groups a worker reads (and copies) ahead in "
+                            "threads; default 8")
     checkpoint_every_steps: int | None = Field(None, ge=1, description="also checkpoint every this many steps "
                                                "(epoch ends always); default None")
     keep_checkpoints: int = Field(2, ge=1, description="latest checkpoints kept (the best is kept apart); default 2")

@@ -134,7 +134,7 @@ class ClipReader:
 
     def __init__(self, store: FeatureStore, blocks: list[dict], names: list[str], *, rank: int, world: int,
                  batch_size: int, device: torch.device, seed: int = 0, shuffle: bool = True,
-                 window: int = 128, cache: str = "none", read_ahead: int = 4):
+                 window: int = 128, cache: str = "none", read_ahead: int = 8):
         tensors = store.read_meta()["tensors"]
         self.store, self.blocks, self.names, self.device = store, blocks, list(names), device
         self.layouts = {n: tensors[n] for n in self.names}
@@ -153,6 +153,7 @@ class ClipReader:
         self._host: dict[str, torch.Tensor] | None = None     # cache == "host": pageable host memory
         self._dev: dict[str, torch.Tensor] | None = None      # cache == "device"
         self._host_has = np.zeros(self.num_clips, bool)
+        self._host_lock = threading.Lock()
         self._dev_has = np.zeros(self.num_clips, bool)
 
     # ------------------------------------------------------------ order
@@ -257,24 +258,32 @@ class ClipReader:
 
     # ------------------------------------------------------------ loader thread: host side
     def _load(self, wins: list[_Window], q: queue.Queue, stop: threading.Event) -> None:
+        """Reads run ``read_ahead`` row groups ahead; each window's row copies run in parallel on a
+        second pool while the next window's reads go on; windows are handed over in order."""
         try:
             plans, reads = self._plan_reads(wins)
-            with ThreadPoolExecutor(self.read_ahead, thread_name_prefix="clip-read") as pool:
-                blocks = _read_ahead(pool, self._read_segment, reads, self.read_ahead)
-                last: tuple[int, dict] | None = None
+            with ThreadPoolExecutor(self.read_ahead, thread_name_prefix="clip-read") as readers, \
+                    ThreadPoolExecutor(self.read_ahead, thread_name_prefix="clip-copy") as copiers:
+                blocks = _read_ahead(readers, self._read_segment, reads, self.read_ahead)
+                last, stored, pending = None, {}, deque()
                 for win, plan in zip(wins, plans):
-                    if stop.is_set():
-                        return
                     if plan is None:
-                        item = ("cached", win, None)
+                        pending.append((("cached", win, None), []))
                     else:
-                        item, last = self._assemble(win, plan, blocks, last)
-                    while not stop.is_set():
-                        try:
-                            q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            pass
+                        item, copies, last = self._assemble(win, plan, blocks, last, copiers, stored)
+                        pending.append((item, copies))
+                    while len(pending) > 1 or (pending and win is wins[-1]):
+                        item, copies = pending.popleft()
+                        for f in copies:
+                            f.result()
+                        while not stop.is_set():
+                            try:
+                                q.put(item, timeout=0.1)
+                                break
+                            except queue.Full:
+                                pass
+                        if stop.is_set():
+                            return
         except BaseException as e:  # noqa: BLE001  (re-raised in the consumer)
             q.put(e)
 
@@ -320,33 +329,43 @@ class ClipReader:
             self._pafs = self.store.storage.pyarrow_filesystem()
         return self._pafs
 
-    def _assemble(self, win: _Window, plan: list[str], blocks: Iterator[dict], last) -> dict:
-        """The window's clips in read order, in pinned host memory (one copy of each row)."""
+    def _assemble(self, win: _Window, plan: list[str], blocks: Iterator[dict], last, copiers, stored):
+        """The window's clips in read order into pinned host memory: one copy of each row, the copies
+        submitted to ``copiers``. Returns (item, copy futures, last segment read)."""
         n = len(win.canon)
         shapes = {k: (tuple(v["shape"]), _torch_dtype(v["dtype"])) for k, v in self.layouts.items()}
         shapes[LABEL] = ((), torch.int32)
         out = {k: torch.empty((n, *s), dtype=d, pin_memory=self._cuda) for k, (s, d) in shapes.items()}
-        off = 0
+        copies, off = [], 0
         for (s, a, z), how in zip(win.parts, plan):
             lo, k = int(self.seg_start[s]), z - a
-            if how == "host":
-                for name, t in out.items():
-                    t[off:off + k].copy_(self._host[name][lo + a:lo + z])
+            if how == "host":  # stored by this epoch's earlier window, or by an earlier epoch
+                copies.append(copiers.submit(self._copy_host, out, off, lo + a, lo + z, stored.get(s)))
             else:
                 if how == "read":
                     last = (s, next(blocks))
+                    if self.cache == "host":
+                        stored[s] = copiers.submit(self._store_host, s, last[1], shapes)
                 data = last[1]
-                rows = data["_rows"]
-                for name, t in out.items():
-                    torch.index_select(data[name], 0, rows[a:z], out=t[off:off + k])
-                if how == "read" and self.cache == "host":
-                    self._store_host(s, data, shapes)
+                copies.append(copiers.submit(self._copy_rows, out, off, data, data["_rows"][a:z]))
             off += k
-        return ("host", win, out), last
+        return ("host", win, out), copies, last
+
+    @staticmethod
+    def _copy_rows(out: dict, off: int, data: dict, rows: torch.Tensor) -> None:
+        for name, t in out.items():
+            torch.index_select(data[name], 0, rows, out=t[off:off + len(rows)])
+
+    def _copy_host(self, out: dict, off: int, lo: int, hi: int, stored) -> None:
+        if stored is not None:
+            stored.result()  # submitted earlier to the same FIFO pool: running or done
+        for name, t in out.items():
+            t[off:off + hi - lo].copy_(self._host[name][lo:hi])
 
     def _store_host(self, s: int, data: dict, shapes: dict) -> None:
-        if self._host is None:
-            self._host = {k: torch.empty((self.num_clips, *sh), dtype=d) for k, (sh, d) in shapes.items()}
+        with self._host_lock:
+            if self._host is None:
+                self._host = {k: torch.empty((self.num_clips, *sh), dtype=d) for k, (sh, d) in shapes.items()}
         lo, hi = int(self.seg_start[s]), int(self.seg_start[s + 1])
         for name, t in self._host.items():
             torch.index_select(data[name], 0, data["_rows"], out=t[lo:hi])

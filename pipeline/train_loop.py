@@ -167,6 +167,7 @@ class Progress:
 def run_worker(cfg: dict, session) -> None:
     """Train on this rank; ``cfg`` is plain data (see ``pipeline.train.run_train``), ``session`` gives
     rank / world / device, ``restore() -> train state | None`` and ``report(metrics, dir, name)``."""
+    t_enter = time.perf_counter()
     job = JobConfig.model_validate(cfg["job"])
     tc = job.train
     storage = Storage(cfg["storage_url"], cfg["storage_options"])
@@ -195,6 +196,7 @@ def run_worker(cfg: dict, session) -> None:
     if prog.finished:
         return
     module.to(device)
+    t_model = time.perf_counter() - t_enter
     model = wrap_ddp(module, device, world, (specs["student"].tokens, specs["student"].dim))
     params = [p for p in module.parameters() if p.requires_grad]
 
@@ -276,6 +278,10 @@ def run_worker(cfg: dict, session) -> None:
                 if batch is None:
                     break
                 t1 = time.perf_counter()
+                if rank == 0 and t_enter is not None:  # where a worker's start-up went
+                    _log.info("[train] rank 0: first batch %.1f s after the loop started (models on the device "
+                              "%.1f s)", t1 - t_enter, t_model)
+                    t_enter = None
                 seed_step(tc.seed, rank, prog.step)
                 weights = objective.weights(prog.step)
                 loss, terms, grad_norm = step_once(model, objective, optimizer, params, batch, prog.step,
