@@ -212,7 +212,8 @@ def run_worker(cfg: dict, session) -> None:
         n_val = sum(len(b["rows"]) for b in cfg["val_blocks"])
         val = ClipReader(store, cfg["val_blocks"], names, rank=0, world=1, batch_size=tc.batch_size, device=device,
                          shuffle=False, read_ahead=tc.read_ahead,
-                         cache="none" if tc.cache == "none" else resolve_cache(tc.cache, n_val, layouts, device))
+                         cache="none" if tc.cache == "none"  # on the device only if it fits beside the train split
+                         else resolve_cache(tc.cache, n_val + n_rank, layouts, device, local))
     optimizer = make_optimizer(params, tc.optim, device)
     scheduler = make_scheduler(optimizer, tc.optim, reader.steps_per_epoch * tc.epochs)
     if state:
