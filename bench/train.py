@@ -9,9 +9,11 @@
   (e)  the same loop (pipeline.train_loop.run_worker) under plain torchrun, one process, cached
 Ratios: (c)/(a), (d)/(b), (d)/(e); and each run's time from its start to the first step.
 
-A stage's rate per epoch comes from its metrics log: clips between the first and last step of
-the epoch over that time (epoch-end validation and checkpoint excluded); the figure is the mean
-over epochs >= 1 (epoch 0 of a cached run reads the store). --make-store writes a store of
+A stage's rate per epoch comes from its metrics log: the epoch's clips over the time from the start
+of its first step (the wait for its first window included) to the end of its last (epoch-end
+validation and checkpoint excluded), with the log written every step (one device sync each, so
+the host cannot run ahead of the GPU); the figure is the mean over epochs >= 1 (epoch 0 of a
+cached run reads the store). --make-store writes a store of
 random fp16 features at the real shapes (student 2048x1024, videomae 1568x768, timesformer
 3136x768, vivit 1x768; ~11 MB per clip) through FeatureStore.write_shard: no video decoding.
 
@@ -139,8 +141,9 @@ def log_rates(storage: Storage, metrics_log: str, started: float, epoch_clips: i
     per_epoch = {}
     for e in sorted({r["epoch"] for r in steps}):
         s = [r for r in steps if r["epoch"] == e]
-        if len(s) > 2:  # the clock starts at the end of the first step: its clips do not count
-            per_epoch[e] = (epoch_clips - batch) / (s[-1]["time"] - s[0]["time"])
+        if len(s) > 2:  # from the start of the epoch's first step (its wait for the first window included)
+            first_step_s = batch / s[0]["clips_per_s"]
+            per_epoch[e] = epoch_clips / (s[-1]["time"] - s[0]["time"] + first_step_s)
     later = [v for e, v in per_epoch.items() if e >= 1] or list(per_epoch.values())
     return {"clips_per_s": statistics.fmean(later), "per_epoch": per_epoch,
             "first_step_s": steps[0]["time"] - started, "steps": len(steps),
@@ -154,7 +157,9 @@ def job_for(args, storage: Storage, name: str, cache: str, epochs: int) -> JobCo
         "train": {"converter": args.converter, "converter_kwargs": json.loads(args.converter_kwargs),
                   "batch_size": args.batch_size, "num_workers": 1, "use_gpu": args.device == "cuda",
                   "cpus_per_worker": args.cpus_per_worker, "epochs": epochs, "cache": cache, "warm_start": False,
-                  "optim": {"lr": 5e-4, "warmup_steps": 10}, "log_every_steps": 50,
+                  # a log write every step: one device sync per step, so step times are GPU times (the
+                  # host cannot run ahead of the GPU between records; costs a launch gap per step)
+                  "optim": {"lr": 5e-4, "warmup_steps": 10}, "log_every_steps": 1,
                   "head": {"hidden": 64 if args.tiny else 256}}})
 
 
