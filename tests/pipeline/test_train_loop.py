@@ -183,5 +183,5 @@ def test_early_stopping_on_the_validation_metric(storage, tmp_path):
                          early_stopping_min_delta=10.0)  # no improvement can count: stop at the third validation
     vals = [r["step"] for r in records if r["kind"] == "val"]
     assert vals == [2, 3, 4]
-    last = load_state(os.path.join(root, sorted(os.listdir(root))[-1]))["progress"]
+    last = load_state(os.path.join(root, max(os.listdir(root))))["progress"]
     assert last["finished"] and last["step"] == 4 and last["best_step"] == 2
