@@ -1,5 +1,6 @@
 # Two commands on a fresh machine:  `make demo` (the smoke job end to end)  and  `make test`.
-# Each installs what it needs first (a venv in .venv; ffmpeg for the tests' derived videos).
+# Each installs what it needs first (a venv in .venv; ffmpeg for the tests' derived videos, chromium
+# for the browser tests of the HTML reports).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
@@ -25,6 +26,10 @@ system-deps:
 	@command -v ffmpeg >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq ffmpeg >/dev/null; \
 	  else echo "ffmpeg is needed by the tests: sudo apt-get install ffmpeg" >&2; exit 1; fi; }
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium (headless, for the report tests) is needed: sudo apt-get install chromium" >&2; \
+	  exit 1; fi; }
 
 demo: install
 	$(PY) -m pipeline run jobs/smoke.yaml

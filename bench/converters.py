@@ -1,346 +1,479 @@
-"""Converter benchmark: every preset x every target, side by side with the baseline, ONE run.
+"""Converter benchmark (issue 18): cost against the student on the GPU, fidelity on held-out SOURCES.
 
-For each preset of ``tokconv.list_converters(--presets)``, trained on the same feature pairs
-with the same batches, seed, optimiser and number of steps as ``baseline_interp_linear``:
+``cost``: the student encoder (V-JEPA 2 ViT-L, random init, bf16, batch --batch) timed in the same
+run as every preset's ``forward_all`` (bf16 weights, inference) and forward+backward (autocast bf16
+over fp32 weights, train mode, regularisers included; and pure bf16), CUDA-event medians; the
+ratios to the student; torch.profiler's top kernels; params, GFLOPs and 1-clip latency on GPU and
+CPU through pipeline.evaluate's ``gflops_per_clip`` / ``latency_ms``.
 
-* parameters (whole converter, all targets; and the trunk/target split is not guessed);
-* GFLOPs per clip of ``forward(x, target)`` and of ``forward_all`` (torch FlopCounterMode:
-  matmul/conv/attention; elementwise work is not counted, so for ssm_* the selective scan's
-  ~9*E*N*L FLOPs per direction are added analytically, mamba's own estimate);
-* latency of ``forward(x, target)`` / ``forward_all`` per batch on --device (eval, no grad,
-  bf16 autocast with --dtype bfloat16), median of --iters after --warmup;
-* fidelity on held-out pairs in standardised teacher space (per-channel mean/std of the store):
-  mean token cosine and R^2 (same definitions as pipeline.evaluate.FidelityMeter).
+``quality``: every preset trained on the same feature store with the same budget (steps, batches,
+seed, optimiser, loss, head), train data resident on the device; evaluated on the store's ``val``
+split (held-out sources: bench/footage.py) with pipeline.evaluate's ``FidelityMeter`` (mean token
+cosine, R^2 of standardised features) per target, and the residual head's top-1, beside
+``baseline_interp_linear`` trained the same way.
 
-Ratios are against the baseline measured in the same run: latency / baseline latency,
-GFLOPs / baseline GFLOPs, cosine and R^2 minus the baseline's. A markdown table is printed last
-and, with --results, appended to bench/RESULTS.md with the date and device.
+``sweep``: one preset, the deficiency knobs one at a time (low-rank rank, mask ratio, Jacobian
+weight) and all together, head on: fidelity and head top-1 per setting.
 
-Feature pairs come from a pipeline feature store (``--store URL`` [--store-name features]):
-"train" clips train, "val" clips are held out (or the last --holdout fraction when the store
-has no "val" split). ``--synthetic`` makes random pairs with a fixed hidden mapping ONLY to
-smoke-test this script; such results are labelled synthetic everywhere.
-
-H200: see bench/README.md. CPU dry run (small widths, few steps):
-    python bench/converters.py --synthetic --student-dim 64 --teacher-dim 48 --steps 3 \\
-        --train-clips 8 --eval-clips 4 --batch-size 2 --latency-batch 2 --iters 2 --warmup 1
+    python bench/converters.py cost --out $OUT/cost.json
+    python bench/converters.py quality --store /tmp/store --steps 2000 --out $OUT/quality.json
+    python bench/converters.py sweep --store /tmp/store --preset convmix_small --out $OUT/sweep.json
+    # CPU smoke test of the script only (random pairs, narrow widths; never a result):
+    python bench/converters.py quality --synthetic --student-dim 32 --teacher-dim 24 --steps 3
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import fnmatch
 import json
-import math
-import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
+from pipeline.artifacts import stats_tensors
+from pipeline.config import DeficiencyConfig, HeadConfig, OptimConfig, TrainConfig
+from pipeline.evaluate import FidelityMeter, gflops_per_clip, latency_ms, topk_correct
+from pipeline.train import build_models
+from pipeline.train_step import make_scheduler
 from tokconv import STUDENT, TEACHERS, TargetSpec, create_converter, list_converters
 from tokconv.converters import count_params
+from tokconv.deficiency import WarmupSchedule, jacobian_penalty
 from tokconv.losses import distill_loss, standardize
+from tokconv.ops import HAS_FUSED_SSD, backend
 
 BASELINE = "baseline_interp_linear"
 
 
-# ------------------------------------------------------------------------------------- data
+# ------------------------------------------------------------------------------------------ data
 
-def load_store_pairs(args) -> tuple[dict, dict, dict[str, TargetSpec], dict, str]:
-    """(train, held-out) dicts {"student": (N, Ns, Ds) fp16, <target>: ...} from a feature store,
-    the specs, per-target {"mean","std"} tensors and a description."""
-    from pipeline.featurestore import FeatureStore  # needs pyarrow + fsspec only (no Ray)
+@dataclass
+class Pairs:
+    """Feature pairs on the device: split -> {"student", <target>...: (N, tokens, dim) fp16, "label_index"}."""
+    train: dict
+    val: dict
+    specs: dict[str, TargetSpec]
+    stats: dict = field(default_factory=dict)           # target -> {"mean", "std"} (train split)
+    classes: list[str] = field(default_factory=list)
+    desc: str = ""
+
+    @property
+    def targets(self) -> list[str]:
+        return [k for k in self.specs if k != "student"]
+
+
+def load_store(url: str, name: str, device: torch.device) -> Pairs:
+    from pipeline.featurestore import FeatureStore
     from pipeline.storage import Storage
-    options = dict(kv.split("=", 1) for kv in args.storage_option)
-    store = FeatureStore(Storage(args.store, options), args.store_name)
+    store = FeatureStore(Storage(url), name)
     specs = store.specs()
-    targets = [t for t in specs if t != "student" and (not args.targets or t in args.targets)]
-    if "student" not in specs or not targets:
-        raise SystemExit(f"--store {args.store}: needs 'student' and teacher tensors, has {sorted(specs)}")
-    cols = ["student", *targets, "split"]
+    if "student" not in specs or len(specs) < 2:
+        raise SystemExit(f"--store {url}: needs 'student' and teacher tensors, has {sorted(specs)}")
+    keys = [*specs, "label_index"]
 
-    def take(split, limit):
-        parts, n = [], 0
-        for batch in store.iter_torch(split=split, batch_size=min(limit, 32), columns=cols):
-            parts.append({k: batch[k].clone() for k in ("student", *targets)})
-            n += parts[-1]["student"].shape[0]
-            if n >= limit:
-                break
+    def take(split):
+        parts = [{k: b[k].to(device) for k in keys} for b in store.iter_torch(split=split, batch_size=32,
+                                                                              columns=[*keys, "split"])]
         if not parts:
-            return None
-        return {k: torch.cat([p[k] for p in parts])[:limit] for k in parts[0]}
+            raise SystemExit(f"--store {url}: no {split!r} clips (the footage manifest holds sources out as 'val')")
+        return {k: torch.cat([p[k] for p in parts]) for k in keys}
 
-    train = take("train", args.train_clips + args.eval_clips)
-    if train is None:
-        raise SystemExit(f"--store {args.store}: no 'train' clips")
-    held = take("val", args.eval_clips)
-    if held is None:  # no val split: hold out the tail of train
-        n_hold = max(1, min(args.eval_clips, round(train["student"].shape[0] * args.holdout)))
-        held = {k: v[-n_hold:] for k, v in train.items()}
-        train = {k: v[:-n_hold] for k, v in train.items()}
-    train = {k: v[:args.train_clips] for k, v in train.items()}
-    try:
-        st = store.stats("train")
-        stats = {t: {k: torch.as_tensor(st[t][k], dtype=torch.float32) for k in ("mean", "std")} for t in targets}
-    except (FileNotFoundError, KeyError):
-        stats = feature_stats(train, targets)
-    desc = f"store {args.store} ({args.store_name}): {train['student'].shape[0]} train / {held['student'].shape[0]} held-out clips"
-    return train, held, {k: specs[k] for k in ("student", *targets)}, stats, desc
+    train, val = take("train"), take("val")
+    targets = [t for t in specs if t != "student"]
+    mean, std = stats_tensors(store.stats("train"), targets, device)
+    stats = {t: {"mean": mean[t], "std": std[t]} for t in targets}
+    classes = store.read_meta().get("class_names", [])
+    desc = (f"store {url} ({name}): {train['student'].shape[0]} train / {val['student'].shape[0]} held-out "
+            f"clips, {len(classes)} classes")
+    return Pairs(train, val, specs, stats, classes, desc)
 
 
-def synthetic_pairs(args) -> tuple[dict, dict, dict[str, TargetSpec], dict, str]:
-    """SMOKE TEST ONLY: random student tokens; each teacher a fixed random function of them
-    (per-target linear map of the trilinearly resampled tokens, a tanh, noise)."""
+def synthetic_pairs(args, device: torch.device) -> Pairs:
+    """SMOKE TEST ONLY: random student tokens, each teacher a fixed random function of them."""
     g = torch.Generator().manual_seed(1234)
-    student = TargetSpec("student", STUDENT.tokens, args.student_dim or STUDENT.dim, STUDENT.grid)
-    specs = {"student": student}
-    for name, t in TEACHERS.items():
-        if not args.targets or name in args.targets:
-            specs[name] = TargetSpec(name, t.tokens, args.teacher_dim or t.dim, t.grid)
+    student = TargetSpec("student", STUDENT.tokens, args.student_dim, STUDENT.grid)
+    specs = {"student": student, **{n: TargetSpec(n, t.tokens, args.teacher_dim, t.grid) for n, t in TEACHERS.items()}}
     n = args.train_clips + args.eval_clips
     x = torch.randn(n, student.tokens, student.dim, generator=g)
-    data = {"student": x.half()}
+    data = {"student": x.half(), "label_index": torch.randint(0, 3, (n,), generator=g)}
+    from tokconv.layers import resample_tokens
     for name, spec in specs.items():
-        if name == "student":
-            continue
-        w = torch.randn(student.dim, spec.dim, generator=g) / student.dim ** 0.5
-        v = x.transpose(1, 2).reshape(n, student.dim, *student.grid)
-        if spec.grid is None:
-            r = x.mean(1, keepdim=True) * student.tokens ** 0.5
-        else:
-            r = F.interpolate(v, size=spec.grid, mode="trilinear").flatten(2).transpose(1, 2)
-        y = torch.tanh(r @ w) * 2 + 0.1 * torch.randn(n, spec.tokens, spec.dim, generator=g) + 0.5
-        data[name] = y.half()
-    train = {k: v[:args.train_clips] for k, v in data.items()}
-    held = {k: v[args.train_clips:] for k, v in data.items()}
-    targets = [k for k in specs if k != "student"]
-    return train, held, specs, feature_stats(train, targets), f"SYNTHETIC pairs: {args.train_clips} train / {args.eval_clips} held-out"
+        if name != "student":
+            w = torch.randn(student.dim, spec.dim, generator=g) / student.dim ** 0.5
+            data[name] = (torch.tanh(resample_tokens(x, student.grid, spec.grid) @ w) * 2 + 0.5).half()
+    split = lambda sl: {k: v[sl].to(device) for k, v in data.items()}
+    train = split(slice(0, args.train_clips))
+    stats = {t: {"mean": train[t].float().mean((0, 1)), "std": train[t].float().std((0, 1))} for t in specs if t != "student"}
+    return Pairs(train, split(slice(args.train_clips, n)), specs, stats, ["a", "b", "c"],
+                 f"SYNTHETIC pairs (smoke test, not a result): {args.train_clips} train / {args.eval_clips} held-out")
 
 
-def feature_stats(data: dict, targets) -> dict:
-    return {t: {"mean": data[t].float().reshape(-1, data[t].shape[-1]).mean(0),
-                "std": data[t].float().reshape(-1, data[t].shape[-1]).std(0)} for t in targets}
+# ------------------------------------------------------------------------------------------ cost
 
-
-# ---------------------------------------------------------------------------------- measures
-
-def scan_flops(model: torch.nn.Module, tokens: int) -> int:
-    """Selective-scan FLOPs per clip that FlopCounterMode cannot see (elementwise): mamba's
-    estimate 9 * E * N * L per scanned channel set; both directions of every BiMambaBlock."""
-    from tokconv.converters.ssm import BiMambaBlock
-    total = 0
-    for m in model.modules():
-        if isinstance(m, BiMambaBlock):
-            for d in (m.fwd, m.bwd):
-                total += 9 * d.A_log.shape[0] * d.A_log.shape[1] * tokens
-    return total
-
-
-def gflops_per_clip(model, specs, device, target=None) -> float:
-    x = torch.randn(1, specs["student"].tokens, specs["student"].dim, device=device)
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        model(x, target)
-    return (fc.get_total_flops() + scan_flops(model, specs["student"].tokens)) / 1e9
-
-
-def latency_ms(model, x, device, dtype, target, warmup, iters) -> float:
+def device_ms(fn, device: torch.device, iters: int, warmup: int) -> float:
+    """Median ms of ``fn()`` (CUDA events on CUDA, wall clock otherwise)."""
+    for _ in range(warmup):
+        fn()
     times = []
-    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        for i in range(warmup + iters):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
             t0 = time.perf_counter()
-            model(x, target)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1e3)
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
-def train(model, data, stats, args, device, dtype) -> list[float]:
-    """Same batches (seeded order), AdamW + cosine schedule, distill loss of the pipeline."""
-    targets = [k for k in data if k != "student"]
-    mean = {t: stats[t]["mean"].to(device) for t in targets}
-    std = {t: stats[t]["std"].to(device) for t in targets}
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, args.steps // 20)) * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
-    g = torch.Generator().manual_seed(args.seed)
-    n = data["student"].shape[0]
-    order, losses = torch.empty(0, dtype=torch.long), []
-    model.train()
-    for _ in range(args.steps):
-        if order.numel() < args.batch_size:
-            order = torch.cat([order, torch.randperm(n, generator=g)])
-        idx, order = order[:args.batch_size], order[args.batch_size:]
-        x = data["student"][idx].to(device, torch.float32, non_blocking=True)
-        teach = {t: data[t][idx].to(device, torch.float32, non_blocking=True) for t in targets}
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = model(x)
-        loss, _ = distill_loss({k: v.float() for k, v in out.items()}, teach, mean=mean, std=std)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-    return losses
+def student_ms(batch: int, device: torch.device, iters: int) -> dict[str, float]:
+    """V-JEPA 2 ViT-L encoder forward on (batch, 16, 3, 256, 256), bf16 weights, eager: stock
+    transformers, then with the pipeline's rewrites (pipeline.backbones._finish)."""
+    from pipeline import backbones as bb
+    with torch.device(device):
+        model = bb.VJEPA2Model._from_config(bb.full_configs()["student"], dtype=torch.bfloat16,
+                                            attn_implementation="sdpa").eval()
+    x = torch.randn(batch, 16, 3, 256, 256, device=device, dtype=torch.bfloat16)
+    run = lambda: model(pixel_values_videos=x, skip_predictor=True)
+    out = {}
+    with torch.inference_mode():
+        out["stock_eager"] = device_ms(run, device, iters, min(3, iters))
+        model = bb._finish("student", model, bb.model_rewrites(bb.ModelsConfig(), "student"), device)
+        out["pipeline_eager"] = device_ms(run, device, iters, min(3, iters))
+    return out
 
 
-def fidelity(model, data, stats, args, device, dtype) -> dict[str, dict[str, float]]:
-    """Per target: mean token cosine and R^2 of the prediction vs the standardised teacher
-    (float64 accumulation, as pipeline.evaluate.FidelityMeter)."""
-    targets = [k for k in data if k != "student"]
-    acc = {t: {"cos": 0.0, "sse": 0.0, "n": 0, "clips": 0, "sy": 0.0, "sy2": 0.0} for t in targets}
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, data["student"].shape[0], args.latency_batch):
-            x = data["student"][i:i + args.latency_batch].to(device, torch.float32)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+def top_kernels(fn, n: int = 4) -> list[list]:
+    """[kernel, share of the device time] of the ``n`` costliest kernels of one ``fn()``."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    time_of = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    events = [e for e in prof.key_averages() if time_of(e) > 0 and (not cuda or e.device_type.name == "CUDA")]
+    total = sum(time_of(e) for e in events) or 1.0
+    events.sort(key=lambda e: -time_of(e))
+    return [[e.key[:70], round(time_of(e) / total, 3)] for e in events[:n]]
+
+
+def preset_cost(name: str, batch: int, device: torch.device, iters: int) -> dict:
+    torch.manual_seed(0)
+    cpu_model = make(name).eval()
+    shape = (STUDENT.tokens, STUDENT.dim)
+    row = {"params": count_params(cpu_model), "gflops": gflops_per_clip(cpu_model, shape),
+           "latency_ms_clip_cpu": latency_ms(cpu_model, shape, repeats=2, device="cpu")}
+    row["latency_ms_clip_gpu"] = latency_ms(cpu_model, shape, repeats=5, device=device)
+    x = torch.randn(batch, *shape, device=device, dtype=torch.bfloat16)
+    infer = copy.deepcopy(cpu_model).to(device, torch.bfloat16).eval()
+    fwd = lambda: infer.forward_all(x)
+    with torch.inference_mode():
+        row["fwd_ms"] = device_ms(fwd, device, iters, 5)
+        row["fwd_kernels"] = top_kernels(fwd)
+    for mode in ("autocast", "bf16"):
+        model = copy.deepcopy(cpu_model).to(device, torch.bfloat16 if mode == "bf16" else torch.float32).train()
+        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):
+            grads = {k: torch.randn_like(v) for k, v in model(x).items()}
+
+        def step(model=model, grads=grads, mode=mode):
+            with torch.autocast(device.type, torch.bfloat16, enabled=mode == "autocast"):
                 out = model(x)
-            for t in targets:
-                y = standardize(data[t][i:i + args.latency_batch].to(device, torch.float64),
-                                stats[t]["mean"].to(device), stats[t]["std"].to(device))
-                p = out[t].double()
-                a = acc[t]
-                a["cos"] += F.cosine_similarity(p, y, dim=-1).mean(1).sum().item()
-                a["clips"] += p.shape[0]
-                a["sse"] += (p - y).pow(2).sum().item()
-                flat = y.reshape(-1, y.shape[-1])
-                a["n"] += flat.shape[0]
-                a["sy"] = a["sy"] + flat.sum(0)
-                a["sy2"] = a["sy2"] + flat.pow(2).sum(0)
-    res = {}
-    for t, a in acc.items():
-        sst = (a["sy2"] - a["sy"].pow(2) / a["n"]).sum().item()
-        res[t] = {"cosine": a["cos"] / a["clips"], "r2": 1.0 - a["sse"] / sst if sst > 0 else float("nan")}
+                regs = [r for r in model.regularisers().values() if r.requires_grad]
+            torch.autograd.backward([*out.values(), *regs], [*(grads[k] for k in out), *map(torch.ones_like, regs)])
+            model.zero_grad(set_to_none=True)
+        row[f"fwdbwd_ms_{mode}"] = device_ms(step, device, iters, 3)
+        if mode == "autocast":
+            row["fwdbwd_kernels"] = top_kernels(step)
+        del model, grads
+    return row
+
+
+def cmd_cost(args) -> dict:
+    device = torch.device(args.device)
+    names = presets(args.presets, args.extra)
+    res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
+           "batch": args.batch, "ssd_backend": backend() if HAS_FUSED_SSD else "reference",
+           "student_ms": student_ms(args.batch, device, args.student_iters), "rows": {}}
+    ref = res["student_ms"]["stock_eager"]
+    print(f"[cost] student forward, batch {args.batch}: {res['student_ms']}", flush=True)
+    for name in names:
+        try:
+            r = res["rows"][name] = preset_cost(name, args.batch, device, args.iters)
+        except Exception as e:  # noqa: BLE001 -- one failing preset is reported, the others still run
+            res.setdefault("errors", {})[name] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(f"[cost] {name}: FAILED {res['errors'][name]}", flush=True)
+            continue
+        r["fwd_pct_student"] = 100 * r["fwd_ms"] / ref
+        r["fwdbwd_pct_student"] = 100 * r["fwdbwd_ms_autocast"] / ref
+        print(f"[cost] {name}: fwd {r['fwd_ms']:.2f} ms ({r['fwd_pct_student']:.2f}%), fwd+bwd "
+              f"{r['fwdbwd_ms_autocast']:.2f} ms ({r['fwdbwd_pct_student']:.2f}%), bf16 {r['fwdbwd_ms_bf16']:.2f}; "
+              f"top fwd {r['fwd_kernels'][:2]}", flush=True)
+        write(args.out, res)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return res
 
 
-# ------------------------------------------------------------------------------------- main
+# ------------------------------------------------------------------------------- train / evaluate
+
+@dataclass
+class Budget:
+    steps: int = 2000
+    batch: int = 16
+    lr: float = 1e-3
+    warmup: int = 100
+    seed: int = 0
+    w_head: float = 1.0
+
+
+def train_config(name: str, budget: Budget, deficiency: dict | None = None) -> TrainConfig:
+    base, kw = split_variant(name)
+    return TrainConfig(converter=base, converter_kwargs=kw, head=HeadConfig(enabled=True), seed=budget.seed,
+                       optim=OptimConfig(lr=budget.lr, warmup_steps=budget.warmup),
+                       deficiency=DeficiencyConfig(**(deficiency or {})))
+
+
+def fit(name: str, pairs: Pairs, budget: Budget, device: torch.device, deficiency: dict | None = None):
+    """Train preset ``name`` + a residual head like pipeline.train (distill + head CE + deficiency
+    terms with warm-up), same batch order for every call. Returns (converter, head, log)."""
+    cfg = train_config(name, budget, deficiency)
+    torch.manual_seed(budget.seed)
+    converter, head = build_models(cfg, pairs.specs, len(pairs.classes))
+    converter, head = converter.to(device), head.to(device)
+    params = [*converter.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    sched = make_scheduler(opt, cfg.optim, budget.steps)
+    d = cfg.deficiency
+    w_reg = {"nuclear": WarmupSchedule(d.w_nuclear, d.warmup_steps), "selection": WarmupSchedule(d.w_selection, d.warmup_steps)}
+    w_jac = WarmupSchedule(d.w_jacobian, d.warmup_steps)
+    mean = {t: s["mean"] for t, s in pairs.stats.items()}
+    std = {t: s["std"] for t, s in pairs.stats.items()}
+    order_gen = torch.Generator().manual_seed(budget.seed)
+    n, order, losses = pairs.train["student"].shape[0], torch.empty(0, dtype=torch.long), []
+    amp = device.type == "cuda"
+    converter.train(), head.train()
+    t0 = time.perf_counter()
+    for step in range(budget.steps):
+        if order.numel() < budget.batch:
+            order = torch.cat([order, torch.randperm(n, generator=order_gen)])
+        idx, order = order[:budget.batch].to(device), order[budget.batch:]
+        x = pairs.train["student"][idx].float()
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            out = converter.forward_all(x)
+            regs = converter.regularisers()
+            logits = head(x, out)
+        out = {k: v.float() for k, v in out.items()}
+        loss, _ = distill_loss(out, {t: pairs.train[t][idx] for t in pairs.targets}, mean=mean, std=std)
+        loss = loss + budget.w_head * F.cross_entropy(logits.float(), pairs.train["label_index"][idx])
+        for key, value in regs.items():
+            if w_reg.get(key) and w_reg[key](step) > 0:
+                loss = loss + w_reg[key](step) * value.float()
+        if w_jac(step) > 0:
+            loss = loss + w_jac(step) * jacobian_penalty(
+                lambda z: torch.cat([o.flatten(1) for o in converter.forward_all(z).values()], 1), x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        opt.step()
+        sched.step_update(step + 1)
+        if step % 50 == 0 or step == budget.steps - 1:
+            losses.append(round(loss.item(), 4))
+    sync_s = time.perf_counter() - t0
+    return converter, head, {"train_s": round(sync_s, 1), "loss_first": losses[0], "loss_last": losses[-1],
+                             "loss_every_50": losses}
+
+
+@torch.no_grad()
+def evaluate(converter, head, pairs: Pairs, device: torch.device, batch: int = 16) -> dict:
+    """Held-out fidelity per target (pipeline.evaluate.FidelityMeter on standardised features) + top-1."""
+    converter.eval(), head.eval()
+    meters = {t: FidelityMeter(pairs.specs[t].dim) for t in pairs.targets}
+    correct = total = 0
+    val = pairs.val
+    for i in range(0, val["student"].shape[0], batch):
+        x = val["student"][i:i + batch].float()
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            out = converter.forward_all(x)
+            logits = head(x, out)
+        for t, m in meters.items():
+            m.update(out[t].float(), standardize(val[t][i:i + batch].float(), pairs.stats[t]["mean"], pairs.stats[t]["std"]))
+        labels = val["label_index"][i:i + batch]
+        correct += topk_correct(logits.float(), labels, ks=(1,))[1]
+        total += int((labels >= 0).sum())
+    per = {t: {k: round(v, 5) for k, v in m.compute().items()} for t, m in meters.items()}
+    return {"targets": per, "mean_cosine": round(statistics.fmean(v["cosine"] for v in per.values()), 5),
+            "mean_r2": round(statistics.fmean(v["r2"] for v in per.values()), 5),
+            "top1": round(correct / total, 4) if total else None}
+
+
+def run_one(name, pairs, budget, device, deficiency=None) -> dict:
+    converter, head, log = fit(name, pairs, budget, device, deficiency)
+    row = {"preset": name, "deficiency": deficiency or {}, **log, **evaluate(converter, head, pairs, device)}
+    cpu = copy.deepcopy(converter).cpu().eval()
+    shape = (pairs.specs["student"].tokens, pairs.specs["student"].dim)
+    row.update(params=count_params(converter), gflops=round(gflops_per_clip(cpu, shape), 3),
+               latency_ms_clip=round(latency_ms(converter, shape, repeats=5, device=device), 3))
+    fid = " ".join(f"{t} {v['cosine']:.3f}/{v['r2']:.3f}" for t, v in row["targets"].items())
+    print(f"[{name}{' ' + json.dumps(deficiency) if deficiency else ''}] cos/R2 {fid}; mean {row['mean_cosine']:.4f}/"
+          f"{row['mean_r2']:.4f} top1 {row['top1']}; loss {log['loss_first']} -> {log['loss_last']} "
+          f"({log['train_s']} s)", flush=True)
+    del converter, head
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def cmd_quality(args) -> dict:
+    device = torch.device(args.device)
+    pairs = synthetic_pairs(args, device) if args.synthetic else load_store(args.store, args.store_name, device)
+    budget = Budget(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
+    print(f"# converters quality: {pairs.desc}; {budget}", flush=True)
+    res = {"description": pairs.desc, "synthetic": bool(args.synthetic), "budget": budget.__dict__, "rows": []}
+    for name in presets(args.presets, args.extra):
+        guarded(res, name, lambda name=name: run_one(name, pairs, budget, device))
+        write(args.out, res)
+    return res
+
+
+def guarded(res: dict, label: str, fn) -> None:
+    """Append ``fn()`` to res["rows"]; a failure is recorded under res["errors"] and the run goes on."""
+    try:
+        res["rows"].append(fn())
+    except Exception as e:  # noqa: BLE001
+        res.setdefault("errors", {})[label] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(f"[{label}] FAILED {res['errors'][label]}", flush=True)
+
+
+SWEEP = {"rank": (None, 64, 16), "mask_ratio": (0.0, 0.3, 0.6), "w_jacobian": (0.0, 0.1, 1.0)}
+
+
+def cmd_sweep(args) -> dict:
+    device = torch.device(args.device)
+    pairs = synthetic_pairs(args, device) if args.synthetic else load_store(args.store, args.store_name, device)
+    budget = Budget(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
+    warm = {"warmup_steps": args.steps // 4}
+    settings = [{}] + [{knob: v, **warm} for knob, values in SWEEP.items() for v in values[1:]]
+    settings.append({k: v[-2] for k, v in SWEEP.items()} | warm)          # all knobs on together
+    res = {"description": pairs.desc, "preset": args.preset, "budget": budget.__dict__, "rows": []}
+    for d in settings:
+        guarded(res, json.dumps(d), lambda d=d: run_one(args.preset, pairs, budget, device, d))
+        write(args.out, res)
+    return res
+
+
+# ------------------------------------------------------------------------------------------ tables
+
+def markdown(res: dict, command: str) -> str:
+    """One table per run, every preset (or setting) a row; differences vs the floor / the first row."""
+    if command == "cost":
+        ref = res["student_ms"]["stock_eager"]
+        lines = [(f"student forward (stock, eager, bf16, batch {res['batch']}): {ref:.1f} ms; with the pipeline's "
+                 f"rewrites {res['student_ms']['pipeline_eager']:.1f} ms"), "",
+                 ("| preset | params (M) | GFLOP/clip | fwd ms | % student | fwd+bwd ms | % student | fwd+bwd bf16 ms "
+                 "| 1 clip GPU ms | 1 clip CPU ms | top forward kernels |"), "|---|" + "---:|" * 9 + "---|"]
+        for name, r in res["rows"].items():
+            kern = "; ".join(f"{k[:40]} {100 * v:.0f}%" for k, v in r["fwd_kernels"][:2])
+            lines.append(f"| {name} | {r['params'] / 1e6:.2f} | {r['gflops']:.2f} | {r['fwd_ms']:.2f} | "
+                         f"{r['fwd_pct_student']:.2f} | {r['fwdbwd_ms_autocast']:.2f} | {r['fwdbwd_pct_student']:.2f} | "
+                         f"{r['fwdbwd_ms_bf16']:.2f} | {r['latency_ms_clip_gpu']:.2f} | {r['latency_ms_clip_cpu']:.0f} | {kern} |")
+        return "\n".join(lines)
+    rows = res["rows"]
+    base = rows[0]
+    targets = list(base["targets"])
+    head = "| " + ("setting" if command == "sweep" else "preset") + " | " + " | ".join(
+        f"{t} cos | {t} R^2" for t in targets) + " | mean cos (d) | mean R^2 (d) | top-1 | params (M) | GFLOP | ms/clip |"
+    lines = [head, "|---|" + "---:|" * (2 * len(targets) + 6)]
+    for r in rows:
+        label = (", ".join(f"{k}={v}" for k, v in r["deficiency"].items() if k != "warmup_steps") or "off") \
+            if command == "sweep" else r["preset"]
+        cells = " | ".join(f"{r['targets'][t]['cosine']:.3f} | {r['targets'][t]['r2']:.3f}" for t in targets)
+        lines.append(f"| {label} | {cells} | {r['mean_cosine']:.4f} ({r['mean_cosine'] - base['mean_cosine']:+.4f}) | "
+                     f"{r['mean_r2']:.4f} ({r['mean_r2'] - base['mean_r2']:+.4f}) | {r['top1']} | "
+                     f"{r['params'] / 1e6:.2f} | {r['gflops']:.2f} | {r['latency_ms_clip']:.2f} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ main
+
+def presets(pattern: str, extra=()) -> list[str]:
+    """The floor, the presets matching ``pattern`` (comma list of globs), then ``extra`` variants
+    written ``preset[key=value;key=value]``."""
+    return [BASELINE] + [n for n in list_converters() if n != BASELINE and any(
+        fnmatch.fnmatch(n, p) for p in pattern.split(","))] + list(extra)
+
+
+def split_variant(name: str) -> tuple[str, dict]:
+    """``preset[key=value;...]`` -> (preset, {key: value parsed as YAML})."""
+    import yaml
+    base, _, rest = name.partition("[")
+    return base, {k: yaml.safe_load(v) for k, v in (i.split("=", 1) for i in rest.rstrip("]").split(";") if i)}
+
+
+def make(name: str):
+    base, kw = split_variant(name)
+    return create_converter(base, **kw)
+
+
+def write(path, res) -> None:
+    if path:
+        res["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(res, indent=1, default=str))
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--store", help="storage URL holding features/<store-name>/ (local path, file://, s3://)")
-    src.add_argument("--synthetic", action="store_true", help="random pairs: ONLY to smoke-test this script")
-    p.add_argument("--store-name", default="features")
-    p.add_argument("--storage-option", action="append", default=[], metavar="K=V",
-                   help="fsspec option, e.g. endpoint_url=http://127.0.0.1:9000 (repeatable)")
-    p.add_argument("--presets", default="*", help="glob over list_converters(); the baseline always runs")
-    p.add_argument("--targets", default="", help="comma list of targets (default: all in the store)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="autocast dtype for training, fidelity and latency (weights stay fp32)")
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-clips", type=int, default=512)
-    p.add_argument("--eval-clips", type=int, default=128)
-    p.add_argument("--holdout", type=float, default=0.2, help="held-out fraction when the store has no val split")
-    p.add_argument("--latency-batch", type=int, default=32)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--student-dim", type=int, default=0, help="--synthetic only: student width (default 1024)")
-    p.add_argument("--teacher-dim", type=int, default=0, help="--synthetic only: teacher width (default 768)")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0: leave)")
-    p.add_argument("--out", help="write all results as JSON here")
-    p.add_argument("--results", nargs="?", const=str(Path(__file__).with_name("RESULTS.md")),
-                   help="append the markdown table to this file (default bench/RESULTS.md)")
-    args = p.parse_args(argv)
-    args.targets = [t for t in args.targets.split(",") if t]
-    return args
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("cost", "quality", "sweep"):
+        s = sub.add_parser(name)
+        s.add_argument("--out", help="JSON results (rewritten after every preset)")
+        s.add_argument("--presets", default="*", help="comma list of globs over list_converters(); the floor always runs")
+        s.add_argument("--extra", action="append", default=[], metavar="PRESET[K=V;K=V]",
+                       help="also a variant of a preset with these constructor overrides (repeatable)")
+        if name == "cost":
+            s.add_argument("--batch", type=int, default=32)
+            s.add_argument("--iters", type=int, default=20)
+            s.add_argument("--student-iters", type=int, default=10)
+            s.add_argument("--device", default="cuda", help="cpu: a dry run of this script only")
+            continue
+        data = s.add_mutually_exclusive_group(required=True)
+        data.add_argument("--store", help="storage URL of a feature store with train / val (held-out) splits")
+        data.add_argument("--synthetic", action="store_true", help="random pairs: ONLY to smoke-test this script")
+        s.add_argument("--store-name", default="features")
+        s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        s.add_argument("--steps", type=int, default=2000 if name == "quality" else 1000)
+        s.add_argument("--batch", type=int, default=16)
+        s.add_argument("--lr", type=float, default=1e-3)
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--train-clips", type=int, default=8, help="--synthetic only")
+        s.add_argument("--eval-clips", type=int, default=4, help="--synthetic only")
+        s.add_argument("--student-dim", type=int, default=32, help="--synthetic only")
+        s.add_argument("--teacher-dim", type=int, default=24, help="--synthetic only")
+        if name == "sweep":
+            s.add_argument("--preset", default="convmix_small")
+    return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    train_data, held, specs, stats, desc = synthetic_pairs(args) if args.synthetic else load_store_pairs(args)
-    targets = [t for t in specs if t != "student"]
-    names = [BASELINE] + [n for n in list_converters() if fnmatch.fnmatch(n, args.presets) and n != BASELINE]
-    from tokconv.ops import selective_scan as ss
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"# converters bench: {desc}; device {device} ({dev_name}), {args.dtype}, scan backend "
-          f"{ss.backend()} (mamba_ssm {'yes' if ss.HAS_FUSED else 'no'}); {args.steps} steps x {args.batch_size}",
-          flush=True)
-    x_lat = train_data["student"][:args.latency_batch].to(device, torch.float32)
-    if x_lat.shape[0] < args.latency_batch:  # few clips: repeat to the latency batch size
-        x_lat = x_lat.repeat(math.ceil(args.latency_batch / x_lat.shape[0]), 1, 1)[:args.latency_batch]
-    rows = []
-    for name in names:
-        torch.manual_seed(args.seed)
-        model = create_converter(name, student=specs["student"], targets={t: specs[t] for t in targets}).to(device)
-        t0 = time.perf_counter()
-        losses = train(model, train_data, stats, args, device, dtype)
-        train_s = time.perf_counter() - t0
-        fid = fidelity(model, held, stats, args, device, dtype)
-        model.eval()
-        row = {"preset": name, "params": count_params(model), "train_s": train_s,
-               "loss_first": losses[0], "loss_last": statistics.fmean(losses[-max(1, len(losses) // 10):]),
-               "targets": {}}
-        for t in [None, *targets]:
-            key = t or "all"
-            row["targets"][key] = {
-                "gflops": gflops_per_clip(model, specs, device, t),
-                "latency_ms": latency_ms(model, x_lat, device, dtype, t, args.warmup, args.iters),
-                **(fid[t] if t else {"cosine": statistics.fmean(f["cosine"] for f in fid.values()),
-                                     "r2": statistics.fmean(f["r2"] for f in fid.values())})}
-        rows.append(row)
-        a = row["targets"]["all"]
-        print(f"{name}: {row['params'] / 1e6:.2f}M params, {a['gflops']:.2f} GFLOP/clip, "
-              f"{a['latency_ms']:.1f} ms/batch{args.latency_batch}, cos {a['cosine']:.4f}, R2 {a['r2']:.4f}, "
-              f"loss {row['loss_first']:.3f} -> {row['loss_last']:.3f} ({train_s:.0f} s)", flush=True)
-        if args.out:  # partial results survive a time limit
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps({"description": desc, "partial": True, "rows": rows}, indent=2))
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    table = markdown(rows, args, desc, device, dev_name, ss.backend())
-    print("\n" + table)
-    result = {"description": desc, "synthetic": bool(args.synthetic), "device": str(device),
-              "device_name": dev_name, "dtype": args.dtype, "scan_backend": ss.backend(),
-              "args": {k: v for k, v in vars(args).items()}, "rows": rows,
-              "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write("\n" + table + "\n")
-    return result
-
-
-def markdown(rows, args, desc, device, dev_name, backend) -> str:
-    base = rows[0]["targets"]
-    date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    tag = " **SYNTHETIC DATA (script smoke test, not a result)**" if args.synthetic else ""
-    lines = [f"### Converters, {date}, {device} ({dev_name}), {args.dtype}{tag}", "",
-             (f"{desc}; {args.steps} steps x batch {args.batch_size}, lr {args.lr}; latency: median of "
-              f"{args.iters} forward passes of batch {args.latency_batch}; selective scan backend: {backend}; "
-              f"ratios and deltas vs `{BASELINE}` in the same run."), "",
-             "| preset | target | params (M) | GFLOP/clip | x base | latency ms/batch | x base | cosine | d cos | R^2 | d R^2 |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        for t, v in r["targets"].items():
-            b = base[t]
-            lines.append(
-                f"| {r['preset']} | {t} | {r['params'] / 1e6:.2f} | {v['gflops']:.2f} | {v['gflops'] / b['gflops']:.2f} | "
-                f"{v['latency_ms']:.2f} | {v['latency_ms'] / b['latency_ms']:.2f} | {v['cosine']:.4f} | "
-                f"{v['cosine'] - b['cosine']:+.4f} | {v['r2']:.4f} | {v['r2'] - b['r2']:+.4f} |")
-    return "\n".join(lines)
+    res = {"cost": cmd_cost, "quality": cmd_quality, "sweep": cmd_sweep}[args.command](args)
+    res["markdown"] = markdown(res, args.command) if res["rows"] else "(no rows)"
+    write(args.out, res)
+    print("\n" + res["markdown"], flush=True)
+    return res
 
 
 if __name__ == "__main__":

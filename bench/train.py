@@ -18,7 +18,7 @@ random fp16 features at the real shapes (student 2048x1024, videomae 1568x768, t
 3136x768, vivit 1x768; ~11 MB per clip) through FeatureStore.write_shard: no video decoding.
 
     python bench/train.py --make-store --clips 1024 --out bench/results/train-h200.json   # H200
-    python bench/train.py --tiny --make-store --clips 48 --batch-size 4                    # CPU dry run
+    python bench/train.py --tiny --make-store --clips 48 --batch-size 4      # CPU dry run
 """
 from __future__ import annotations
 
@@ -44,8 +44,10 @@ FULL = {"student": TargetSpec("student", 2048, 1024, (8, 16, 16)),
         "videomae": TargetSpec("videomae", 1568, 768, (8, 14, 14)),
         "timesformer": TargetSpec("timesformer", 3136, 768, (16, 14, 14)),
         "vivit": TargetSpec("vivit", 1, 768, None)}
-TINY = {"student": TargetSpec("student", 32, 16, (2, 4, 4)), "videomae": TargetSpec("videomae", 18, 12, (2, 3, 3)),
-        "timesformer": TargetSpec("timesformer", 36, 12, (4, 3, 3)), "vivit": TargetSpec("vivit", 1, 12, None)}
+TINY = {"student": TargetSpec("student", 32, 16, (2, 4, 4)),
+        "videomae": TargetSpec("videomae", 18, 12, (2, 3, 3)),
+        "timesformer": TargetSpec("timesformer", 36, 12, (4, 3, 3)),
+        "vivit": TargetSpec("vivit", 1, 12, None)}
 CLASSES = [f"c{i}" for i in range(10)]
 
 
@@ -54,7 +56,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_store(storage: Storage, specs: dict, clips: int, val: int, shard: int, device: torch.device) -> None:
+def make_store(storage: Storage, specs: dict, clips: int, val: int, shard: int,
+               device: torch.device) -> None:
     """Random fp16 features (drawn on ``device``, channel sums there too) written shard by shard."""
     store = FeatureStore(storage, "features")
     store.write_meta(specs=specs, dtype="float16", class_names=CLASSES)
@@ -63,18 +66,22 @@ def make_store(storage: Storage, specs: dict, clips: int, val: int, shard: int, 
     for split, n_split in (("val", val), ("train", clips - val)):
         for lo in range(0, n_split, shard):
             n = min(shard, n_split - lo)
-            batch = {"video_id": [f"{split}{lo + i:06d}" for i in range(n)], "clip_index": np.zeros(n, np.int32),
-                     "label_index": np.arange(lo, lo + n, dtype=np.int32) % len(CLASSES), "split": np.array([split] * n)}
+            batch = {"video_id": [f"{split}{lo + i:06d}" for i in range(n)],
+                     "clip_index": np.zeros(n, np.int32),
+                     "label_index": np.arange(lo, lo + n, dtype=np.int32) % len(CLASSES),
+                     "split": np.array([split] * n)}
             for name, s in specs.items():
                 x = torch.randn(n, s.tokens, s.dim, generator=g, device=device).half()
                 d = x.double()
-                batch[f"_sum:{name}"], batch[f"_sq:{name}"] = d.sum(1).cpu().numpy(), d.square().sum(1).cpu().numpy()
+                batch[f"_sum:{name}"] = d.sum(1).cpu().numpy()
+                batch[f"_sq:{name}"] = d.square().sum(1).cpu().numpy()
                 batch[name] = x.cpu().numpy()
                 del d
             store.write_shard(batch)
             done += n
     store.compute_stats()
-    print(f"[store] {clips} clips ({val} val) written in {time.perf_counter() - t0:.1f} s", flush=True)
+    print(f"[store] {clips} clips ({val} val) written in {time.perf_counter() - t0:.1f} s",
+          flush=True)
 
 
 def raw_read(store: FeatureStore, names: list[str]) -> dict:
@@ -109,10 +116,12 @@ def reader_alone(store, blocks, names, tc, device) -> dict:
 
 def compute_ceiling(store, blocks, specs, tc, device, iters: int) -> dict:
     """(b): step_once on one batch already on the device, ``iters`` times after a warm-up."""
-    from pipeline.train import _TrainModule, build_models, stats_tensors
+    from pipeline.artifacts import stats_tensors
+    from pipeline.train import _TrainModule, build_models
     from pipeline.train_data import ClipReader
     from pipeline.train_step import Objective, make_optimizer, step_once
-    r = ClipReader(store, blocks, list(specs), rank=0, world=1, batch_size=tc.batch_size, device=device)
+    r = ClipReader(store, blocks, list(specs), rank=0, world=1, batch_size=tc.batch_size,
+                   device=device)
     batch = next(r.batches(0))
     targets = [k for k in specs if k != "student"]
     mean, std = stats_tensors(store.stats(), targets, device)
@@ -131,43 +140,53 @@ def compute_ceiling(store, blocks, specs, tc, device, iters: int) -> dict:
     sync(device)
     dt = time.perf_counter() - t0
     n_params = sum(p.numel() for p in module.converter.parameters())
-    return {"clips_per_s": iters * tc.batch_size / dt, "ms_per_step": dt / iters * 1e3, "converter_params": n_params}
+    return {"clips_per_s": iters * tc.batch_size / dt, "ms_per_step": dt / iters * 1e3,
+            "converter_params": n_params}
 
 
-def log_rates(storage: Storage, metrics_log: str, started: float, epoch_clips: int, batch: int) -> dict:
-    """Per-epoch training clips/s from a metrics log, the mean over epochs >= 1, time to first step."""
+def log_rates(storage: Storage, metrics_log: str, started: float, epoch_clips: int,
+              batch: int) -> dict:
+    """Per-epoch training clips/s from a metrics log, the mean over epochs >= 1, time to first
+    step."""
     recs = [json.loads(x) for x in storage.read_bytes(metrics_log).decode().splitlines()]
     steps = [r for r in recs if r["kind"] == "step"]
     per_epoch = {}
     for e in sorted({r["epoch"] for r in steps}):
         s = [r for r in steps if r["epoch"] == e]
-        if len(s) > 2:  # from the start of the epoch's first step (its wait for the first window included)
+        # from the start of the epoch's first step (its wait for the first window included)
+        if len(s) > 2:
             first_step_s = batch / s[0]["clips_per_s"]
             per_epoch[e] = epoch_clips / (s[-1]["time"] - s[0]["time"] + first_step_s)
     later = [v for e, v in per_epoch.items() if e >= 1] or list(per_epoch.values())
     return {"clips_per_s": statistics.fmean(later), "per_epoch": per_epoch,
             "first_step_s": steps[0]["time"] - started, "steps": len(steps),
-            "data_wait_frac": statistics.fmean(r["data_wait_frac"] for r in steps if r["epoch"] >= 1)
+            "data_wait_frac":
+                statistics.fmean(r["data_wait_frac"] for r in steps if r["epoch"] >= 1)
             if any(r["epoch"] >= 1 for r in steps) else None}
 
 
 def job_for(args, storage: Storage, name: str, cache: str, epochs: int) -> JobConfig:
     return JobConfig.model_validate({
         "name": name, "storage": {"url": storage.root_url},
-        "train": {"converter": args.converter, "converter_kwargs": json.loads(args.converter_kwargs),
+        "train": {"converter": args.converter,
+                  "converter_kwargs": json.loads(args.converter_kwargs),
                   "batch_size": args.batch_size, "num_workers": 1, "use_gpu": args.device == "cuda",
-                  "cpus_per_worker": args.cpus_per_worker, "epochs": epochs, "cache": cache, "warm_start": False,
-                  # a log write every step: one device sync per step, so step times are GPU times (the
-                  # host cannot run ahead of the GPU between records; costs a launch gap per step)
+                  "cpus_per_worker": args.cpus_per_worker, "epochs": epochs, "cache": cache,
+                  "warm_start": False,
+                  # a log write every step: one device sync per step, so step times are GPU times
+                  # (the host cannot run ahead of the GPU between records; costs a launch gap per
+                  # step)
                   "optim": {"lr": 5e-4, "warmup_steps": 10}, "log_every_steps": 1,
                   "head": {"hidden": 64 if args.tiny else 256}}})
 
 
 def stage(args, storage, name, cache, epochs) -> dict:
-    """(c)/(d): the train stage under Ray Train; with Ray Train's own start-up phases (its DEBUG log)."""
+    """(c)/(d): the train stage under Ray Train; with Ray Train's own start-up phases (its DEBUG
+    log) and the stage summary's own rate (first step to last checkpoint)."""
     from pipeline.train import run_train
     s = run_train(job_for(args, storage, name, cache, epochs), storage)
-    return {**log_rates(storage, s["metrics_log"], s["started"], args.train_clips, args.batch_size), "cache": cache,
+    rates = log_rates(storage, s["metrics_log"], s["started"], args.train_clips, args.batch_size)
+    return {**rates, "cache": cache, "summary_clips_per_s": s["clips_per_s"],
             "ray_train_startup": ray_train_startup(s["run_name"])}
 
 
@@ -189,18 +208,24 @@ def ray_train_startup(run_name: str) -> list[str]:
 
 def torchrun(args, storage, name, cache, epochs) -> dict:
     """(e): the same loop under ``torchrun --nproc_per_node 1`` (DDP process group, one process)."""
+    from pipeline.artifacts import ModelRegistry
     from pipeline.train import worker_config
     job = job_for(args, storage, name, cache, epochs)
-    cfg = worker_config(job, storage, run_rel=f"runs/{name}/train/{name}-000")
+    cfg = worker_config(job.train, storage, store=FeatureStore(storage, job.store),
+                        registry=ModelRegistry(storage, job.model_name),
+                        run_rel=f"runs/{name}/train/{name}-000")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "cfg.json")
         with open(path, "w") as f:
             json.dump(cfg, f)
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(int(args.cpus_per_worker), 1))}  # as Ray sets it
+        # as Ray sets it
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(int(args.cpus_per_worker), 1))}
         started = time.time()
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                        __file__, "--worker", path, "--ckpt", os.path.join(tmp, "ckpt")], check=True, env=env)
-    return {**log_rates(storage, cfg["metrics_log"], started, args.train_clips, args.batch_size), "cache": cache}
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", "1", __file__, "--worker", path,
+                        "--ckpt", os.path.join(tmp, "ckpt")], check=True, env=env)
+    rates = log_rates(storage, cfg["metrics_log"], started, args.train_clips, args.batch_size)
+    return {**rates, "cache": cache}
 
 
 def worker(cfg_path: str, ckpt: str) -> None:
@@ -215,7 +240,8 @@ def worker(cfg_path: str, ckpt: str) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--storage", default="/tmp/tokconv-bench-train")
     p.add_argument("--make-store", action="store_true")
     p.add_argument("--clips", type=int, default=1024)
@@ -254,9 +280,10 @@ def main() -> None:
     args.train_clips = sum(len(b["rows"]) for b in blocks)
     skip = set(args.skip.split(","))
     res: dict = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
-                 "torch": torch.__version__, "converter": args.converter, "batch_size": args.batch_size,
+                 "torch": torch.__version__, "converter": args.converter,
+                 "batch_size": args.batch_size,
                  "train_clips": args.train_clips,
-                 "bytes_per_clip": clip_bytes({n: store.read_meta()["tensors"][n] for n in names})}
+                 "bytes_per_clip": clip_bytes({n: store.layouts()[n] for n in names})}
     if "a" not in skip:
         res["a_raw_read"] = raw_read(store, names)
         print("(a)", res["a_raw_read"], flush=True)
@@ -271,8 +298,8 @@ def main() -> None:
     if {"c", "d"} - skip:
         import ray
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=os.cpu_count(), num_gpus=torch.cuda.device_count(), include_dashboard=False,
-                 _node_ip_address="127.0.0.1", log_to_driver=True)
+        ray.init(num_cpus=os.cpu_count(), num_gpus=torch.cuda.device_count(),
+                 include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
         if "c" not in skip:
             res["c_stage_streamed"] = stage(args, storage, "streamed", "none", args.epochs_stream)
             print("(c)", res["c_stage_streamed"], flush=True)

@@ -1,7 +1,14 @@
-"""Command line: ``python -m pipeline run JOB.yaml [key.path=value ...] [--stages extract,train]``.
+"""Command line: ``python -m pipeline run JOB.yaml [key.path=value ...] [--stages extract,train]``
+and ``python -m pipeline reencode JOB.yaml --codec fp8 [--to NAME]`` (``pipeline.reencode``).
 
 Job files are executable (their shebang is ``#!/usr/bin/env -S python -m pipeline run``), so
 ``jobs/smoke.yaml`` and ``ray job submit -- jobs/full.yaml`` run the same thing.
+
+Before any work the job file is validated (exit 2) and the outside world is checked: storage
+writable, sources and model sources present (exit 3); then Ray starts, for the stages that use it
+(extract, train). A failure prints one line, ``error: stage <s>: <Type>: <why>`` (exit 1); the
+traceback too with --traceback or TOKCONV_TRACEBACK=1. Credentials in storage options are
+masked in --print-config and in runs/<name>/summary.json, which also records a failed stage.
 """
 from __future__ import annotations
 
@@ -9,11 +16,15 @@ import argparse
 import importlib
 import json
 import os
+import posixpath
 import sys
 import time
+import traceback
 
-from .config import STAGES, ConfigError, JobConfig, load_job
-from .storage import Storage
+from .artifacts import job_run_dir
+from .checks import PreflightError, preflight
+from .config import STAGES, ConfigError, JobConfig, format_config, load_job
+from .storage import Storage, mask_secrets
 
 # stage name -> (module, runner); runners take (job, storage) and return a JSON-able summary
 STAGE_RUNNERS = {
@@ -22,6 +33,7 @@ STAGE_RUNNERS = {
     "evaluate": ("pipeline.evaluate", "run_evaluate"),
     "export": ("pipeline.export", "run_export"),
 }
+RAY_STAGES = ("extract", "train")  # evaluate and export run in this process, without a cluster
 
 
 def _parse_stages(text: str | None) -> list[str] | None:
@@ -30,7 +42,8 @@ def _parse_stages(text: str | None) -> list[str] | None:
     stages = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
-        raise ConfigError(f"--stages: unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGES)}")
+        raise ConfigError(f"--stages: unknown stage(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(STAGES)}")
     return [s for s in STAGES if s in stages]
 
 
@@ -54,22 +67,55 @@ def init_ray(job: JobConfig) -> bool:
     return True
 
 
+def error_line(e: BaseException) -> str:
+    """One line for a failed job: the stage (from the note run_job adds), the error's type and the
+    first line of its message, with Ray's wrappers (task errors, training worker errors) opened."""
+    stage = next((n[7:] for n in getattr(e, "__notes__", ()) if n.startswith("stage: ")), None)
+    inner = e
+    for _ in range(10):  # RayTaskError.cause, WorkerGroupError.worker_failures, ControllerError
+        failures = getattr(inner, "worker_failures", None)
+        nxt = next(iter(failures.values()), None) if isinstance(failures, dict) else None
+        nxt = nxt or getattr(inner, "cause", None) or getattr(inner, "controller_failure", None)
+        if not isinstance(nxt, BaseException):
+            break
+        inner = nxt
+    text = next((ln.strip() for ln in str(inner).splitlines() if ln.strip()), "")
+    return f"{f'stage {stage}: ' if stage else ''}{type(inner).__name__}: {text}"
+
+
 def run_job(job: JobConfig, stages: list[str] | None = None) -> dict:
-    """Run the job's stages in order; returns {stage: summary}. Writes runs/<name>/summary.json."""
+    """Check the outside world (``checks.preflight``), then run the job's stages in order; returns
+    {stage: summary}. Writes runs/<name>/summary.json (credentials masked), also when a stage
+    fails (its ``failed`` entry names the stage and the error), then re-raises."""
     stages = stages or job.stages
+    preflight(job, stages)  # before Ray starts or any stage does work: PreflightError names it
     storage = Storage(job.storage.url, job.storage.options)
-    started_ray = init_ray(job)
+    started_ray, ray_ready = False, False
     results: dict[str, dict] = {}
+    record = {"job": job.name, "stages": results, "config": mask_secrets(job.model_dump())}
+    where = posixpath.join(job_run_dir(job.name), "summary.json")
     try:
         for i, stage in enumerate(stages, 1):
+            if stage in RAY_STAGES and not ray_ready:
+                started_ray, ray_ready = init_ray(job), True
             module, fn = STAGE_RUNNERS[stage]
             print(f"\n=== [{i}/{len(stages)}] {stage} ===", flush=True)
             t0 = time.perf_counter()
-            summary = getattr(importlib.import_module(module), fn)(job, storage)
+            try:
+                summary = getattr(importlib.import_module(module), fn)(job, storage)
+            except Exception as e:
+                e.add_note(f"stage: {stage}")
+                record["failed"] = {"stage": stage, "error": error_line(e)}
+                try:
+                    storage.write_json(where, mask_secrets(record))
+                except Exception as w:  # noqa: BLE001 -- the stage's own error is the one to raise
+                    print(f"[job] could not write {storage.url(where)}: {error_line(w)}",
+                          file=sys.stderr, flush=True)
+                raise
             summary = dict(summary or {}, seconds=round(time.perf_counter() - t0, 2))
             results[stage] = summary
             print(f"=== {stage} done in {summary['seconds']:.1f}s ===", flush=True)
-        storage.write_json(f"runs/{job.name}/summary.json", {"job": job.name, "stages": results})
+        storage.write_json(where, mask_secrets(record))
     finally:
         if started_ray:
             import ray
@@ -85,7 +131,7 @@ def _print_outcome(job: JobConfig, results: dict) -> None:
         "feature store": results.get("extract", {}).get("store_url"),
         "metrics": results.get("evaluate", {}).get("metrics_url"),
         "exported model": results.get("export", {}).get("uri"),
-        "job summary": storage.url("runs", job.name, "summary.json"),
+        "job summary": storage.url(job_run_dir(job.name), "summary.json"),
     }
     for what, url in where.items():
         if url:
@@ -100,24 +146,46 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("job", help="job YAML (e.g. jobs/smoke.yaml)")
     run.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.epochs=3")
     run.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)}")
-    run.add_argument("--print-config", action="store_true", help="print the validated config and exit")
+    run.add_argument("--print-config", action="store_true",
+                     help="print the validated config (credentials masked) and exit")
+    run.add_argument("--traceback", action="store_true",
+                     help="on failure print the traceback, not only the one-line error "
+                          "(also: TOKCONV_TRACEBACK=1)")
+    # `reencode JOB.yaml --codec fp8 [--to NAME]`: a store in another codec (issue 15)
+    from .reencode import add_parser as add_reencode_parser
+    add_reencode_parser(sub)
     # Overrides may come after options too (`job.yaml --print-config a.b=1`, as a shebang runs it).
     args, extra = parser.parse_known_args(argv)
     unknown = [e for e in extra if e.startswith("-") or "=" not in e]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = list(args.overrides) + extra
+    if args.command == "reencode":
+        from .reencode import main as reencode_main
+        return reencode_main(args)
 
     try:
         job = load_job(args.job, args.overrides)
         stages = _parse_stages(args.stages)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        lines = str(e).splitlines()  # one problem: one line; several: the header, one line each
+        print("error: " + (f"{lines[0]} {lines[1].strip()}" if len(lines) == 2 else str(e)),
+              file=sys.stderr)
         return 2
     if args.print_config:
-        print(json.dumps(job.model_dump(), indent=2))
+        print(format_config(job))
         return 0
-    results = run_job(job, stages)
+    try:
+        results = run_job(job, stages)
+    except PreflightError as e:
+        for problem in e.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 3
+    except Exception as e:  # noqa: BLE001 -- one line (what, where, why) unless asked for more
+        if args.traceback or os.environ.get("TOKCONV_TRACEBACK") == "1":
+            traceback.print_exc()
+        print(f"error: job {job.name}, {error_line(e)}", file=sys.stderr)
+        return 1
     _print_outcome(job, results)
     return 0
 

@@ -58,6 +58,7 @@ from transformers import (
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from pipeline.config import ModelsConfig
+from pipeline.dtypes import TORCH_DTYPES as DTYPES
 from pipeline.rewrites import (
     apply_rewrites,
     fuse_fast_gelu,
@@ -66,14 +67,13 @@ from pipeline.rewrites import (
     use_float8_linears,
     use_sdpa_timesformer,
 )
-from pipeline.storage import Storage
+from pipeline.storage import Storage, is_remote
 from tokconv.targets import TargetSpec
 
 MODEL_NAMES = ("student", "videomae", "timesformer", "vivit")
 MODEL_CLASSES = {"student": VJEPA2Model, "videomae": VideoMAEModel,
                  "timesformer": TimesformerModel, "vivit": VivitModel}
 INIT_KWARGS = {"vivit": {"add_pooling_layer": False}}  # the k400 checkpoint has no pooler; CLS is read raw
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -366,8 +366,8 @@ def build_models(cfg: ModelsConfig, *, device: str | torch.device | None = None,
             kw["attn_implementation"] = "sdpa"
         if cfg.weights == "pretrained":
             spec = getattr(cfg, name)
-            source = _local_copy(spec.source, storage_options) if "://" in spec.source and not \
-                spec.source.startswith("file://") else spec.source.removeprefix("file://")
+            source = _local_copy(spec.source, storage_options or cfg.storage_options) \
+                if is_remote(spec.source) else spec.source.removeprefix("file://")
             model = cls.from_pretrained(source, revision=spec.revision, dtype=dtype, **kw).to(device)
         elif device.type == "meta":  # shapes only: nothing to draw
             with torch.device("meta"):

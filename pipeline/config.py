@@ -1,18 +1,52 @@
 """Job configuration: one pydantic model per stage, composed into ``JobConfig``.
 
 Every model forbids unknown keys, so a typo fails before any work starts with a message that
-names the key path (torchtune ``_parse.py`` habit: YAML + ``a.b=c`` overrides, validated up front).
-Stage builders take only their own sub-config.
+names the key path (torchtune ``_parse.py`` habit: YAML + ``a.b=c`` overrides, validated up
+front). Stage builders take only their own sub-config; names several stages share (the feature
+store, the model name) are job-level keys. Every field's description is one line: what, unit,
+default (measurements live in bench/RESULTS.md). Checks across stages (model and target names,
+converter keywords, the promotion metric, URLs of other sections) live in ``pipeline.checks``
+and run when a ``JobConfig`` validates. ``mask_secrets`` hides credentials wherever a config
+is printed or stored.
 """
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.storage import mask_secrets, url_problem
 
 STAGES = ("extract", "train", "evaluate", "export")
+Rewrite = Literal["patch_matmul", "gelu_epilogue", "fold_temporal_dense",
+                  "packed_temporal_attention"]
+# keys that moved, old dotted path -> new one: a job file still using the old key fails naming both
+MOVED_KEYS = {"extract.store": "store", "export.model_name": "model_name"}
+# the splits sources assigns (a manifest's train/training/val/valid/validation map onto them)
+Split = Literal["train", "val"]
+SPLITS: tuple[str, ...] = get_args(Split)
+# the usual video containers; any other file under sources.uri is skipped and reported
+VIDEO_EXTENSIONS = ("mp4", "m4v", "mov", "qt", "mkv", "webm", "avi", "mpg", "mpeg", "m1v", "m2v",
+                    "ts", "mts", "m2ts", "3gp", "3g2", "flv", "f4v", "wmv", "asf", "ogv", "mxf",
+                    "vob", "dv")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _plain_name(v: str) -> str:
+    if not _PLAIN_NAME.fullmatch(v):
+        raise ValueError("must be a plain name: letters, digits, '.', '_', '-' (no '/')")
+    return v
+
+
+def _url(v: str | None) -> str | None:
+    problem = url_problem(v) if v is not None else None
+    if problem:
+        raise ValueError(problem)
+    return v
 
 
 class _Strict(BaseModel):
@@ -21,225 +55,289 @@ class _Strict(BaseModel):
 
 class StorageConfig(_Strict):
     """Where everything is written: an fsspec URL (local path, file://, s3://...)."""
-    url: str = "runs/default"
-    options: dict[str, Any] = Field(default_factory=dict,
-                                    description="fsspec storage options, e.g. endpoint_url/key/secret for s3")
+    url: str = Field(
+        "runs/default", description="root fsspec URL of every output (path, file://, s3://)")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for storage.url (s3: endpoint_url, key, secret, config_kwargs)")
+
+    _check_url = field_validator("url")(_url)
 
 
 class RayConfig(_Strict):
-    address: str | None = Field(None, description="None: $RAY_ADDRESS if set, else start a local cluster")
-    num_cpus: int | None = None
-    num_gpus: int | None = None
-    object_store_memory: int | None = Field(None, description="bytes; only for a local cluster")
-    runtime_env: dict[str, Any] = Field(default_factory=dict)
+    address: str | None = Field(
+        None, description="cluster to join; None: $RAY_ADDRESS if set, else a local one")
+    num_cpus: int | None = Field(
+        None, ge=1, description="CPUs of a local cluster; None: all of this machine's")
+    num_gpus: int | None = Field(
+        None, ge=0, description="GPUs of a local cluster; None: all of this machine's")
+    object_store_memory: int | None = Field(
+        None, description="object store bytes of a local cluster; None: Ray's")
+    runtime_env: dict[str, Any] = Field(
+        default_factory=dict, description="Ray runtime_env of the job (env_vars...)")
 
 
 class SourcesConfig(_Strict):
     """Which videos: a directory/prefix listed through fsspec, or a manifest file."""
-    uri: str = Field("samples", description="directory or fsspec prefix; 'samples' = bundled sample videos")
-    manifest: str | None = Field(None, description="CSV/JSONL/Parquet with path,label[,split]")
-    extensions: list[str] = Field(default_factory=lambda: ["mp4", "webm", "mkv", "avi", "mov"])
-    labels: Literal["parent", "none", "manifest"] = "parent"
-    val_fraction: float = Field(0.25, ge=0.0, lt=1.0)
-    seed: int = 0
-    limit: int | None = Field(None, ge=1)
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    uri: str = Field(
+        "samples",
+        description="directory or fsspec prefix of the videos; 'samples': the bundled ones")
+    manifest: str | None = Field(
+        None, description="CSV/JSONL/Parquet file of path,label[,split]; used instead of uri")
+    extensions: list[str] | Literal["all"] = Field(
+        default_factory=lambda: list(VIDEO_EXTENSIONS),
+        description="file extensions listed under uri (any case); all: every file, decode decides")
+    labels: Literal["parent", "none", "manifest"] = Field(
+        "parent", description="labels from the parent folder's name, none, or the manifest's label")
+    val_fraction: float = Field(
+        0.25, ge=0.0, lt=1.0,
+        description="fraction of videos hashed into val (a manifest's split column wins)")
+    seed: int = Field(0, description="seed of the split hash")
+    limit: int | None = Field(None, ge=1, description="keep the first N videos by path; None: all")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for the videos and the manifest")
+
+    _check_urls = field_validator("uri", "manifest")(_url)
+
+    @field_validator("extensions", mode="before")
+    @classmethod
+    def _normalise_extensions(cls, v: Any) -> Any:
+        if v == "all":
+            return v
+        exts = [str(e).strip().lower().lstrip(".") for e in v] if isinstance(v, list) else []
+        if not exts or not all(exts):
+            raise ValueError("a list of extensions such as [mp4, webm], or all")
+        return list(dict.fromkeys(exts))
+
+    @model_validator(mode="after")
+    def _labels_need_a_manifest(self) -> SourcesConfig:
+        if self.labels == "manifest" and not self.manifest:
+            raise ValueError("sources.labels=manifest needs sources.manifest (a CSV/JSONL/Parquet "
+                             "file of path,label[,split]); allowed without one: parent, none")
+        return self
 
 
 class DecodeConfig(_Strict):
     """One decode per clip serves all four models: a window of ``window`` frames taken every
     ``stride`` source frames, resized so the short side is ``short_side``."""
-    window: int = Field(32, ge=1)
-    stride: int = Field(2, ge=1)
-    clips_per_video: int = Field(2, ge=1)
-    short_side: int = Field(256, ge=16)
+    window: int = Field(32, ge=1, description="frames per clip window")
+    stride: int = Field(2, ge=1, description="source frames between two frames of a window")
+    clips_per_video: int = Field(2, ge=1, description="clip windows per video")
+    short_side: int = Field(256, ge=16, description="short side of the decoded frames, pixels")
     short_video: Literal["fail", "pad", "loop"] = Field(
-        "fail", description="a video shorter than one window: fail it (recorded), pad with the last frame, or loop")
-    num_threads: int = Field(1, ge=1, description="decord threads per reader; parallelism comes from Ray")
-    decoder_resize_ratio: float = Field(2.0, ge=1.0, description="sources whose short side is at least this "
-                                        "multiple of short_side are downscaled inside decord, smaller ones with torch "
-                                        "after a source-size decode (faster below ~2x, measured)")
-    decode_chunk: int = Field(32, ge=1, description="frames decoded at source size before each crop/resize "
-                              "(bounds a decoder's memory on large sources: 32 frames of 4K are 0.8 GB)")
+        "fail", description="a video shorter than one window: fail it (recorded), pad or loop it")
+    num_threads: int = Field(
+        1, ge=1, description="decord threads per reader (parallelism comes from Ray tasks)")
+    decoder_resize_ratio: float = Field(
+        2.0, ge=1.0,
+        description="sources >= this x short_side are downscaled in decord, smaller in torch")
+    decode_chunk: int = Field(
+        32, ge=1, description="frames decoded at source size per crop/resize (bounds memory)")
 
 
 class ModelSpec(_Strict):
     """One backbone. ``source``: a hub id, a local or s3 directory from save_pretrained."""
-    source: str
-    revision: str | None = None
+    source: str = Field(
+        description="hub id, local directory or fsspec URL of a save_pretrained directory")
+    revision: str | None = Field(
+        None, description="hub revision (branch, tag, commit); None: the default")
 
 
 class ModelsConfig(_Strict):
     weights: Literal["pretrained", "random", "tiny"] = Field(
-        "pretrained", description="pretrained: from_pretrained(source); random: full-size config, random init; "
-        "tiny: tiny configs of the same classes (tests, smoke)")
-    student: ModelSpec = ModelSpec(source="facebook/vjepa2-vitl-fpc64-256")
-    videomae: ModelSpec = ModelSpec(source="MCG-NJU/videomae-base")
-    timesformer: ModelSpec = ModelSpec(source="facebook/timesformer-base-finetuned-k400")
-    vivit: ModelSpec = ModelSpec(source="google/vivit-b-16x2-kinetics400")
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    device: Literal["auto", "cuda", "cpu"] = "auto"
+        "pretrained",
+        description="pretrained: from_pretrained(source); random: full size, seeded; tiny configs")
+    student: ModelSpec = Field(ModelSpec(source="facebook/vjepa2-vitl-fpc64-256"),
+                               description="the student (V-JEPA 2 ViT-L)")
+    videomae: ModelSpec = Field(
+        ModelSpec(source="MCG-NJU/videomae-base"), description="teacher VideoMAE-B")
+    timesformer: ModelSpec = Field(ModelSpec(source="facebook/timesformer-base-finetuned-k400"),
+                                   description="teacher TimeSformer-B")
+    vivit: ModelSpec = Field(
+        ModelSpec(source="google/vivit-b-16x2-kinetics400"), description="teacher ViViT-B")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for model sources in object storage (s3: endpoint_url...)")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="weights and activations on CUDA (CPU runs float32)")
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="where the backbones run; auto: CUDA if any")
     compile: list[str] = Field(default_factory=lambda: ["student", "videomae", "timesformer"],
-                               description="model names to torch.compile on CUDA (it regresses ViViT; measured "
-                               "in bench/RESULTS.md); ignored on CPU")
+                               description="model names to torch.compile on CUDA (ignored on CPU)")
     compile_scope: Literal["model", "layers"] = Field(
-        "layers", description="layers: compile each repeated transformer block in place (PyTorch's regional "
-        "compilation: one block compiled, reused by every layer); model: torch.compile the whole model. Measured "
-        "on an H200: same speed within 1% (101.4 vs 102.5 clips/s for the four), cold warm-up 42 s vs 60 s and "
-        "the pipeline's first shard 52 s vs 78 s (bench/RESULTS.md)")
-    autocast: bool = Field(False, description="CUDA: torch.autocast on top of dtype weights (norms and softmax "
-                           "in float32); False runs activations in dtype too (faster; bench/RESULTS.md)")
-    fp8: list[str] = Field(default_factory=list, description="model names whose nn.Linear layers run as float8 "
-                           "matmuls on CUDA (torchao dynamic float8: e4m3 weights and activations, per-row scales; "
-                           "needs compute capability >= 8.9 and the `cuda` extra); ignored on CPU. Measured on "
-                           "an H200: the ViT-L student 1.11x compiled bf16, token cosine to bf16 0.996 mean / 0.993 "
-                           "min; the ViT-B teachers gain nothing (bench/RESULTS.md), so [student] is the useful "
-                           "setting and [] (bf16 everywhere) the default. Measured before models.rewrites; a "
-                           "named model skips the gelu_epilogue rewrite (float8 covers every linear layer)")
-    rewrites: list[Literal["patch_matmul", "gelu_epilogue", "fold_temporal_dense", "packed_temporal_attention"]] = \
-        Field(default_factory=lambda: ["patch_matmul", "gelu_epilogue", "fold_temporal_dense",
-                                       "packed_temporal_attention"],
-              description="speed rewrites of the transformers modules (pipeline.rewrites). Measured on an "
-              "H200 (bench/RESULTS.md): the four models' ceiling 101.8 -> 121.5 clips/s, tokens at the bf16 "
-              "noise floor (cosine 0.99993 to the upstream modules). patch_matmul: patch-embedding convolutions "
-              "as one matmul (exact; cuDNN ran them at ~25 TFLOP/s); gelu_epilogue (CUDA only): MLP linear + GELU "
-              "as one cuBLASLt matmul with a tanh-GELU epilogue (within half a bf16 step of the exact GELU); "
-              "fold_temporal_dense: TimeSformer's two temporal linear maps as one; packed_temporal_attention: "
-              "TimeSformer's 16-token temporal attention 8 groups per call with a block-diagonal mask (exact). "
-              "[] keeps the upstream modules")
+        "layers", description="layers: each repeated block in place; model: the whole model")
+    autocast: bool = Field(
+        False, description="CUDA: torch.autocast over dtype weights; False: activations in dtype")
+    fp8: list[str] = Field(
+        default_factory=list,
+        description="models whose linears run float8 on CUDA (torchao, sm>=8.9; no gelu_epilogue)")
+    rewrites: list[Rewrite] = Field(
+        default_factory=lambda: list(get_args(Rewrite)),
+        description="optional speed rewrites (pipeline.rewrites); []: the always-on ones only")
     attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = Field(
-        "auto", description="preferred SDPA backend (others stay as fallbacks); auto: PyTorch's order")
-    seed: int = 0
+        "auto", description="preferred SDPA backend on CUDA (others as fallbacks); auto: PyTorch's")
+    seed: int = Field(0, description="seed of random/tiny weights (model i: seed + i)")
 
 
 class ExtractConfig(_Strict):
-    store: str = Field("features", description="feature store name under <storage>/features/")
-    batch_size: int = Field(32, ge=1)
-    model_actors: int | None = Field(None, ge=1, description="None: one per GPU (one on CPU)")
-    gpus_per_actor: float = Field(1.0, ge=0.0)
-    cpus_per_actor: float = Field(1.0, ge=0.0, description="kept out of the decode pool for the actor's host "
-                                  "work (input copies, output tables): on a decode-bound source, 16 decoders beside "
-                                  "the actor on 16 cores gave 0.89x the 15 of this default (H200, bench/RESULTS.md)")
-    cpus_per_decoder: float = Field(1.0, gt=0.0)
-    decoders: int | None = Field(None, ge=1, description="None: sized to the cluster's CPUs")
+    batch_size: int = Field(32, ge=1, description="clips per model-actor call")
+    model_actors: int | None = Field(
+        None, ge=1, description="model actors; None: one per GPU (one on CPU)")
+    gpus_per_actor: float = Field(1.0, ge=0.0, description="GPUs per model actor")
+    cpus_per_actor: float = Field(
+        1.0, ge=0.0, description="CPUs per model actor, kept out of the decode pool")
+    cpus_per_decoder: float = Field(1.0, gt=0.0, description="CPUs per decode task")
+    decoders: int | None = Field(
+        None, ge=1, description="concurrent decode tasks; None: sized to the free CPUs")
     videos_per_decode_task: int | None = Field(
-        None, ge=1, description="None: batch_size / clips_per_video when that divides evenly, else 1. A decode "
-        "block of exactly one model batch reaches the model actor as a zero-copy view; smaller blocks are "
-        "concatenated there first (a copy of ~201 MB per batch of 32; bench/actor_input.py)")
+        None, ge=1, description="None: batch_size / clips_per_video when that divides, else 1")
     shard_clips: int = Field(256, ge=1, description="clips per Parquet shard")
-    out_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
-    writers: int | None = Field(None, ge=1, description="shard-writer actors (Parquet encode + upload); "
-                                "None: 2 per model actor (one writes ~0.5-1 GB/s, a GPU makes ~1 GB/s)")
-    cpus_per_writer: float = Field(0.0, ge=0.0, description="I/O bound; 0 keeps it off the CPU budget")
+    out_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="dtype of stored features")
+    writers: int | None = Field(
+        None, ge=1, description="shard-writer actors (encode + upload); None: 2 per model actor")
+    cpus_per_writer: float = Field(
+        0.0, ge=0.0, description="CPUs per writer (I/O bound: 0 keeps it off the budget)")
     spare_cpus_per_actor: float = Field(
-        1.5, ge=0.0, description="on a node holding more than one model actor, CPUs per actor kept out of the "
-        "decode pool for the actors' host work (input copies, output tables) and Ray's per-node processes. "
-        "Measured on a 2-GPU, 32-core H200 host: 30 decoders gave 1.71-1.77x one GPU's committed clips/s, 27 "
-        "(this default) 1.89-2.01x; one actor on 16 cores gained ~2% from 16 idle cores, so none is kept there")
-    actor_concurrency: int = Field(3, ge=1, description="batches in flight per model actor on CUDA (one CUDA "
-                                   "stream each: copies of one batch overlap compute of another; with 2, Ray's "
-                                   "per-batch input/output handling left the actor's calls busy 73% of the time, "
-                                   "with 3 82%, and 93-96% once a decode block is one whole batch; H200)")
-    write_in_actor: bool = Field(False, description="model actors write each batch as one committed shard "
-                                 "themselves (shard_clips = batch_size, no writer actors): the ~365 MB of features "
-                                 "per batch of 32 skip the object store (storing it costs the actor ~54 ms per "
-                                 "batch, bench/actor_input.py); the write then runs in the actor's call, so raise "
-                                 "actor_concurrency to keep the GPU fed. Measured on two H200s with 3 calls: the "
-                                 "write took ~420 ms of each ~1.1 s call, 173.7 committed clips/s against 178.9 "
-                                 "with writer actors, so it stays off by default")
+        1.5, ge=0.0,
+        description="CPUs per model actor kept from decoding on nodes holding several actors")
+    actor_concurrency: int = Field(
+        3, ge=1, description="batches in flight per model actor on CUDA, a stream each")
+    write_in_actor: bool = Field(
+        False, description="model actors commit each batch as a shard (no writer actors)")
     compile_cache: str | None = Field(
-        "cache/compile", description="where model actors keep torch.compile's portable cache (pipeline."
-        "compile_cache): a path under storage.url, or a URL / absolute path of its own (one cache for many jobs). "
-        "A fresh worker loads the entry instead of compiling cold (new pods, scheduled runs): on an H200 the actor's "
-        "warm-up 23.1 -> 4.2 s, the first shard 67.0 -> 35.9 s (bench/RESULTS.md); None: off")
-    retry_failed: bool = Field(False, description="re-try videos in the failed manifest (default: skip them)")
-    limit_videos: int | None = Field(None, ge=1, description="process at most this many pending videos per run")
-    log_stats: bool = Field(False, description="print Ray Data's per-operator stats (time, throughput) at the "
-                            "end, and the model actors' call times (host copy, GPU, table) every 16 batches")
+        "cache/compile",
+        description="torch.compile cache: a path under storage.url, or a URL / absolute path")
+    retry_failed: bool = Field(
+        False, description="re-try videos in the failed manifest (default: skip them)")
+    limit_videos: int | None = Field(
+        None, ge=1, description="process at most this many pending videos per run")
+    log_stats: bool = Field(
+        False, description="print Ray Data's operator stats and model-actor call times")
+    codec: str | dict[str, str] = Field(
+        "raw", description="stored codec: raw, fp8, int8, or {column: codec, default: codec}")
+
+    @field_validator("codec")
+    @classmethod
+    def _known_codec(cls, v: str | dict[str, str]) -> str | dict[str, str]:
+        from pipeline.codecs import get_codec
+        from tokconv.targets import ALL_SPECS
+        unknown = sorted(set(v) - {*ALL_SPECS, "default"}) if isinstance(v, dict) else []
+        if unknown:
+            raise ValueError(f"unknown column(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(ALL_SPECS)}, default")
+        for name in [v] if isinstance(v, str) else v.values():
+            get_codec(name)
+        return v
 
 
 class OptimConfig(_Strict):
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
-    warmup_steps: int = Field(10, ge=0)
-    grad_clip: float | None = 1.0
+    lr: float = Field(1e-3, gt=0, description="peak AdamW learning rate (cosine decay to 1% of it)")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(10, ge=0, description="steps of linear warm-up from 1% of lr")
+    grad_clip: float | None = Field(1.0, description="max gradient norm; None: no clipping")
 
 
 class LossConfig(_Strict):
-    w_cos: float = Field(1.0, ge=0)
-    w_sl1: float = Field(1.0, ge=0)
-    target_weights: dict[str, float] = Field(default_factory=dict, description="default 1.0 per target")
-    w_head: float = Field(1.0, ge=0)
+    w_cos: float = Field(1.0, ge=0, description="weight of (1 - cosine) per target")
+    w_sl1: float = Field(1.0, ge=0, description="weight of smooth-L1 per target")
+    target_weights: dict[str, float] = Field(
+        default_factory=dict, description="loss weight per target; default 1.0")
+    w_head: float = Field(1.0, ge=0, description="weight of the head's cross-entropy")
 
 
 class DeficiencyConfig(_Strict):
     """Representation-deficiency regularisers; each weight warms up from 0 over warmup_steps."""
-    rank: int | None = Field(None, ge=1, description="low-rank bottleneck rank of the input projection")
-    w_nuclear: float = Field(0.0, ge=0)
-    mask_ratio: float = Field(0.0, ge=0, lt=1)
-    w_selection: float = Field(0.0, ge=0)
-    w_jacobian: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
+    rank: int | None = Field(
+        None, ge=1, description="low-rank bottleneck rank of the input projection")
+    w_nuclear: float = Field(
+        0.0, ge=0, description="weight of the nuclear-norm penalty on the low-rank factors")
+    mask_ratio: float = Field(
+        0.0, ge=0, lt=1, description="fraction of student tokens masked in training")
+    w_selection: float = Field(
+        0.0, ge=0, description="weight of the L1/entropy penalty on selection weights")
+    w_jacobian: float = Field(0.0, ge=0, description="weight of the Jacobian contraction penalty")
+    warmup_steps: int = Field(0, ge=0, description="steps over which each weight rises from 0")
 
 
 class HeadConfig(_Strict):
-    enabled: bool = True
-    hidden: int = Field(256, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    enabled: bool = Field(True, description="train the residual classification head (needs labels)")
+    hidden: int = Field(256, ge=1, description="hidden width of the head's MLPs")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout in the head's MLPs")
 
 
 class TrainConfig(_Strict):
-    converter: str = "baseline_interp_linear"
-    converter_kwargs: dict[str, Any] = Field(default_factory=dict)
-    head: HeadConfig = HeadConfig()
-    loss: LossConfig = LossConfig()
-    optim: OptimConfig = OptimConfig()
-    deficiency: DeficiencyConfig = DeficiencyConfig()
-    epochs: int = Field(2, ge=1)
-    batch_size: int = Field(8, ge=1, description="clips per worker per step")
+    converter: str = Field(
+        "baseline_interp_linear", description="converter preset (tokconv.list_converters())")
+    converter_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments for the preset")
+    head: HeadConfig = Field(HeadConfig(), description="residual classification head")
+    loss: LossConfig = Field(LossConfig(), description="loss weights")
+    optim: OptimConfig = Field(OptimConfig(), description="optimiser and schedule")
+    deficiency: DeficiencyConfig = Field(
+        DeficiencyConfig(), description="representation-deficiency regularisers")
+    epochs: int = Field(2, ge=1, description="passes over the train split")
+    batch_size: int = Field(8, ge=1, description="clips per step, per worker")
     num_workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        2, description="Ray Train workers (DDP ranks); auto: one per GPU with use_gpu, else one per node; default 2")
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(0.5, gt=0)
-    wait_for_workers: bool = Field(False, description="let Ray wait for workers the cluster cannot hold now (an "
-                                   "autoscaler that publishes no limits); default False: fail at once")
-    max_failures: int = Field(1, ge=0, description="worker-group restarts from the last checkpoint; default 1")
-    seed: int = 0
+        2, description="Ray Train workers (DDP ranks); auto: one per GPU with use_gpu, else one "
+        "per node; default 2")
+    use_gpu: bool = Field(False, description="one GPU per worker (NCCL); False: CPU workers (gloo)")
+    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs per worker")
+    wait_for_workers: bool = Field(
+        False, description="let Ray wait for workers the cluster cannot hold now (an autoscaler "
+        "without published limits); default False")
+    max_failures: int = Field(
+        1, ge=0, description="worker-group restarts from the last checkpoint; default 1")
+    seed: int = Field(0, description="seed of the init, the data order and per-step randomness")
     precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="bf16: CUDA autocast over fp32 master weights; auto: bf16 on CUDA, fp32 on CPU")
+        "auto", description="bf16: CUDA autocast over fp32 master weights; auto: bf16 on CUDA, "
+        "fp32 on CPU")
     cache: Literal["none", "host", "gpu", "auto"] = Field(
-        "auto", description="where a worker keeps its shard of the train split once read: none (read every "
-        "epoch), host memory, the training device, auto (device if it fits, else host, else none); default auto")
-    shuffle_window: int = Field(128, ge=1, description="clips shuffled together on the device (rounded up to a "
-                                "multiple of batch_size); row groups are permuted per epoch too; default 128")
-    read_ahead: int = Field(8, ge=1, description="Parquet row groups a worker reads (and copies) ahead in "
-                            "threads; default 8")
-    checkpoint_every_steps: int | None = Field(None, ge=1, description="also checkpoint every this many steps "
-                                               "(epoch ends always); default None")
-    keep_checkpoints: int = Field(2, ge=1, description="latest checkpoints kept (the best is kept apart); default 2")
+        "auto", description="where a worker keeps its train shard once read: none, host, gpu, "
+        "auto (gpu if it fits, else host, else none)")
+    shuffle_window: int = Field(
+        128, ge=1, description="clips shuffled together (rounded up to a multiple of batch_size); "
+        "default 128")
+    read_ahead: int = Field(
+        8, ge=1, description="Parquet row groups a worker reads (and copies) ahead; default 8")
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, description="also checkpoint every this many steps (epoch ends always); "
+        "default None")
+    keep_checkpoints: int = Field(
+        2, ge=1, description="latest checkpoints kept (the best is kept apart); default 2")
     resume: Literal["auto", "never"] = Field(
-        "auto", description="auto: a re-submitted job continues its unfinished run; never: always a new run")
-    val_split: str = Field("val", description="store split validated on during training (skipped when empty)")
-    val_every_steps: int | None = Field(None, ge=1, description="also validate every this many steps (epoch ends "
-                                        "always); default None")
-    best_metric: str = Field("val.mean_cosine", description="validation metric that picks the best checkpoint "
-                             "(val.mean_cosine, val.top1, val.<target>.cosine or .r2)")
-    best_mode: Literal["max", "min"] = Field("max", description="whether best_metric is better high or low")
-    early_stopping_patience: int | None = Field(None, ge=1, description="stop after this many validations "
-                                                "without best_metric improving by min_delta; None: off")
-    early_stopping_min_delta: float = Field(0.0, ge=0, description="smallest improvement that counts; default 0")
-    result: Literal["last", "best"] = Field("last", description="checkpoint runs/<job>/train.json hands to "
-                                            "evaluate/export: the last one or the best validated one")
-    log_every_steps: int = Field(20, ge=1, description="steps between writes of the per-step metrics log (one "
-                                 "device sync each; every step still gets a record); default 20")
-    warm_start: bool = Field(True, description="start from the current `latest` export when one exists")
+        "auto", description="auto: a re-submitted job continues its unfinished run; never: a new "
+        "run")
+    val_split: str = Field(
+        "val", description="store split validated on during training (skipped when empty)")
+    val_every_steps: int | None = Field(
+        None, ge=1, description="also validate every this many steps (epoch ends always); "
+        "default None")
+    best_metric: str = Field(
+        "val.mean_cosine", description="validation metric picking the best checkpoint "
+        "(val.mean_cosine, val.top1, val.<target>.cosine/.r2)")
+    best_mode: Literal["max", "min"] = Field(
+        "max", description="whether best_metric is better high or low")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="stop after this many validations without best_metric improving; "
+        "None: off")
+    early_stopping_min_delta: float = Field(
+        0.0, ge=0, description="smallest best_metric improvement that counts; default 0")
+    result: Literal["last", "best"] = Field(
+        "last", description="checkpoint runs/<job>/train.json hands on: the last or the best "
+        "validated one")
+    log_every_steps: int = Field(
+        20, ge=1, description="steps between writes of the per-step metrics log (one device sync "
+        "each); default 20")
+    warm_start: bool = Field(
+        True, description="start from the `latest` export when its configs match")
 
     @field_validator("best_metric")
     @classmethod
     def _val_metric(cls, v: str) -> str:
         if not v.startswith("val."):
-            raise ValueError(f"must be a validation metric (val.mean_cosine, val.top1, val.<target>.cosine "
-                             f"or .r2), got {v!r}")
+            raise ValueError(f"must be a validation metric (val.mean_cosine, val.top1, "
+                             f"val.<target>.cosine or .r2), got {v!r}")
         return v
 
     @field_validator("converter")
@@ -252,40 +350,75 @@ class TrainConfig(_Strict):
 
 
 class EvaluateConfig(_Strict):
-    split: str = "val"
-    batch_size: int = Field(8, ge=1)
-    report_html: bool = True
+    split: Split = Field("val", description="held-out split to evaluate (as sources assigns them)")
+    batch_size: int = Field(8, ge=1, description="clips per evaluation batch")
+    report_html: bool = Field(True, description="write report.html beside metrics.json")
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="where the metrics pass runs (auto: cuda when available); the reference "
-        "I/O sample is always computed on CPU so any consumer can reproduce it bit for bit")
+        "auto",
+        description="where the metrics pass runs (auto: CUDA if any); the I/O sample runs on CPU")
 
 
 class ExportConfig(_Strict):
-    model_name: str = "tokconv"
-    version: str | None = Field(None, description="None: a UTC timestamp")
-    metric: str = Field("mean_cosine", description="evaluation metric that decides promotion to `latest`")
-    higher_is_better: bool = True
-    torchscript: bool = False
+    version: str | None = Field(None, description="version name; None: a UTC timestamp")
+    metric: str = Field(
+        "mean_cosine", description="metrics.json key (dotted path) deciding promotion to `latest`")
+    higher_is_better: bool = Field(True, description="direction of export.metric")
+    torchscript: bool = Field(False, description="also save forward_all traced with TorchScript")
+
+    @field_validator("version")
+    @classmethod
+    def _plain_version(cls, v: str | None) -> str | None:
+        return None if v is None else _plain_name(v)
 
 
 class JobConfig(_Strict):
-    name: str = "job"
-    stages: list[Literal["extract", "train", "evaluate", "export"]] = Field(default_factory=lambda: list(STAGES))
-    storage: StorageConfig = StorageConfig()
-    ray: RayConfig = RayConfig()
-    sources: SourcesConfig = SourcesConfig()
-    decode: DecodeConfig = DecodeConfig()
-    models: ModelsConfig = ModelsConfig()
-    extract: ExtractConfig = ExtractConfig()
-    train: TrainConfig = TrainConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    export: ExportConfig = ExportConfig()
+    name: str = Field(
+        "job", description="job name: runs/<name>/ holds its checkpoints, metrics and reports")
+    store: str = Field(
+        "features", description="feature store name under <storage>/features/ (every stage)")
+    model_name: str = Field(
+        "tokconv", description="model name under <storage>/models/ (train, evaluate, export)")
+    stages: list[Literal["extract", "train", "evaluate", "export"]] = Field(
+        default_factory=lambda: list(STAGES), description="stages to run, in pipeline order")
+    storage: StorageConfig = Field(StorageConfig(), description="where outputs go")
+    ray: RayConfig = Field(RayConfig(), description="the Ray cluster")
+    sources: SourcesConfig = Field(SourcesConfig(), description="which videos")
+    decode: DecodeConfig = Field(DecodeConfig(), description="clip windows")
+    models: ModelsConfig = Field(ModelsConfig(), description="the four backbones")
+    extract: ExtractConfig = Field(ExtractConfig(), description="extract stage")
+    train: TrainConfig = Field(TrainConfig(), description="train stage")
+    evaluate: EvaluateConfig = Field(EvaluateConfig(), description="evaluate stage")
+    export: ExportConfig = Field(ExportConfig(), description="export stage")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        for old, new in MOVED_KEYS.items():
+            section, key = old.split(".")
+            sub = data.get(section) if isinstance(data, dict) else None
+            if isinstance(sub, dict) and key in sub:
+                raise ValueError(f"{old}: moved to {new} (a job-level key)")
+        return data
 
     @field_validator("stages")
     @classmethod
     def _stages_in_order(cls, v: list[str]) -> list[str]:
         return [s for s in STAGES if s in v]
 
+    _plain_names = field_validator("name", "store", "model_name")(_plain_name)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> JobConfig:
+        from pipeline.checks import check_job
+        problems = check_job(self)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+def format_config(job: JobConfig) -> str:
+    """The job as indented JSON with credentials masked (``--print-config``, logs)."""
+    return json.dumps(mask_secrets(job.model_dump()), indent=2)
 
 
 class ConfigError(ValueError):
@@ -316,14 +449,21 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem, each naming its key path: ``  key.path: why (got value)``."""
     lines = [f"invalid job config ({source}):"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        lines.append(f"  {loc}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden"
-                                          and not isinstance(e.get("input"), dict) else ""))
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "value_error":
+            text = str(e["ctx"]["error"])
+            if not loc or text.startswith(loc + "."):  # a check whose messages name their keys
+                lines += [f"  {t}" for t in text.splitlines()]
+                continue
+            msg = text
+        else:
+            msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        shown = e["type"] != "extra_forbidden" and not isinstance(e.get("input"), dict)
+        got = f" (got {mask_secrets(e['input'])!r})" if shown else ""
+        lines.append(f"  {loc or '<root>'}: {msg}{got}")
     return "\n".join(lines)
 
 
@@ -347,6 +487,7 @@ def load_job(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
         except yaml.YAMLError as e:
             raise ConfigError(f"job file {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"job file {path}: top level must be a mapping, got {type(data).__name__}")
+            raise ConfigError(f"job file {path}: top level must be a mapping, "
+                              f"got {type(data).__name__}")
     apply_overrides(data, list(overrides))
     return validate(data, source)

@@ -1,12 +1,27 @@
 """Evaluate stage: fidelity of the trained converter per teacher target, head accuracy, and cost.
 
 Reads the checkpoint named by ``runs/<job>/train.json`` and the held-out split of the feature
-store (plain pyarrow reader, no Ray). Writes under the storage root::
+store (plain pyarrow reader, no Ray). ``run_evaluate(job, storage)`` (the CLI's entry) unpacks the
+job into ``evaluate_stage(cfg: EvaluateConfig, storage, *, store: FeatureStore, registry:
+ModelRegistry, run_dir: "runs/<job>")``. Writes under the storage root::
 
     runs/<job>/eval/metrics.json          metrics (below)
     runs/<job>/eval/sample.safetensors    reference I/O: "student" (k, N, Ds) input, "out.<target>"
                                           outputs and "logits" of the evaluated model on k clips
-    runs/<job>/eval/report.html           plots (optional; needs matplotlib)
+    runs/<job>/eval/details.json          per-clip / per-token / per-class data for the report
+                                          (``DETAILS_SCHEMA``, below; too large for metrics.json)
+    runs/<job>/eval/report.html           pipeline.report (plots need matplotlib)
+
+details.json (compact JSON; C clips, N_t tokens of target t, K classes)::
+
+    {"schema": "tokconv.eval.details/1", "clips": C,
+     "video_ids": [C str] | null,                  # clip order of the per-clip lists
+     "targets": {t: {"tokens": N_t, "grid": [T, H, W] | null,
+                     "per_clip_cosine": [C floats],   # mean token cosine of each clip
+                     "per_token_cosine": [N_t floats]}},  # token cosine averaged over clips,
+                                                          # row-major on the grid (t*H*W + h*W + w)
+     "head": {"class_names": [K str], "confusion": [K][K ints],  # row: true class, column: top-1
+              "support": [K ints], "per_class_accuracy": [K floats | null]} | null}
 
 Fidelity is measured in the standardised teacher space the converter learns (store mean/std):
 mean per-token cosine, MSE, and pooled R^2 = 1 - SSE / SST with SST about the split's own
@@ -16,7 +31,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
+import json
+import math
 import posixpath
 import statistics
 import tempfile
@@ -28,18 +44,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import JobConfig
+from .artifacts import EVAL_DIR, ModelRegistry, job_run_dir, load_trained, stats_tensors
+from .config import EvaluateConfig, JobConfig
 from .featurestore import FeatureStore
 from .storage import Storage
-from .train import load_trained, stats_tensors
 
 SAMPLE_CLIPS = 2
+DETAILS_SCHEMA = "tokconv.eval.details/1"
+# what metrics.json holds for promotion (export.metric and the job checks read these), True where
+# higher is better: mean_<m> over targets and targets.<t>.<m> per fidelity metric, and the head's
+FIDELITY_METRICS = {"cosine": True, "mse": False, "r2": True}
+HEAD_METRICS = {"top1": True, "top5": True}
+
+
+def promotion_metrics(targets: Iterable[str]) -> dict[str, bool]:
+    """Every metrics.json key ``export.metric`` may name -> whether higher is better."""
+    return {**{f"mean_{m}": up for m, up in FIDELITY_METRICS.items()}, **HEAD_METRICS,
+            **{f"targets.{t}.{m}": up for t in targets for m, up in FIDELITY_METRICS.items()}}
 
 
 class FidelityMeter:
     """Streaming cosine / MSE / R^2 of predictions vs. targets for one token layout.
 
-    update(pred (B, N, D), target (B, N, D)); compute() -> {"cosine", "mse", "r2"}.
+    update(pred (B, N, D), target (B, N, D)); compute() -> {"cosine", "cosine_p05", "mse", "r2"}
+    (cosine_p05: 5th percentile of the per-clip mean cosine); details() -> {"per_clip_cosine":
+    [clips], "per_token_cosine": [N] (token cosine averaged over clips)}.
     Accumulates in float64 so the result does not depend on batch boundaries beyond rounding.
     """
 
@@ -51,13 +80,23 @@ class FidelityMeter:
         self.n = 0  # token count (per channel)
         self.sum_y = torch.zeros(dim, dtype=torch.float64)
         self.sum_y2 = torch.zeros(dim, dtype=torch.float64)
+        self.per_clip: list[float] = []
+        self.token_cos_sum: torch.Tensor | None = None  # (N,) float64
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         if pred.shape != target.shape or pred.shape[-1] != self.dim:
-            raise ValueError(f"FidelityMeter: pred {tuple(pred.shape)} vs target {tuple(target.shape)} "
-                             f"(dim {self.dim})")
+            raise ValueError(f"FidelityMeter: pred {tuple(pred.shape)} vs target "
+                             f"{tuple(target.shape)} (dim {self.dim})")
+        if self.token_cos_sum is not None and pred.shape[1] != self.token_cos_sum.shape[0]:
+            raise ValueError(f"FidelityMeter: {pred.shape[1]} tokens after "
+                             f"{self.token_cos_sum.shape[0]}")
         p, t = pred.detach().double().cpu(), target.detach().double().cpu()
-        self.cos_sum += F.cosine_similarity(p, t, dim=-1).mean(dim=1).sum().item()
+        cos = F.cosine_similarity(p, t, dim=-1)  # (B, N)
+        clip_cos = cos.mean(dim=1)
+        self.cos_sum += clip_cos.sum().item()
+        self.per_clip.extend(clip_cos.tolist())
+        tok = cos.sum(dim=0)
+        self.token_cos_sum = tok if self.token_cos_sum is None else self.token_cos_sum + tok
         self.clips += p.shape[0]
         self.sse += (p - t).pow(2).sum().item()
         flat = t.reshape(-1, self.dim)
@@ -70,8 +109,50 @@ class FidelityMeter:
             raise ValueError("FidelityMeter.compute: no clips seen")
         sst = (self.sum_y2 - self.sum_y.pow(2) / self.n).sum().item()
         return {"cosine": self.cos_sum / self.clips,
+                "cosine_p05": (torch.tensor(self.per_clip, dtype=torch.float64)
+                               .quantile(0.05).item()),
                 "mse": self.sse / (self.n * self.dim),
                 "r2": 1.0 - self.sse / sst if sst > 0 else float("nan")}
+
+    def details(self) -> dict[str, list[float]]:
+        if self.clips == 0:
+            raise ValueError("FidelityMeter.details: no clips seen")
+        return {"per_clip_cosine": list(self.per_clip),
+                "per_token_cosine": (self.token_cos_sum / self.clips).tolist()}
+
+
+class ConfusionMeter:
+    """Streaming confusion matrix of top-1 predictions over ``num_classes`` classes.
+
+    update(logits (B, K), labels (B,); label -1 = unlabelled, ignored); compute() ->
+    {"confusion": [K][K] (row: true, column: predicted), "support": [K], "per_class_accuracy":
+    [K] (None for a class without clips), "mean_class_accuracy": mean over classes with clips}.
+    """
+
+    def __init__(self, num_classes: int):
+        if num_classes < 1:
+            raise ValueError(f"ConfusionMeter: num_classes must be >= 1, got {num_classes}")
+        self.k = num_classes
+        self.counts = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        if logits.ndim != 2 or logits.shape[1] != self.k or logits.shape[0] != labels.shape[0]:
+            raise ValueError(f"ConfusionMeter: logits {tuple(logits.shape)} "
+                             f"vs labels {tuple(labels.shape)} ({self.k} classes)")
+        ok = labels >= 0
+        if bool((labels[ok] >= self.k).any()):
+            raise ValueError(f"ConfusionMeter: label {int(labels.max())} outside {self.k} classes")
+        idx = labels[ok].long().cpu() * self.k + logits[ok].argmax(dim=1).cpu()
+        self.counts += torch.bincount(idx, minlength=self.k * self.k).view(self.k, self.k)
+
+    def compute(self) -> dict[str, Any]:
+        support = self.counts.sum(dim=1)
+        acc = [int(self.counts[i, i]) / int(n) if n > 0 else None
+               for i, n in enumerate(support.tolist())]
+        seen = [a for a in acc if a is not None]
+        return {"confusion": self.counts.tolist(), "support": support.tolist(),
+                "per_class_accuracy": acc,
+                "mean_class_accuracy": statistics.fmean(seen) if seen else None}
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
@@ -115,17 +196,28 @@ def latency_ms(converter: nn.Module, student_shape: tuple[int, int], repeats: in
     return statistics.median(times)
 
 
-def evaluate_model(converter: nn.Module, head: nn.Module | None, batches: Iterable[dict[str, torch.Tensor]],
+def evaluate_model(converter: nn.Module, head: nn.Module | None,
+                   batches: Iterable[dict[str, torch.Tensor]],
                    *, mean: dict[str, torch.Tensor], std: dict[str, torch.Tensor],
-                   device: str | torch.device = "cpu", output_map=None) -> tuple[dict, dict]:
+                   device: str | torch.device = "cpu", output_map=None,
+                   class_names: list[str] | None = None, return_details: bool = False):
     """Run ``converter`` (+ ``head``) over ``batches`` ({"student": (B,N,Ds), <target>: (B,Nt,Dt),
-    "label_index": (B,)}) on ``device``; returns (metrics, sample) where sample holds the reference
-    I/O of the first ``SAMPLE_CLIPS`` clips, computed on CPU (portable bit-exact reference).
-    ``output_map(out) -> out`` (optional) maps outputs into this ``mean``/``std`` space for the
-    fidelity metrics only (a model trained on other store stats); the head sees the raw outputs."""
+    "label_index": (B,), optional "video_id": [B str]}) on ``device``; returns (metrics, sample)
+    where sample holds the reference I/O of the first ``SAMPLE_CLIPS`` clips, computed on CPU
+    (portable bit-exact reference). ``output_map(out) -> out`` (optional) maps outputs into this
+    ``mean``/``std`` space for the fidelity metrics only (a model trained on other store stats);
+    the head sees the raw outputs. ``class_names`` (K, the head's classes) label the confusion
+    matrix. With ``return_details`` returns (metrics, sample, details), details in the
+    details.json layout of the module docstring."""
     from tokconv.losses import standardize
+    num_classes = ((getattr(head, "config", None) or {}).get("num_classes")
+                   if head is not None else None)
+    if class_names is not None and num_classes is not None and len(class_names) != num_classes:
+        raise ValueError(f"evaluate: {len(class_names)} class_names "
+                         f"for a head of {num_classes} classes")
     device = torch.device(device)
-    cpu_models = (copy.deepcopy(converter).cpu().eval(), copy.deepcopy(head).cpu().eval() if head else None)
+    cpu_models = (copy.deepcopy(converter).cpu().eval(),
+                  copy.deepcopy(head).cpu().eval() if head else None)
     converter = converter.to(device).eval()
     if head is not None:
         head = head.to(device).eval()
@@ -133,8 +225,10 @@ def evaluate_model(converter: nn.Module, head: nn.Module | None, batches: Iterab
     std = {k: v.to(device) for k, v in std.items()}
     targets = list(mean)
     meters: dict[str, FidelityMeter] = {}
+    confusion: ConfusionMeter | None = None
     correct = {1: 0, 5: 0}
     labelled = clips = 0
+    video_ids: list[str] | None = []
     sample: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for batch in batches:
@@ -146,10 +240,15 @@ def evaluate_model(converter: nn.Module, head: nn.Module | None, batches: Iterab
                 meters.setdefault(t, FidelityMeter(teach.shape[-1])).update(fid[t], teach)
             labels = batch["label_index"].to(device).long()
             if head is not None:
-                for k, v in topk_correct(head(x, out), labels).items():
+                logits = head(x, out)
+                for k, v in topk_correct(logits, labels).items():
                     correct[k] += v
+                confusion = confusion or ConfusionMeter(logits.shape[1])
+                confusion.update(logits, labels)
             labelled += int((labels >= 0).sum())
             clips += x.shape[0]
+            ids = batch.get("video_id")
+            video_ids = video_ids + list(ids) if video_ids is not None and ids is not None else None
             if not sample:  # its own CPU forward on exactly these inputs, so a consumer can redo it
                 conv_cpu, head_cpu = cpu_models
                 xs = x[:SAMPLE_CLIPS].cpu().contiguous()
@@ -160,16 +259,46 @@ def evaluate_model(converter: nn.Module, head: nn.Module | None, batches: Iterab
     if clips == 0:
         raise ValueError("evaluate: the split has no clips")
     per_target = {t: m.compute() for t, m in meters.items()}
+    head_details = confusion.compute() if confusion is not None else None
     metrics: dict[str, Any] = {
         "clips": clips, "targets": per_target,
-        "mean_cosine": statistics.fmean(v["cosine"] for v in per_target.values()),
-        "mean_mse": statistics.fmean(v["mse"] for v in per_target.values()),
-        "mean_r2": statistics.fmean(v["r2"] for v in per_target.values()),
+        **{f"mean_{m}": statistics.fmean(v[m] for v in per_target.values())
+           for m in FIDELITY_METRICS},
         "labelled_clips": labelled,
         "top1": correct[1] / labelled if head is not None and labelled else None,
         "top5": correct[5] / labelled if head is not None and labelled else None,
+        "mean_class_accuracy": head_details.pop("mean_class_accuracy") if head_details else None,
     }
-    return metrics, sample
+    if not return_details:
+        return metrics, sample
+    if head_details is not None:
+        k = len(head_details["support"])
+        if class_names is not None and len(class_names) != k:
+            raise ValueError(f"evaluate: {len(class_names)} class_names for {k} head outputs")
+        head_details = {"class_names": list(class_names) if class_names is not None else
+                        [str(i) for i in range(k)], **head_details}
+    specs = getattr(converter, "targets", None) or {}
+    details = {"schema": DETAILS_SCHEMA, "clips": clips, "video_ids": video_ids,
+               "targets": {t: {"tokens": len(d["per_token_cosine"]),
+                               "grid": (list(specs[t].grid)
+                                        if t in specs and specs[t].grid else None),
+                               **d}
+                           for t, d in ((t, meters[t].details()) for t in targets)},
+               "head": head_details}
+    return metrics, sample, details
+
+
+def details_json(details: dict) -> bytes:
+    """details -> compact JSON bytes (floats to 6 decimals: cosines need no more)."""
+    def r(v):
+        if isinstance(v, float):
+            return round(v, 6) if math.isfinite(v) else None
+        if isinstance(v, list):
+            return [r(x) for x in v]
+        if isinstance(v, dict):
+            return {k: r(x) for k, x in v.items()}
+        return v
+    return json.dumps(r(details), separators=(",", ":")).encode()
 
 
 def tensor_digest(t: torch.Tensor) -> str:
@@ -179,39 +308,30 @@ def tensor_digest(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def evaluate_latest(job: JobConfig, storage: Storage, store: FeatureStore, *, mean, std,
+def evaluate_latest(cfg: EvaluateConfig, store: FeatureStore, registry: ModelRegistry, *, mean, std,
                     device: str) -> dict[str, Any] | None:
-    """Evaluate the current exported ``latest`` model on the same split, so export compares both
+    """Evaluate the registry's current ``latest`` model on the same split, so export compares both
     on today's data. Its outputs are mapped from its own standardisation (exported with it) into
     the store's current one. None when nothing is exported; {"version", "skipped"} when its token
     layouts differ from the store's."""
-    from safetensors.torch import load_file
-
-    from tokconv.io import load_converter, load_head
     from tokconv.losses import destandardize, standardize
 
-    from .export import download_model
-
-    name = job.export.model_name
-    latest = storage.read_json(f"models/{name}/latest.json", default=None)
-    if not latest:
+    latest = registry.latest()
+    if latest is None:
         return None
-    version = latest["version"]
-    with tempfile.TemporaryDirectory() as d:
-        download_model(storage, name, version, d)
-        conv = load_converter(d)
-        head = load_head(d) if os.path.exists(os.path.join(d, "head.json")) else None
-        old = load_file(os.path.join(d, "standardization.safetensors"))
+    model = registry.load(latest["version"])
+    conv, head = model.converter, model.head
     specs = {k: v.to_dict() for k, v in store.specs().items()}
-    if {"student": conv.config["student"], **conv.config["targets"]} != {k: specs.get(k) for k in
-                                                                          ["student", *conv.config["targets"]]} \
-            or set(conv.config["targets"]) != set(mean):
-        return {"version": version, "skipped": "its token layouts differ from the feature store's"}
-    if head is not None and head.config["num_classes"] != len(store.read_meta().get("class_names", [])):
+    layouts = {"student": conv.config["student"], **conv.config["targets"]}
+    if layouts != {k: specs.get(k) for k in layouts} or set(conv.config["targets"]) != set(mean):
+        return {"version": model.version,
+                "skipped": "its token layouts differ from the feature store's"}
+    n_classes = len(store.read_meta().get("class_names", []))
+    if head is not None and head.config["num_classes"] != n_classes:
         head = None  # other classes: fidelity only
     dev = torch.device(device)
-    old_mean = {t: old[f"{t}.mean"].to(dev) for t in mean}
-    old_std = {t: old[f"{t}.std"].to(dev) for t in mean}
+    old_mean = {t: model.mean[t].to(dev) for t in mean}
+    old_std = {t: model.std[t].to(dev) for t in mean}
     cur_mean = {t: v.to(dev) for t, v in mean.items()}
     cur_std = {t: v.to(dev) for t, v in std.items()}
 
@@ -219,69 +339,91 @@ def evaluate_latest(job: JobConfig, storage: Storage, store: FeatureStore, *, me
         return {t: standardize(destandardize(o, old_mean[t], old_std[t]), cur_mean[t], cur_std[t])
                 for t, o in out.items()}
 
-    m, _ = evaluate_model(conv, head, store.iter_torch(split=job.evaluate.split, batch_size=job.evaluate.batch_size),
-                          mean=mean, std=std, device=device, output_map=to_current)
-    return {"version": version, **m}
+    batches = store.iter_torch(split=cfg.split, batch_size=cfg.batch_size)
+    m, _ = evaluate_model(conv, head, batches, mean=mean, std=std, device=device,
+                          output_map=to_current)
+    return {"version": model.version, **m}
 
 
 def run_evaluate(job: JobConfig, storage: Storage) -> dict[str, Any]:
-    """Evaluate the trained converter + head on ``job.evaluate.split``; writes metrics.json."""
+    """The CLI's evaluate stage: ``evaluate_stage`` on the job's store, registry and run dir."""
+    return evaluate_stage(job.evaluate, storage, store=FeatureStore(storage, job.store),
+                          registry=ModelRegistry(storage, job.model_name),
+                          run_dir=job_run_dir(job.name), metric=job.export.metric,
+                          higher_is_better=job.export.higher_is_better)
+
+
+def evaluate_stage(cfg: EvaluateConfig, storage: Storage, *, store: FeatureStore,
+                   registry: ModelRegistry, run_dir: str, metric: str = "mean_cosine",
+                   higher_is_better: bool = True) -> dict[str, Any]:
+    """Evaluate the checkpoint trained under ``run_dir`` on ``cfg.split`` of ``store``, beside
+    ``registry``'s current latest; writes ``<run_dir>/eval/metrics.json`` (+ sample, report)."""
     from safetensors.torch import save
 
-    store = FeatureStore(storage, job.extract.store)
     with tempfile.TemporaryDirectory() as tmp:
-        converter, head, info = load_trained(job, storage, tmp)
+        converter, head, info = load_trained(storage, run_dir, tmp)
     targets = list(converter.config["targets"])
     mean, std = stats_tensors(store.stats(), targets)
-    split = job.evaluate.split
-    batches = store.iter_torch(split=split, batch_size=job.evaluate.batch_size)
-    print(f"[evaluate] {info['converter']} on split {split!r} of store {job.extract.store!r}", flush=True)
-    want = job.evaluate.device
-    device = "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu"
-    metrics, sample = evaluate_model(converter, head, batches, mean=mean, std=std, device=device)
+    split = cfg.split
+    batches = store.iter_torch(split=split, batch_size=cfg.batch_size)
+    print(f"[evaluate] {info['converter']} on split {split!r} of store {store.name!r}", flush=True)
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = "cuda" if use_cuda else "cpu"
+    class_names = store.read_meta().get("class_names") if head is not None else None
+    metrics, sample, details = evaluate_model(converter, head, batches, mean=mean, std=std,
+                                              device=device, class_names=class_names,
+                                              return_details=True)
     converter, head = converter.cpu(), head.cpu() if head is not None else None
 
     student_shape = tuple(sample["student"].shape[1:])
+    lat = latency_ms(converter, student_shape, device=device)
     metrics["converter"] = {
         "name": converter.config["name"],
         "params": sum(p.numel() for p in converter.parameters()),
         "head_params": sum(p.numel() for p in head.parameters()) if head is not None else 0,
         "gflops_per_clip": gflops_per_clip(converter, student_shape),
-        "latency_ms_per_clip": latency_ms(converter, student_shape, device=device),
+        "latency_ms_per_clip": lat,
         "latency_device": device,
+        "latency_ms_per_clip_cpu": lat if device == "cpu" else latency_ms(converter, student_shape),
     }
     metrics["split"] = split
     metrics["checkpoint"] = info["checkpoint"]
-    latest = evaluate_latest(job, storage, store, mean=mean, std=std, device=device)
+    latest = evaluate_latest(cfg, store, registry, mean=mean, std=std, device=device)
     if latest is not None:
-        metrics["latest"] = latest  # the current `latest` export on this same split (export compares)
+        metrics["latest"] = latest  # the current `latest` on this same split (export compares)
         if "mean_cosine" in latest:
-            print(f"[evaluate] current latest {latest['version']}: mean cosine {latest['mean_cosine']:.4f}",
-                  flush=True)
+            print(f"[evaluate] current latest {latest['version']}: mean cosine "
+                  f"{latest['mean_cosine']:.4f}", flush=True)
     metrics["train"] = info.get("metrics", {})
 
-    base = posixpath.join("runs", job.name, "eval")
+    base = posixpath.join(run_dir, EVAL_DIR)
     storage.write_bytes(f"{base}/sample.safetensors", save(sample))
+    storage.write_bytes(f"{base}/details.json", details_json(details))
+    metrics["details"] = {"uri": storage.url(base, "details.json"), "schema": DETAILS_SCHEMA}
     metrics["sample"] = {"uri": storage.url(base, "sample.safetensors"),
                          "sha256": {k: tensor_digest(v) for k, v in sample.items()}}
     storage.write_json(f"{base}/metrics.json", metrics)
-    summary = {"metrics_url": storage.url(base, "metrics.json"), "mean_cosine": metrics["mean_cosine"],
-               "mean_r2": metrics["mean_r2"], "top1": metrics["top1"], "top5": metrics["top5"],
-               "clips": metrics["clips"]}
-    if job.evaluate.report_html:
-        from .report import write_report
-        html = write_report(metrics)
-        if html is not None:
-            storage.write_bytes(f"{base}/report.html", html.encode())
-            summary["report_url"] = storage.url(base, "report.html")
+    summary = {"metrics_url": storage.url(base, "metrics.json"),
+               **{k: metrics[k] for k in ("mean_cosine", "mean_r2", "top1", "top5", "clips")}}
+    if cfg.report_html:
+        from .report import load_train_log, write_report
+        html = write_report(metrics, details=details, train_log=load_train_log(storage, info),
+                            metric=metric, higher_is_better=higher_is_better)
+        storage.write_bytes(f"{base}/report.html", html.encode())
+        summary["report_url"] = storage.url(base, "report.html")
     print(f"[evaluate] mean cosine {metrics['mean_cosine']:.4f}  mean R2 {metrics['mean_r2']:.4f}  "
           f"top1 {metrics['top1']}  -> {summary['metrics_url']}", flush=True)
     return summary
 
 
 __all__ = [
+    "DETAILS_SCHEMA",
+    "ConfusionMeter",
     "FidelityMeter",
+    "details_json",
+    "evaluate_latest",
     "evaluate_model",
+    "evaluate_stage",
     "gflops_per_clip",
     "latency_ms",
     "run_evaluate",

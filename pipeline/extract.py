@@ -37,15 +37,13 @@ import torch
 
 from pipeline.compile_cache import CompileCache, cache_key
 from pipeline.config import ExtractConfig, JobConfig, ModelsConfig
-from pipeline.featurestore import SQ_PREFIX, SUM_PREFIX, FeatureStore, tensor_to_binary
-from pipeline.storage import Storage
-
-_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
+from pipeline.dtypes import TORCH_DTYPES
+from pipeline.featurestore import SQ_PREFIX, SUM_PREFIX, FeatureStore, id_columns, tensor_to_binary
+from pipeline.storage import Storage, is_remote
 
 # --------------------------------------------------------------------------------------- planning
 
-def model_specs(cfg: ModelsConfig, storage_options: dict | None = None) -> dict:
+def model_specs(cfg: ModelsConfig) -> dict:
     """The token layouts the backbones will emit, from their configs only (no weights loaded)."""
     from pipeline import backbones as bb
     if cfg.weights in ("tiny", "random"):
@@ -54,8 +52,8 @@ def model_specs(cfg: ModelsConfig, storage_options: dict | None = None) -> dict:
         configs = {}
         for name in bb.MODEL_NAMES:
             src, cls = getattr(cfg, name), bb.MODEL_CLASSES[name].config_class
-            if "://" in src.source and not src.source.startswith("file://"):
-                configs[name] = cls.from_dict(Storage(src.source, storage_options).read_json("config.json"))
+            if is_remote(src.source):
+                configs[name] = cls.from_dict(Storage(src.source, cfg.storage_options).read_json("config.json"))
             else:
                 configs[name] = cls.from_pretrained(src.source.removeprefix("file://"), revision=src.revision)
     return {n: bb.layout_spec(n, configs[n]) for n in bb.MODEL_NAMES}
@@ -165,7 +163,7 @@ class ModelActor:
         self.fx = FeatureExtractor(cfg, storage_options=storage_options)
         t_models = time.perf_counter()
         self.device = self.fx.device
-        self.out_dtype = _TORCH_DTYPES[out_dtype]
+        self.out_dtype = TORCH_DTYPES[out_dtype]
         self.cuda = self.device.type == "cuda"
         self._local = threading.local()
         # compiled models see one batch shape only: a short last batch is padded up to it, so it does
@@ -249,12 +247,7 @@ class ModelActor:
         start, stages = time.perf_counter(), {}
         feats = self.features(batch["frames"], stages)
         t_table = time.perf_counter()
-        cols = {
-            "video_id": pa.array(np.asarray(batch["video_id"]).astype(str)),
-            "clip_index": pa.array(np.asarray(batch["clip_index"], dtype=np.int32)),
-            "label_index": pa.array(np.asarray(batch["label_index"], dtype=np.int32)),
-            "split": pa.array(np.asarray(batch["split"]).astype(str)),
-        }
+        cols = id_columns(batch)
         cols.update({k: tensor_to_binary(v) for k, v in feats.items()})
         table = pa.table(cols)
         stages["table"] = time.perf_counter() - t_table
@@ -374,7 +367,6 @@ def build_pipeline(job: JobConfig, store: FeatureStore, pending: list[dict], res
                      memory=_decode_memory(job))
         .map_batches(ModelActor, batch_size=ec.batch_size, batch_format="numpy",
                      fn_constructor_kwargs={"models": job.models.model_dump(), "out_dtype": ec.out_dtype,
-                                            "storage_options": job.sources.storage_options or None,
                                             "log_every": 16 if ec.log_stats else 0, "concurrency": concurrency,
                                             "compile_cache": compile_cache, **in_actor,
                                             "warmup_shape": (ec.batch_size, job.decode.window,
@@ -395,17 +387,20 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
     """List videos, extract the missing clips into the feature store, write meta.json + stats.json."""
     import ray.data
 
-    from pipeline.sources import class_names, list_videos
+    from pipeline.sources import class_names, list_sources
 
     t0 = time.perf_counter()
     ec, cpv = job.extract, job.decode.clips_per_video
-    store = FeatureStore(storage, ec.store)
-    records = list_videos(job.sources, storage_options=job.sources.storage_options or None)
+    store = FeatureStore(storage, job.store)
+    listing = list_sources(job.sources, storage_options=job.sources.storage_options or None)
+    records = listing.records
+    for line in listing.report():  # every other file under the prefix, by reason
+        print(f"[extract] {line}", flush=True)
     commits = store.commits()  # read once before the run (large stores hold many records) and once after
     orphans = store.cleanup(commits)  # shards from a crashed run that never got their commit record
-    specs = model_specs(job.models, job.sources.storage_options or None)
+    specs = model_specs(job.models)
     _check_layout(store, specs, ec.out_dtype, has_commits=bool(commits))
-    store.write_meta(specs=specs, dtype=ec.out_dtype, class_names=class_names(records),
+    store.write_meta(specs=specs, dtype=ec.out_dtype, codec=ec.codec, class_names=class_names(records),
                      sources={n: getattr(job.models, n).source for n in specs},
                      extra={"weights": job.models.weights, "decode": job.decode.model_dump()})
 
@@ -422,6 +417,9 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
     commit_times: list[tuple[float, int]] = []  # (seconds since the pipeline started, clips committed)
     res: dict = {}
     failed_before = set(store.failed())
+    for r in (r for r in pending if r.get("error")):  # unreadable (broken symlink...): not decoded
+        store.record_failure(r, r["error"])
+    pending = [r for r in pending if not r.get("error")]
     if pending:
         ray.data.DataContext.get_current().enable_progress_bars = True
         res = _resources(job)
@@ -463,6 +461,7 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
         "window_clips_per_s": window_rate(commit_times),
         "store_clips": sum(len(v) for v in store.done_clips(commits).values()),
         "stats_targets": sorted(stats.get("all", {})), **{f"resources_{k}": v for k, v in res.items()},
+        "skipped_files": listing.summary(),
     }
     print(f"[extract] {clips} clips in {elapsed:.1f}s ({summary['clips_per_s']} clips/s), "
           f"{nbytes / 2**20:.1f} MiB; videos: {check['processed']} processed + {check['failed']} failed "
@@ -482,4 +481,4 @@ def _check_layout(store: FeatureStore, specs: dict, dtype: str, *, has_commits: 
     want = {k: {"shape": [s.tokens, s.dim], "dtype": dtype} for k, s in specs.items()}
     if old.get("tensors") != want and has_commits:
         raise ValueError(f"feature store {store.storage.url()} holds layout {old.get('tensors')}, "
-                         f"this job produces {want}: use another extract.store name")
+                         f"this job produces {want}: use another store name")

@@ -1,29 +1,34 @@
-"""Feature store: Parquet shards of fp16 feature tensors stored as RAW BYTES, plus a commit log.
+"""Feature store: Parquet shards of feature tensors stored as RAW BYTES, plus a commit log.
 
 Layout under ``<storage>/features/<name>/``::
 
-    meta.json                 tensor shapes/dtypes, TargetSpecs, class names, model sources
+    meta.json                 tensor shapes/dtypes, codec per column, specs, class names, sources
     stats.json                per-target per-channel mean/std (float64 sums over committed shards)
-    shards/<shard_id>.parquet one row per clip (shard_id: hash of its (video_id, clip_index) set): video_id, clip_index, label_index, split,
-                              and one large_binary column per tensor (B rows of tokens*dim*itemsize bytes)
+    shards/<shard_id>.parquet one row per clip (shard_id: hash of its (video_id, clip_index) set):
+                              video_id, clip_index, label_index, split, and one large_binary
+                              column per tensor (B rows of ``codecs.row_bytes(layout)`` bytes)
     shards/_tmp/<uuid>.parquet a shard being written (never read; cleaned by ``cleanup()``)
-    commits/<shard_id>.json   the shard's (video_id, clip_index) pairs, counts, tensor layout, stat sums
+    commits/<shard_id>.json   the shard's (video_id, clip_index) pairs, counts, layout, stat sums
     failed/<video_id>.json    a video that could not be decoded: path and reason
 
 Commit protocol (resumable, idempotent): a shard is written under ``shards/_tmp``, moved to
 ``shards/<id>.parquet``, and only then is ``commits/<id>.json`` written. Readers, ``done_clips()``
 and the statistics trust committed shards only; a crash at any point leaves at most an orphan
-that ``cleanup()`` deletes. Raw bytes rather than Ray's list-encoded tensor columns: a reader gets a
-whole column as ONE numpy view of the Arrow data buffer (15x faster to decode, see issue 4).
+that ``cleanup()`` deletes. Raw bytes rather than Ray's list-encoded tensor columns: a reader gets
+a whole column as ONE numpy view of the Arrow data buffer (``pipeline.columns``).
+
+Codecs (``pipeline.codecs``): ``meta.json["codec"]`` names each column's codec (absent: every
+column ``raw``, the format before codecs); one store holds one codec per column (``write_meta``
+refuses another once shards are committed; ``pipeline.reencode`` converts a store into a new one).
+``encode``/``write_shard`` apply the store's codec to raw input and compute the statistics from
+the values BEFORE encoding, so stats.json is the same for every codec of the same clips.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import posixpath
 import uuid
-import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -33,106 +38,26 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.storage import Storage
+from pipeline import codecs, columns
+from pipeline.columns import (  # re-exported: these names are still imported from here
+    ID_COLUMNS,
+    SQ_PREFIX,
+    SUM_PREFIX,
+    binary_to_numpy,
+    channel_sums,
+    id_columns,
+    numpy_to_torch,
+    tensor_to_binary,
+)
+from pipeline.storage import Storage, utc_now
 from tokconv.targets import TargetSpec, specs_from_dict, specs_to_dict
 
-ID_COLUMNS = ("video_id", "clip_index", "label_index", "split")
-SUM_PREFIX = "_sum:"   # optional per-row float64 channel sums (B, dim) computed upstream (on the GPU)
-SQ_PREFIX = "_sq:"     # optional per-row float64 channel sums of squares (B, dim)
-
-# storage dtype name -> (numpy dtype of the raw bytes, torch dtype it is viewed as)
-_DTYPES = {
-    "float16": (np.float16, torch.float16),
-    "bfloat16": (np.uint16, torch.bfloat16),  # numpy has no bfloat16: bytes as uint16, viewed in torch
-    "float32": (np.float32, torch.float32),
-    "float64": (np.float64, torch.float64),
-}
-
-
-def _dtype_name(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return str(x.dtype).removeprefix("torch.")
-    return np.dtype(x.dtype).name
-
-
-def tensor_to_binary(x) -> pa.Array:
-    """(B, *shape) numpy array or torch tensor -> pyarrow large_binary array of B equal-length values.
-
-    Zero-copy for contiguous numpy input: the Arrow data buffer wraps the array's memory.
-    """
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().contiguous()
-        x = x.view(torch.uint8).numpy() if x.dtype != torch.bfloat16 else x.view(torch.int16).numpy()
-    x = np.ascontiguousarray(x)
-    n = x.shape[0]
-    width = x.nbytes // n if n else 0
-    offsets = np.arange(n + 1, dtype=np.int64) * width
-    return pa.Array.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(x)])
-
-
-def binary_to_numpy(col, shape: tuple[int, ...], dtype: str) -> np.ndarray:
-    """Arrow binary/large_binary column of equal-length values -> (B, *shape) numpy view.
-
-    No per-element conversion: the column's data buffer is viewed with ``np.frombuffer`` once
-    (a chunked column is combined first). A numpy object array of ``bytes`` (Ray's numpy batch
-    format) costs one join.
-    """
-    np_dtype = _DTYPES[dtype][0]
-    if isinstance(col, np.ndarray):  # object array of bytes
-        n = len(col)
-        flat = np.frombuffer(b"".join(col.tolist()), dtype=np_dtype) if n else np.empty(0, np_dtype)
-        return flat.reshape(n, *shape)
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-    n = len(col)
-    if n == 0:
-        return np.empty((0, *shape), dtype=np_dtype)
-    if col.null_count:
-        raise ValueError("tensor column has null values")
-    off_type = np.int64 if pa.types.is_large_binary(col.type) else np.int32
-    _, off_buf, data_buf = col.buffers()
-    offsets = np.frombuffer(off_buf, dtype=off_type, count=col.offset + n + 1)[col.offset:]
-    itemsize = np.dtype(np_dtype).itemsize
-    width = int(np.prod(shape)) * itemsize
-    if not np.array_equal(np.diff(offsets), np.full(n, width, dtype=off_type)):
-        raise ValueError(f"tensor column values are not all {width} bytes (shape {shape}, {dtype})")
-    flat = np.frombuffer(data_buf, dtype=np.uint8, count=int(offsets[-1]), offset=0)[int(offsets[0]):]
-    return flat.view(np_dtype).reshape(n, *shape)
-
-
-def numpy_to_torch(arr: np.ndarray, dtype: str) -> torch.Tensor:
-    """(B, *shape) numpy view of raw bytes -> torch tensor sharing its memory (read-only buffers too)."""
-    tdt = torch.int16 if dtype == "bfloat16" else _DTYPES[dtype][1]
-    if arr.size == 0:
-        t = torch.empty(arr.shape, dtype=tdt)
-    else:
-        with warnings.catch_warnings():  # Arrow buffers are read-only; the tensors are only read
-            warnings.simplefilter("ignore", UserWarning)
-            t = torch.frombuffer(memoryview(np.ascontiguousarray(arr)).cast("B"), dtype=tdt).reshape(arr.shape)
-    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
-
-
-def channel_sums(x, chunk: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row channel sums: (B, tokens, dim) -> (sum (B, dim), sum of squares (B, dim)), float64.
-
-    Chunked over rows so a large shard never materialises a full float64 copy.
-    """
-    if isinstance(x, torch.Tensor):
-        x = x.detach().float().cpu().numpy()
-    n, dim = x.shape[0], x.shape[-1]
-    s, q = np.empty((n, dim)), np.empty((n, dim))
-    for i in range(0, n, chunk):
-        v = x[i:i + chunk].reshape(min(chunk, n - i), -1, dim).astype(np.float64)
-        s[i:i + chunk], q[i:i + chunk] = v.sum(1), np.square(v).sum(1)
-    return s, q
-
-
-def _utcnow() -> str:
-    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+__all__ = ["ID_COLUMNS", "SQ_PREFIX", "SUM_PREFIX", "FeatureStore", "binary_to_numpy",
+           "channel_sums", "id_columns", "numpy_to_torch", "shard_id_of", "tensor_to_binary"]
 
 
 class FeatureStore:
-    """A feature store under ``<storage>/features/<name>/`` (see the module docstring for the layout).
+    """A feature store under ``<storage>/features/<name>/`` (the module docstring has the layout).
 
     Picklable (it carries only a ``Storage``), so Ray tasks and actors write through it.
     """
@@ -152,128 +77,142 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ meta
     def write_meta(self, *, specs: Mapping[str, TargetSpec], dtype: str, class_names: list[str],
-                   sources: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict:
-        """meta.json: the tensor layout (name -> shape (tokens, dim), dtype), specs, class names, sources."""
-        meta = {
+                   sources: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                   codec: str | Mapping[str, str] | None = None) -> dict:
+        """meta.json: the tensor layout (name -> shape (tokens, dim), dtype), each column's codec
+        (``codec``: ``extract.codec``, None = raw), specs, class names, sources. Refuses another
+        codec once shards are committed (codecs are never mixed); an unchanged meta stays as is."""
+        codec_of = codecs.resolve_codecs(codec, {k: (s.tokens, s.dim) for k, s in specs.items()})
+        old = self.read_meta(fresh=True) if self.storage.exists("meta.json") else None
+        if old is not None and self._codecs(old) != codec_of and self._ls("commits"):
+            raise ValueError(
+                f"feature store {self.storage.url()} holds codecs {self._codecs(old)}; this job "
+                f"writes {codec_of}: codecs are never mixed in one store. Use another store name, "
+                f"or convert it: python -m pipeline reencode JOB.yaml --codec ... --to NEW_NAME")
+        meta = json.loads(json.dumps({
             "format": "tokconv-featurestore/1",
             "tensors": {k: {"shape": [s.tokens, s.dim], "dtype": dtype} for k, s in specs.items()},
-            "specs": specs_to_dict(dict(specs)),
-            "class_names": list(class_names),
-            "sources": sources or {},
-            "updated": _utcnow(),
-            **(extra or {}),
-        }
+            "codec": codec_of, "specs": specs_to_dict(dict(specs)),
+            "class_names": list(class_names), "sources": sources or {}, "updated": utc_now(),
+            **(extra or {})}))
+        if old is not None and {**old, "updated": 0} == {**meta, "updated": 0}:
+            return old  # unchanged: not rewritten (a re-run changes nothing)
         self.storage.write_json("meta.json", meta)
         self._meta = meta
         return meta
 
-    def read_meta(self) -> dict:
-        if self._meta is None:
-            self._meta = self.storage.read_json("meta.json")
+    def read_meta(self, *, fresh: bool = False) -> dict:
+        """meta.json (cached); every column's codec must be one this reader knows."""
+        if self._meta is None or fresh:
+            meta = self.storage.read_json("meta.json")
+            for k, c in self._codecs(meta).items():
+                codecs.get_codec(c, f"feature store {self.storage.url()}: column {k!r}: ")
+            self._meta = meta
         return self._meta
+
+    @staticmethod
+    def _codecs(meta: Mapping) -> dict[str, str]:
+        return {k: meta.get("codec", {}).get(k, codecs.DEFAULT) for k in meta.get("tensors", {})}
+
+    def layouts(self) -> dict[str, dict]:
+        """{column: {"shape": [N, D], "dtype": values' dtype, "codec": name}}: what
+        ``codecs.decode_columns`` and ``codecs.row_bytes`` take."""
+        meta = self.read_meta()
+        return {k: {**v, "codec": self._codecs(meta)[k]} for k, v in meta["tensors"].items()}
 
     def specs(self) -> dict[str, TargetSpec]:
         return specs_from_dict(self.read_meta()["specs"])
 
-    def tensor_names(self) -> list[str]:
-        return list(self.read_meta()["tensors"])
-
     # ---------------------------------------------------------------- writes
-    def encode(self, batch: Mapping[str, Any] | pa.Table, tensors: list[str] | None = None) -> pa.Table:
-        """Batch dict {ids..., name: (B, tokens, dim) array/tensor} -> Arrow table in the store format.
-
-        Tensor columns become large_binary (raw bytes); ``_sum:``/``_sq:`` columns (B, dim) float64
-        pass through as raw bytes too. Column ``<name>`` dtype is recorded as ``__dtype__`` metadata.
-        """
-        if isinstance(batch, pa.Table):
-            return batch
-        cols, meta = {}, {}
-        for k in ID_COLUMNS:
-            if k not in batch:
-                raise KeyError(f"feature batch lacks column {k!r}; has {sorted(batch)}")
-        cols["video_id"] = pa.array(np.asarray(batch["video_id"]).astype(str), pa.string())
-        cols["clip_index"] = pa.array(np.asarray(batch["clip_index"], dtype=np.int32))
-        cols["label_index"] = pa.array(np.asarray(batch["label_index"], dtype=np.int32))
-        cols["split"] = pa.array(np.asarray(batch["split"]).astype(str), pa.string())
-        names = tensors if tensors is not None else [k for k in batch if k not in ID_COLUMNS]
-        for k in names:
-            x = batch[k]
-            if isinstance(x, pa.Array | pa.ChunkedArray):
-                cols[k] = x
-                continue
-            cols[k] = tensor_to_binary(x)
-            if not k.startswith((SUM_PREFIX, SQ_PREFIX)):
-                meta[k] = json.dumps({"shape": list(x.shape[1:]), "dtype": _dtype_name(x)})
-        return pa.table(cols).replace_schema_metadata({f"tensor:{k}": v for k, v in meta.items()})
-
-    def write_shard(self, batch: Mapping[str, Any] | pa.Table) -> dict:
-        """Write and commit one shard; returns the commit record (small: counts, ids, bytes).
-
-        ``batch``: a dict of columns (ids + tensor columns as (B, tokens, dim) arrays/tensors, optional
-        ``_sum:<name>``/``_sq:<name>`` rows) or a table from ``encode``. Stat sums are computed here
-        when absent. Written as tmp -> shards/<id>.parquet -> commits/<id>.json.
-        """
-        table = self.encode(batch)
-        layout = {k.removeprefix("tensor:"): json.loads(v) for k, v in
-                  ((k.decode(), v.decode()) for k, v in (table.schema.metadata or {}).items())
-                  if k.startswith("tensor:")}
-        if not layout:  # Ray may drop schema metadata when it re-batches: fall back to meta.json
-            tensors = self.read_meta()["tensors"] if self.storage.exists("meta.json") or self._meta else {}
-            layout = {k: v for k, v in tensors.items() if k in table.column_names}
+    def encode(self, batch: Mapping[str, Any] | pa.Table, tensors: list[str] | None = None, *,
+               with_sums: bool = True) -> pa.Table:
+        """Batch dict {ids..., name: (B, tokens, dim) array/tensor, optional ``_sum:``/``_sq:``
+        rows}, or a table of raw-bytes columns (the model actor's), -> Arrow table in the store
+        format: tensor columns in the store's codecs, per-row (B, dim) float64 channel sums of the
+        values BEFORE encoding (unless ``with_sums=False``), layouts as schema metadata."""
+        has_meta = self._meta is not None or self.storage.exists("meta.json")
+        want = self._codecs(self.read_meta()) if has_meta else {}
+        if not isinstance(batch, pa.Table):
+            return columns.encode_batch(batch, want, tensors, with_sums=with_sums)
+        layout = columns.table_layout(batch)
+        if not layout and has_meta:  # Ray may drop schema metadata when it re-batches
+            layout = {k: self._arriving_layout(batch.column(k), v)
+                      for k, v in self.layouts().items() if k in batch.column_names}
         if not layout:
-            raise ValueError(f"write_shard: no tensor columns (and no meta.json layout) in {table.column_names}")
+            raise ValueError(f"encode: no tensor columns (and no meta.json layout) in "
+                             f"{batch.column_names}")
+        return columns.transcode(batch, layout, want, with_sums=with_sums,
+                                 where=f"{self.storage.url()} ")
+
+    @staticmethod
+    def _arriving_layout(col, layout: dict) -> dict:
+        """A column without layout metadata: already in the store's codec when its rows have that
+        width and raw ones would not (rows encoded upstream, e.g. on the GPU), else raw."""
+        raw = {**layout, "codec": codecs.DEFAULT}
+        width, coded = columns.value_width(col), codecs.row_bytes(layout)
+        return layout if width == coded != codecs.row_bytes(raw) else raw
+
+    def write_shard(self, batch: Mapping[str, Any] | pa.Table, *, sums: dict | None = None) -> dict:
+        """Write and commit one shard (tmp -> shards/<id>.parquet -> commits/<id>.json); returns
+        the commit record's counts. ``batch``: what ``encode`` takes (the store's codec is applied
+        there); ``sums``: the per-split channel sums when known (a re-encode carries the source's).
+        """
+        table = self.encode(batch, with_sums=sums is None)
+        layout = columns.table_layout(table)
         splits = table.column("split").to_numpy(zero_copy_only=False).astype(str)
-        sums: dict[str, dict[str, Any]] = {}
-        for name, lay in layout.items():
-            shape = tuple(lay["shape"])
-            if SUM_PREFIX + name in table.column_names:
-                dim = shape[-1]
+        if sums is None:
+            sums = {}
+            for name, lay in layout.items():
+                shape, dim = tuple(lay["shape"]), lay["shape"][-1]
                 s = binary_to_numpy(table.column(SUM_PREFIX + name), (dim,), "float64")
                 q = binary_to_numpy(table.column(SQ_PREFIX + name), (dim,), "float64")
-            else:
-                s, q = channel_sums(binary_to_numpy(table.column(name), shape, lay["dtype"]).astype(np.float32)
-                                    if lay["dtype"] == "bfloat16" else
-                                    binary_to_numpy(table.column(name), shape, lay["dtype"]))
-            per_tok = int(np.prod(shape[:-1]))
-            for sp in np.unique(splits):
-                m = splits == sp
-                sums.setdefault(str(sp), {})[name] = {
-                    "n": int(m.sum()) * per_tok, "sum": s[m].sum(0).tolist(), "sumsq": q[m].sum(0).tolist()}
-        table = table.drop_columns([c for c in table.column_names if c.startswith((SUM_PREFIX, SQ_PREFIX))])
+                per_tok = int(np.prod(shape[:-1]))
+                for sp in np.unique(splits):
+                    m = splits == sp
+                    sums.setdefault(str(sp), {})[name] = {
+                        "n": int(m.sum()) * per_tok, "sum": s[m].sum(0).tolist(),
+                        "sumsq": q[m].sum(0).tolist()}
+        table = table.drop_columns([c for c in table.column_names
+                                    if c.startswith((SUM_PREFIX, SQ_PREFIX))])
 
         vids = table.column("video_id").to_pylist()
         clips = table.column("clip_index").to_pylist()
         # content-addressed: a retried write of the same rows (a Ray task retry after the commit)
         # replaces its shard instead of adding a duplicate
-        shard_id = hashlib.sha1("\n".join(sorted(f"{v}:{c}" for v, c in zip(vids, clips))).encode()).hexdigest()[:24]
+        shard_id = shard_id_of(vids, clips)
         fs = self.storage.fs
         tmp = self.storage.path("shards", "_tmp", f"{uuid.uuid4().hex}.parquet")
         final = self.storage.path("shards", f"{shard_id}.parquet")
         fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
-        # through pyarrow's own filesystem (native for local paths: 3.4-5.7x faster than an fsspec file
-        # object, measured on a 2-core host); fp16 features do not compress; small row groups let readers stream;
-        # min/max statistics of raw tensor bytes mean nothing and took half the writer's CPU (0.46 of 0.95 s
-        # per 731 MB shard on the 2-core host), so only the id columns get them
+        # through pyarrow's own filesystem (native for local paths: 3.4-5.7x faster than an fsspec
+        # file object, measured on a 2-core host); features do not compress; small row groups let
+        # readers stream; min/max statistics of raw tensor bytes mean nothing and took half the
+        # writer's CPU (0.46 of 0.95 s per 731 MB shard on the 2-core host): only ids get them
         ids = [c for c in table.column_names if c not in layout]
         with self.storage.pyarrow_filesystem().open_output_stream(tmp) as f:
-            pq.write_table(table, f, compression="none", row_group_size=32, use_dictionary=["video_id", "split"],
-                           write_statistics=ids)
+            pq.write_table(table, f, compression="none", row_group_size=32,
+                           use_dictionary=["video_id", "split"], write_statistics=ids)
         fs.mv(tmp, final)
         nbytes = fs.size(final)
         record = {
-            "shard": shard_id, "path": f"shards/{shard_id}.parquet", "rows": table.num_rows, "bytes": nbytes,
-            "clips": [[v, c] for v, c in zip(vids, clips)], "tensors": layout, "sums": sums,
-            "committed": _utcnow(),
+            "shard": shard_id, "path": f"shards/{shard_id}.parquet", "rows": table.num_rows,
+            "bytes": nbytes, "clips": [[v, c] for v, c in zip(vids, clips)], "tensors": layout,
+            "sums": sums, "committed": utc_now(),
         }
-        self.storage.write_json(f"commits/{shard_id}.json", record)
+        # the record appears whole or not at all (a kill mid-write leaves only a _tmp orphan)
+        tmp_record = self.storage.path("shards", "_tmp", f"{uuid.uuid4().hex}.json")
+        with fs.open(tmp_record, "wb") as f:
+            f.write(json.dumps(record, indent=2, sort_keys=True).encode())
+        fs.makedirs(self.storage.path("commits"), exist_ok=True)
+        fs.mv(tmp_record, self.storage.path("commits", f"{shard_id}.json"))
         return {k: record[k] for k in ("shard", "path", "rows", "bytes")}
 
     def record_failure(self, record: Mapping[str, Any], reason: str) -> None:
-        """failed/<video_id>.json with the video's path and the reason (one file: concurrent-safe)."""
+        """failed/<video_id>.json: the video's path and the reason (one file: concurrent-safe)."""
         vid = record["video_id"]
         self.storage.write_json(f"failed/{vid}.json", {
             "video_id": vid, "path": record.get("path"), "label": record.get("label"),
-            "reason": str(reason), "time": _utcnow()})
+            "reason": str(reason), "time": utc_now()})
 
     def clear_failure(self, video_id: str) -> None:
         p = self.storage.path("failed", f"{video_id}.json")
@@ -292,7 +231,8 @@ class FeatureStore:
             return []
         paths = [self.storage.path(rel, n) for n in names]
         blobs = self.storage.fs.cat(paths)  # one concurrent fetch on s3
-        return [json.loads(blobs[p] if p in blobs else blobs[self.storage.fs._strip_protocol(p)]) for p in paths]
+        return [json.loads(blobs[p] if p in blobs else blobs[self.storage.fs._strip_protocol(p)])
+                for p in paths]
 
     def commits(self) -> list[dict]:
         """Commit records of all committed shards, oldest first."""
@@ -301,7 +241,7 @@ class FeatureStore:
     def duplicates(self, commits: list[dict] | None = None) -> dict[tuple[str, int], list[str]]:
         """(video_id, clip_index) pairs committed in more than one shard -> those shard ids.
         Empty unless something wrote the same clip twice under different groupings.
-        ``commits``: records already read (each call otherwise reads them all: large on big stores)."""
+        ``commits``: records already read (each call otherwise reads them all: large stores)."""
         seen: dict[tuple[str, int], list[str]] = {}
         for r in self.commits() if commits is None else commits:
             for v, c in r["clips"]:
@@ -324,8 +264,9 @@ class FeatureStore:
         return {r["video_id"]: r for r in self._read_jsons("failed")}
 
     def cleanup(self, commits: list[dict] | None = None) -> list[str]:
-        """Delete temporary and uncommitted shards (left by a crash). Call when no writer is running."""
-        committed = {f"{r['shard']}.parquet" for r in (self.commits() if commits is None else commits)}
+        """Delete temporary and uncommitted shards (a crash's). Call when no writer is running."""
+        committed = {f"{r['shard']}.parquet"
+                     for r in (self.commits() if commits is None else commits)}
         fs, removed = self.storage.fs, []
         for n in self._ls("shards/_tmp"):
             removed.append(self.storage.path("shards", "_tmp", n))
@@ -344,7 +285,8 @@ class FeatureStore:
         clips), for the train split ("train") and for everything ("all").
         """
         acc: dict[str, dict[str, list]] = {}
-        for r in commits if commits is not None else self.commits():
+        # summed in shard-id order: the same shards give the same bits, whatever the commit order
+        for r in sorted(self.commits() if commits is None else commits, key=lambda r: r["shard"]):
             for split, per in r["sums"].items():
                 for key in (split, "all"):
                     for name, d in per.items():
@@ -363,33 +305,46 @@ class FeatureStore:
         return out
 
     def stats(self, split: str = "train") -> dict[str, dict[str, np.ndarray]]:
-        """{name: {"mean": (dim,), "std": (dim,)}} float64 numpy, of ``split`` (falls back to "all")."""
+        """{name: {"mean": (dim,), "std": (dim,)}} float64 numpy of ``split`` (else of "all")."""
         data = self.storage.read_json("stats.json")
         per = data.get(split) or data["all"]
-        return {k: {"mean": np.asarray(v["mean"]), "std": np.asarray(v["std"])} for k, v in per.items()}
+        return {k: {"mean": np.asarray(v["mean"]), "std": np.asarray(v["std"])}
+                for k, v in per.items()}
 
     # ----------------------------------------------------------------- reads
-    def to_torch(self, batch) -> dict[str, Any]:
+    def to_torch(self, batch, dtype: torch.dtype | None = None) -> dict[str, Any]:
         """A batch (pyarrow Table/RecordBatch, or Ray's dict of numpy) -> dict of torch tensors.
 
-        Tensor columns -> (B, tokens, dim) views of the Arrow buffers (no per-element conversion);
-        clip_index/label_index -> int64 tensors; video_id/split stay lists of str.
+        Tensor columns -> (B, tokens, dim): for ``raw`` columns views of the Arrow buffers (no
+        per-element work), coded ones decoded ON THE HOST (evaluation and CPU paths; the training
+        reader moves the stored rows to the GPU and decodes there). ``dtype``: None = the layout's
+        (meta.json's, e.g. float16) for every codec. clip_index/label_index -> int64 tensors;
+        video_id/split stay lists of str.
         """
-        tensors = self.read_meta()["tensors"]
-        get = (lambda k: batch.column(k)) if isinstance(batch, pa.Table | pa.RecordBatch) else batch.__getitem__
-        names = batch.column_names if isinstance(batch, pa.Table | pa.RecordBatch) else list(batch)
+        layouts = self.layouts()
+        names = list(batch) if isinstance(batch, Mapping) else batch.column_names
         out: dict[str, Any] = {}
         for k in names:
-            col = get(k)
-            if k in tensors:
-                arr = binary_to_numpy(col, tuple(tensors[k]["shape"]), tensors[k]["dtype"])
-                out[k] = numpy_to_torch(arr, tensors[k]["dtype"])
+            col = batch[k] if isinstance(batch, Mapping) else batch.column(k)
+            if k in layouts:
+                out[k] = columns.column_values(col, layouts[k], dtype)
             elif k in ("clip_index", "label_index"):
                 vals = col.to_numpy() if not isinstance(col, np.ndarray) else col
                 out[k] = torch.as_tensor(np.asarray(vals, dtype=np.int64))
             else:
-                out[k] = col.to_pylist() if not isinstance(col, np.ndarray) else col.astype(str).tolist()
+                is_np = isinstance(col, np.ndarray)
+                out[k] = col.astype(str).tolist() if is_np else col.to_pylist()
         return out
+
+    def stored_rows(self, batch) -> dict[str, torch.Tensor]:
+        """A batch's tensor columns as stored: {column: (B, row_bytes) uint8} views of the Arrow
+        buffers (no per-element work), for any codec: ``codecs.decode_columns(rows,
+        store.layouts(), dtype)`` decodes them where they are (the training reader,
+        ``pipeline.train_data``, moves the same rows to the GPU and decodes there)."""
+        layouts = self.layouts()
+        names = list(batch) if isinstance(batch, Mapping) else batch.column_names
+        get = batch.__getitem__ if isinstance(batch, Mapping) else batch.column
+        return {k: columns.column_rows(get(k), layouts[k]) for k in names if k in layouts}
 
     def read_dataset(self, split: str | None = None, columns: list[str] | None = None):
         """Ray Dataset over the committed shards (optionally one split). Convert batches with
@@ -398,7 +353,8 @@ class FeatureStore:
         paths = self.shard_paths()
         if not paths:
             raise FileNotFoundError(f"{self}: no committed shards")
-        ds = ray.data.read_parquet(paths, filesystem=self.storage.pyarrow_filesystem(), columns=columns)
+        ds = ray.data.read_parquet(paths, filesystem=self.storage.pyarrow_filesystem(),
+                                   columns=columns)
         if split is not None:
             from ray.data.expressions import col
             ds = ds.filter(expr=col("split") == split)
@@ -435,3 +391,10 @@ class FeatureStore:
                     first = next(iter(per.values()))
                     n += first["n"] // int(np.prod(r["tensors"][next(iter(per))]["shape"][:-1]))
         return n
+
+
+def shard_id_of(video_ids: list[str], clip_indices: list[int]) -> str:
+    """A shard's id: the hash of its (video_id, clip_index) set (the same rows, the same id)."""
+    keys = "\n".join(sorted(f"{v}:{c}" for v, c in zip(video_ids, clip_indices)))
+    return hashlib.sha1(keys.encode()).hexdigest()[:24]
+

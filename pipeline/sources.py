@@ -6,7 +6,15 @@ Every video becomes one record::
      "path": str,              # local absolute path, or a full fsspec URL (s3://bucket/key)
      "label": str | None,      # parent folder name (labels="parent") or the manifest's label
      "label_index": int,       # index into class_names(records); -1 without a label
-     "split": "train" | "val"}
+     "split": "train" | "val",
+     "error": str}             # only on a file that cannot be read (a broken symlink, not a
+                               # regular file, no read permission): a failed video, not decoded
+
+Every file under a listed prefix is accounted for (``list_sources``): a record (a candidate
+video, or a failed one with its ``error``), or skipped with a reason: "hidden" (a name starting
+with '.' anywhere in its path: partial copies, .DS_Store), "not a video extension" (not in
+``sources.extensions``; ``all`` makes every file a candidate and lets decode decide), "symlink to
+a directory (not followed)", "beyond sources.limit".
 
 Splits are deterministic: a manifest's ``split`` column wins; otherwise a video is in val
 when ``hash(seed, video_id)`` falls below ``val_fraction``, so adding videos never moves old
@@ -18,15 +26,19 @@ import csv
 import hashlib
 import io
 import json
+import os
 import posixpath
+import stat
+from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.config import SourcesConfig
+from pipeline.config import SPLITS, SourcesConfig
 from pipeline.storage import Storage
 
-SPLITS = ("train", "val")
-_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val"}
-MANIFEST_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                  "validation": "val"}
+MANIFEST_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet",
+                    ".pq": "parquet"}
 
 
 def video_id(path: str) -> str:
@@ -39,19 +51,56 @@ def _unit_hash(seed: int, vid: str) -> float:
     return int(hashlib.sha1(f"{seed}:{vid}".encode()).hexdigest()[:15], 16) / 16 ** 15
 
 
-def _open_root(uri: str, options: dict[str, Any]) -> tuple[Storage, str]:
-    """(storage, scheme) for a local path, file:// URL or remote prefix."""
-    storage = Storage(uri, options)
-    return storage, storage.protocol
-
-
 def _url(storage: Storage, path: str) -> str:
     """Full URL for a filesystem path of ``storage`` (plain path for local files)."""
     return path if storage.protocol == "file" else f"{storage.protocol}://{path}"
 
 
-def _list_prefix(uri: str, cfg: SourcesConfig, options: dict[str, Any]) -> list[dict]:
-    storage, _ = _open_root(uri, options)
+HIDDEN, NOT_VIDEO, DIR_LINK, BEYOND_LIMIT = ("hidden", "not a video extension",
+                                              "symlink to a directory (not followed)",
+                                              "beyond sources.limit")
+
+
+@dataclass
+class Listing:
+    """What ``list_sources`` found: the records, and every other file by skip reason (paths
+    relative to the listed root, sorted; full paths for ``BEYOND_LIMIT``)."""
+    records: list[dict]
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+
+    def summary(self, first: int = 5) -> dict[str, dict]:
+        """{reason: {"count": n, "first": [up to ``first`` names]}} (the job summary's form)."""
+        return {r: {"count": len(v), "first": v[:first]} for r, v in self.skipped.items() if v}
+
+    def report(self, first: int = 5) -> list[str]:
+        """One line per skip reason: ``K files skipped: not a video extension (a.txt, ...)``."""
+        lines = []
+        for reason, info in self.summary(first).items():
+            more = ", ..." if info["count"] > len(info["first"]) else ""
+            noun = "file" if info["count"] == 1 else "files"
+            lines.append(f"{info['count']} {noun} skipped: {reason} "
+                         f"({', '.join(info['first'])}{more})")
+        return lines
+
+
+def _local_problem(path: str, info: dict) -> str | None:
+    """Why a local file that was listed cannot be read (None: it can)."""
+    if info.get("islink") and not os.path.exists(path):
+        return f"broken symlink (-> {info.get('destination') or os.readlink(path)})"
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kinds = {stat.S_ISFIFO: "named pipe", stat.S_ISSOCK: "socket", stat.S_ISCHR: "device",
+                 stat.S_ISBLK: "device"}
+        kind = next((k for test, k in kinds.items() if test(mode)), "special file")
+        return f"not a regular file ({kind})"
+    if not os.access(path, os.R_OK):
+        return "unreadable: permission denied"
+    return None
+
+
+def _list_prefix(uri: str, cfg: SourcesConfig,
+                 options: dict[str, Any]) -> tuple[list[dict], dict[str, list[str]]]:
+    storage = Storage(uri, options)
     fs, root = storage.fs, storage.root.rstrip("/")
     fs.invalidate_cache(root)  # a long-lived process (scheduled re-runs) must see new objects
     if not fs.exists(root):
@@ -59,24 +108,32 @@ def _list_prefix(uri: str, cfg: SourcesConfig, options: dict[str, Any]) -> list[
     if not fs.isdir(root):
         raise NotADirectoryError(f"sources.uri: {uri!r} is a file, not a directory or prefix "
                                  f"(use sources.manifest for a list of videos)")
-    exts = {"." + e.lower().lstrip(".") for e in cfg.extensions}
-    entries = []
-    for path in sorted(fs.find(root)):
+    exts = None if cfg.extensions == "all" else {"." + e for e in cfg.extensions}
+    local = storage.protocol == "file"
+    entries, skipped = [], {HIDDEN: [], NOT_VIDEO: [], DIR_LINK: []}
+    for path, info in sorted(fs.find(root, detail=True).items()):
         rel = posixpath.relpath(path, root)
         if any(part.startswith(".") for part in rel.split("/")):
-            continue  # hidden files/folders (partial copies, .DS_Store, ...)
-        if posixpath.splitext(path)[1].lower() not in exts:
-            continue
-        parent = posixpath.dirname(rel)
-        label = posixpath.basename(parent) if parent and cfg.labels == "parent" else None
-        entries.append({"path": _url(storage, path), "label": label, "split": None})
+            skipped[HIDDEN].append(rel)  # partial copies, .DS_Store, .git ...
+        elif local and info.get("islink") and os.path.isdir(path):
+            skipped[DIR_LINK].append(rel)  # fsspec does not descend into it; nor do we
+        elif exts is not None and posixpath.splitext(path)[1].lower() not in exts:
+            skipped[NOT_VIDEO].append(rel)
+        else:
+            parent = posixpath.dirname(rel)
+            label = posixpath.basename(parent) if parent and cfg.labels == "parent" else None
+            entry = {"path": _url(storage, path), "label": label, "split": None}
+            error = _local_problem(path, info) if local else None
+            entries.append({**entry, "error": error} if error else entry)
     if not entries:
-        raise ValueError(f"sources.uri: no videos with extensions {sorted(exts)} under {uri!r}")
-    return entries
+        found = "; ".join(Listing([], skipped).report()) or "no files"
+        wanted = "files" if exts is None else f"videos with extensions {sorted(exts)}"
+        raise ValueError(f"sources.uri: no {wanted} under {uri!r} ({found})")
+    return entries, skipped
 
 
 def _read_manifest_rows(manifest: str, options: dict[str, Any]) -> tuple[list[dict], Storage, str]:
-    storage, _ = _open_root(manifest, options)
+    storage = Storage(manifest, options)
     fs, path = storage.fs, storage.root
     fmt = MANIFEST_FORMATS.get(posixpath.splitext(path)[1].lower())
     if fmt is None:
@@ -95,7 +152,8 @@ def _read_manifest_rows(manifest: str, options: dict[str, Any]) -> tuple[list[di
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"sources.manifest: {manifest!r} line {n} is not JSON: {e}") from None
+                    raise ValueError(f"sources.manifest: {manifest!r} line {n} is not JSON: "
+                                     f"{e}") from None
     else:
         import pyarrow.parquet as pq
         rows = pq.read_table(io.BytesIO(data)).to_pylist()
@@ -108,9 +166,11 @@ def _read_manifest(manifest: str, cfg: SourcesConfig, options: dict[str, Any]) -
         raise ValueError(f"sources.manifest: {manifest!r} has no rows")
     columns = set().union(*(r.keys() for r in rows))
     if "path" not in columns:
-        raise ValueError(f"sources.manifest: {manifest!r} has no 'path' column (columns: {sorted(columns)})")
+        raise ValueError(f"sources.manifest: {manifest!r} has no 'path' column "
+                         f"(columns: {sorted(columns)})")
     if cfg.labels == "manifest" and "label" not in columns:
-        raise ValueError(f"sources.manifest: {manifest!r} has no 'label' column, but sources.labels=manifest")
+        raise ValueError(f"sources.manifest: {manifest!r} has no 'label' column, "
+                         f"but sources.labels=manifest")
     entries = []
     for n, row in enumerate(rows, 1):
         raw = str(row.get("path") or "").strip()
@@ -133,8 +193,10 @@ def _read_manifest(manifest: str, cfg: SourcesConfig, options: dict[str, Any]) -
         if split not in (None, ""):
             split_norm = _SPLIT_ALIASES.get(str(split).strip().lower())
             if split_norm is None:
-                raise ValueError(f"sources.manifest: {manifest!r} row {n} ({raw}): unknown split {split!r}; "
-                                 f"expected one of {sorted(_SPLIT_ALIASES)}")
+                raise ValueError(f"sources.manifest: {manifest!r} row {n} ({raw}): "
+                                 f"unknown split {split!r}; "
+                                 f"expected one of {sorted(_SPLIT_ALIASES)} (splits: "
+                                 f"{', '.join(SPLITS)})")
             split = split_norm
         else:
             split = None
@@ -162,22 +224,23 @@ def class_names(records: list[dict]) -> list[str]:
     return sorted({r["label"] for r in records if r.get("label") is not None})
 
 
-def list_videos(cfg: SourcesConfig, *, storage_options: dict[str, Any] | None = None) -> list[dict]:
-    """Records for every video of ``cfg`` (sorted by path; ``cfg.limit`` keeps the first N).
+def list_sources(cfg: SourcesConfig, *,
+                 storage_options: dict[str, Any] | None = None) -> Listing:
+    """Records for every video of ``cfg`` (sorted by path; ``cfg.limit`` keeps the first N) and
+    every other file under the prefix by skip reason.
 
     ``storage_options`` are merged over ``cfg.storage_options`` (s3: endpoint_url/key/secret).
     """
     options = {**cfg.storage_options, **(storage_options or {})}
+    skipped: dict[str, list[str]] = {}
     if cfg.manifest:
         entries = _read_manifest(cfg.manifest, cfg, options)
     else:
-        if cfg.labels == "manifest":
-            raise ValueError("sources.labels=manifest needs sources.manifest")
         uri = cfg.uri
         if uri == "samples":
             from pipeline.samples import sample_dir
             uri = str(sample_dir())
-        entries = _list_prefix(uri, cfg, options)
+        entries, skipped = _list_prefix(uri, cfg, options)
 
     seen: dict[str, dict] = {}
     for e in sorted(entries, key=lambda e: e["path"]):
@@ -187,8 +250,18 @@ def list_videos(cfg: SourcesConfig, *, storage_options: dict[str, Any] | None = 
         seen[vid] = {"video_id": vid, **e}
     records = list(seen.values())
     if cfg.limit is not None:
+        skipped[BEYOND_LIMIT] = [r["path"] for r in records[cfg.limit:]]
         records = records[: cfg.limit]
     _assign_splits(records, cfg.seed, cfg.val_fraction)
     index = {name: i for i, name in enumerate(class_names(records))}
-    return [{"video_id": r["video_id"], "path": r["path"], "label": r["label"],
-             "label_index": index.get(r["label"], -1), "split": r["split"]} for r in records]
+    out = []
+    for r in records:
+        rec = {"video_id": r["video_id"], "path": r["path"], "label": r["label"],
+               "label_index": index.get(r["label"], -1), "split": r["split"]}
+        out.append({**rec, "error": r["error"]} if r.get("error") else rec)
+    return Listing(out, skipped)
+
+
+def list_videos(cfg: SourcesConfig, *, storage_options: dict[str, Any] | None = None) -> list[dict]:
+    """``list_sources(...).records``: the videos only."""
+    return list_sources(cfg, storage_options=storage_options).records

@@ -1,14 +1,101 @@
 """Storage is always an fsspec URL: a local path, ``file://...``, or ``s3://bucket/prefix``
-(s3fs; pass ``endpoint_url`` in ``options`` for MinIO or another S3-compatible store)."""
+(s3fs; pass ``endpoint_url`` in ``options`` for MinIO or another S3-compatible store).
+
+S3 options go to ``s3fs.S3FileSystem`` as they are (plus the short form ``endpoint_url``):
+``key``/``secret``/``token``, ``client_kwargs`` (boto client: ``region_name``...) and
+``config_kwargs``, which s3fs hands to ``botocore.config.Config``; that is where retries live::
+
+    options: {config_kwargs: {retries: {max_attempts: 10, mode: adaptive},
+                              connect_timeout: 5, read_timeout: 30}}
+
+botocore retries throttling, 5xx responses and connection errors with backoff (modes
+``standard``, ``adaptive``; by default ``legacy``, 5 attempts); s3fs itself retries timeouts and
+broken connections of a call (its class attribute ``retries``, 5). ``mask_secrets`` hides the
+credentials among these options wherever a config or summary is printed or stored.
+"""
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import os
 import posixpath
+import re
 from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
+
+# URL schemes the pipeline reads and writes (plus plain local paths); memory: one process only
+PROTOCOLS = ("file", "s3", "s3a", "gs", "gcs", "memory")
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_IPV4 = re.compile(r"\d{1,3}(\.\d{1,3}){3}")
+
+
+def is_remote(url: str) -> bool:
+    """True for a URL fsspec fetches from elsewhere (``s3://``, ``memory://``...); False for a local
+    path or a ``file://`` URL."""
+    return "://" in url and not url.startswith("file://")
+
+
+def utc_now(*, basic: bool = False) -> str:
+    """The current UTC time to the second, ISO 8601: ``2026-12-02T10:00:00Z`` (records), or the
+    basic form ``20261202T100000Z`` (names of versions and runs: no colons)."""
+    return _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ" if basic else "%Y-%m-%dT%H:%M:%SZ")
+
+
+# option keys that hold credentials (matched on the lower-cased key, '-' read as '_')
+_SECRET_KEY = re.compile(r"(key|secret|token|password|passwd|credentials?)"
+                         r"|.*(_key|_key_id|_secret|_token|_password)|.*(secret|password|credential).*")
+_URL_USERINFO = re.compile(r"(://[^/@:\s]+:)[^/@\s]+@")
+MASK = "***"
+
+
+def mask_secrets(value: Any) -> Any:
+    """A copy of ``value`` (a config dump, options, a summary) with credentials replaced by
+    ``MASK``: values under keys such as key, secret, token, password, session_token,
+    aws_secret_access_key, *_api_key, and the password of ``scheme://user:password@host`` URLs."""
+    if isinstance(value, dict):
+        return {k: MASK if (_SECRET_KEY.fullmatch(str(k).lower().replace("-", "_"))
+                            and v not in (None, "")) else mask_secrets(v)
+                for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [mask_secrets(v) for v in value]
+    if isinstance(value, str):
+        return _URL_USERINFO.sub(rf"\1{MASK}@", value)
+    return value
+
+
+def bucket_problem(name: str) -> str | None:
+    """Why S3 would refuse ``name`` as a bucket name (AWS rules), or None when it is valid."""
+    if not _BUCKET.fullmatch(name):
+        return (f"bucket name {name!r} is not valid: 3-63 characters of a-z, 0-9, '.' and '-', "
+                f"starting and ending with a letter or digit")
+    if ".." in name or _IPV4.fullmatch(name):
+        return f"bucket name {name!r} is not valid: no '..' and not an IP address"
+    if name.startswith(("xn--", "sthree-")) or name.endswith(("-s3alias", "--ol-s3")):
+        return f"bucket name {name!r} is not valid: reserved prefix or suffix"
+    return None
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a storage location (unsupported scheme, missing filesystem package,
+    bad S3 bucket name), or None. Checks the text only: nothing is contacted."""
+    if "://" not in url:
+        return None if url else "empty URL"
+    scheme, rest = url.split("://", 1)
+    if scheme not in PROTOCOLS:
+        return (f"scheme {scheme!r} is not supported; supported: {', '.join(PROTOCOLS)} "
+                f"or a local path")
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except ImportError as e:
+        return f"scheme {scheme!r}: {e}"
+    if scheme in ("s3", "s3a"):
+        bucket = rest.split("/", 1)[0]
+        if "@" in bucket:  # never echoed: it may hold a password
+            return "credentials in an s3:// URL are not read: give key/secret in the options"
+        return bucket_problem(bucket) if bucket else f"no bucket in {url!r}"
+    return None
 
 
 def _s3fs_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -63,23 +150,27 @@ class Storage:
         return Storage(self.url(*parts), self.options)
 
     def download(self, rel: str, dest: str, *, recursive: bool = False) -> str:
-        """Copy the files directly under ``rel`` ("" = the root) into local directory ``dest``, and its
-        subdirectories too when ``recursive``; returns ``dest``. FileNotFoundError if ``rel`` is no directory."""
+        """Copy the files directly under ``rel`` ("" = the root) into local directory ``dest``, and
+        its subdirectories too when ``recursive``; returns ``dest``. FileNotFoundError if ``rel`` is
+        no directory."""
         src = self.path(rel) if rel else self.path()
         if not self.fs.isdir(src):
-            raise FileNotFoundError(f"{self.url(rel) if rel else self.url()} is not a directory")
+            where = self.url(rel) if rel else self.url()
+            raise FileNotFoundError(f"{where} is not a directory")
         os.makedirs(dest, exist_ok=True)
         if recursive:
             self.fs.get(src.rstrip("/") + "/", dest.rstrip("/") + "/", recursive=True)
             return dest
         for info in self.fs.ls(src, detail=True):
             if info["type"] == "file":
-                self.fs.get_file(info["name"], os.path.join(dest, posixpath.basename(info["name"].rstrip("/"))))
+                name = posixpath.basename(info["name"].rstrip("/"))
+                self.fs.get_file(info["name"], os.path.join(dest, name))
         return dest
 
     def pyarrow_filesystem(self):
         """This storage as a pyarrow filesystem (Ray Data readers, Ray Train's storage_filesystem):
-        pyarrow's own for local paths, the fsspec one (endpoint/options included) wrapped otherwise."""
+        pyarrow's own for local paths, the fsspec one (endpoint/options included) wrapped
+        otherwise."""
         import pyarrow.fs as pafs
         if self.protocol == "file":
             return pafs.LocalFileSystem()
@@ -90,7 +181,8 @@ class Storage:
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         p = self.path(rel)
-        self.fs.makedirs(posixpath.dirname(p), exist_ok=True)
+        if self.protocol == "file":  # object stores need no directories; s3fs would make a bucket
+            self.fs.makedirs(posixpath.dirname(p), exist_ok=True)
         with self.fs.open(p, "wb") as f:
             f.write(data)
 
@@ -112,9 +204,10 @@ class Storage:
     def ls(self, rel: str = "") -> list[str]:
         """Names (not paths) directly under ``rel``; [] when it does not exist."""
         try:
-            return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.path(rel), detail=False))
+            paths = self.fs.ls(self.path(rel), detail=False)
         except FileNotFoundError:
             return []
+        return sorted(posixpath.basename(p.rstrip("/")) for p in paths)
 
     def __getstate__(self):
         return {"root_url": self.root_url, "options": self.options, "_fs": None}

@@ -10,12 +10,13 @@
   clips within windows of ``shuffle_window``. The order depends on (seed, epoch, rank) only: the
   same under every cache mode, and batch ``k`` of an epoch is known without reading, so a resume
   starts there.
-* **Reader** (``ClipReader.batches``): threads read row groups with pyarrow (the fp16 column is a
-  numpy view of the Arrow buffer: no per-element work), copy a window's rows into pinned memory
-  (one memcpy), the main thread copies the window to the device on a side stream while the
-  previous window computes, and each batch is gathered on the device and turned into training
-  values there by ``decode`` (the one place a codec slots in). Caches keep a rank's clips after
-  their first read: ``host`` skips the Parquet read, ``device`` (``train.cache: gpu``) the host.
+* **Reader** (``ClipReader.batches``): threads read row groups with pyarrow (each column's stored
+  rows, in any codec, are a uint8 view of the Arrow buffer: ``columns.column_rows``, no
+  per-element work), copy a window's rows into pinned memory (one memcpy), the main thread copies
+  the window to the device on a side stream while the previous window computes, and each batch
+  is gathered on the device and decoded there by ``decode`` (``pipeline.codecs``: raw, fp8,
+  int8). Caches keep a rank's stored rows (codec-sized) after their first read: ``host`` skips
+  the Parquet read, ``device`` (``train.cache: gpu``) the host.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from .featurestore import FeatureStore, binary_to_numpy, numpy_to_torch
+from . import codecs, columns
+from .featurestore import FeatureStore
 
 LABEL = "label_index"
 
@@ -40,8 +42,8 @@ LABEL = "label_index"
 # ---------------------------------------------------------------- plan (driver)
 
 def plan_blocks(store: FeatureStore, split: str) -> list[dict]:
-    """Blocks of ``split``: [{"path": shard path in the store, "rg": row group, "rows": [row in it]}],
-    by path and row group."""
+    """Blocks of ``split``: [{"path": shard path in the store, "rg": row group, "rows": [row in
+    it]}], by path and row group."""
     fs = store.storage.pyarrow_filesystem()
 
     def blocks_of(rec: dict) -> list[dict]:
@@ -49,7 +51,8 @@ def plan_blocks(store: FeatureStore, split: str) -> list[dict]:
             return []
         pf = pq.ParquetFile(store.storage.path(rec["path"]), filesystem=fs)
         mixed = set(rec["sums"]) != {split}
-        col = pf.read(columns=["split"]).column("split").to_numpy(zero_copy_only=False) if mixed else None
+        col = (pf.read(columns=["split"]).column("split").to_numpy(zero_copy_only=False)
+               if mixed else None)
         out, start = [], 0
         for rg in range(pf.num_row_groups):
             n = pf.metadata.row_group(rg).num_rows
@@ -64,10 +67,12 @@ def plan_blocks(store: FeatureStore, split: str) -> list[dict]:
                       key=lambda b: (b["path"], b["rg"]))
 
 
-def rank_segments(sizes: list[int], world: int, rank: int, seed: int, shuffle: bool = True) -> list[tuple]:
+def rank_segments(sizes: list[int], world: int, rank: int, seed: int,
+                  shuffle: bool = True) -> list[tuple]:
     """This rank's piece of the blocks: [(block, lo, hi)] (clips lo:hi of the block's rows). Pieces
     are contiguous in a seeded block order and hold ``sum(sizes) // world`` clips each."""
-    order = np.random.default_rng([seed, 1]).permutation(len(sizes)) if shuffle else range(len(sizes))
+    n = len(sizes)
+    order = np.random.default_rng([seed, 1]).permutation(n) if shuffle else range(n)
     per = sum(sizes) // world
     lo, hi, pos, segs = rank * per, (rank + 1) * per, 0, []
     for b in order:
@@ -79,20 +84,16 @@ def rank_segments(sizes: list[int], world: int, rank: int, seed: int, shuffle: b
 
 
 def decode(raw: torch.Tensor, layout: dict) -> torch.Tensor:
-    """Stored rows (B, *shape) in the store's dtype, already on the device -> float32 (B, *shape).
+    """Stored rows (B, row_bytes) uint8, already on the device -> float32 (B, N, D) there.
 
-    The one step from stored bytes to training values (a codec, e.g. fp8 with per-channel scales
-    from ``layout``, decodes here)."""
-    return raw.float()
+    The one step from stored bytes to training values: the column's codec (``layout["codec"]``;
+    fp8/int8 rows carry their per-(clip, channel) scales)."""
+    return codecs.decode(raw, layout, torch.float32)
 
 
 def clip_bytes(layouts: dict[str, dict]) -> int:
-    """Stored bytes of one clip over ``layouts`` (+ its label)."""
-    return sum(int(np.prod(v["shape"])) * _torch_dtype(v["dtype"]).itemsize for v in layouts.values()) + 4
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)
+    """Stored bytes of one clip over ``layouts`` (``FeatureStore.layouts()``), + its int32 label."""
+    return sum(codecs.row_bytes(v) for v in layouts.values()) + 4
 
 
 def resolve_cache(mode: str, n_clips: int, layouts: dict[str, dict], device: torch.device,
@@ -117,8 +118,8 @@ def resolve_cache(mode: str, n_clips: int, layouts: dict[str, dict], device: tor
 
 @dataclass
 class _Window:
-    """A window of clips: ``canon`` (n,) cache rows in read order, ``parts`` [(segment, a, z)] runs of
-    those clips within segments, ``perm`` (n,) read positions in training order."""
+    """A window of clips: ``canon`` (n,) cache rows in read order, ``parts`` [(segment, a, z)] runs
+    of those clips within segments, ``perm`` (n,) read positions in training order."""
     canon: np.ndarray
     parts: list[tuple[int, int, int]]
     perm: np.ndarray
@@ -127,17 +128,19 @@ class _Window:
 class ClipReader:
     """Batches of one rank's clips of a split, on ``device``.
 
-    ``batches(epoch, start)`` -> iterator of {name: float32 (B, tokens, dim), "label_index": int64 (B,)};
-    ``steps_per_epoch`` batches per epoch (the last may be smaller), the same on every rank.
+    ``batches(epoch, start)`` -> iterator of {name: float32 (B, tokens, dim), "label_index":
+    int64 (B,)}; ``steps_per_epoch`` batches per epoch (the last may be smaller), the same on
+    every rank.
     ``cache``: "none" | "host" | "device" (``resolve_cache``).
     """
 
-    def __init__(self, store: FeatureStore, blocks: list[dict], names: list[str], *, rank: int, world: int,
-                 batch_size: int, device: torch.device, seed: int = 0, shuffle: bool = True,
-                 window: int = 128, cache: str = "none", read_ahead: int = 8):
-        tensors = store.read_meta()["tensors"]
+    def __init__(self, store: FeatureStore, blocks: list[dict], names: list[str], *, rank: int,
+                 world: int, batch_size: int, device: torch.device, seed: int = 0,
+                 shuffle: bool = True, window: int = 128, cache: str = "none",
+                 read_ahead: int = 8):
+        layouts = store.layouts()
         self.store, self.blocks, self.names, self.device = store, blocks, list(names), device
-        self.layouts = {n: tensors[n] for n in self.names}
+        self.layouts = {n: layouts[n] for n in self.names}
         self.batch_size, self.seed, self.shuffle, self.rank = batch_size, seed, shuffle, rank
         self.window = -(-window // batch_size) * batch_size
         self.cache, self.read_ahead = cache, read_ahead
@@ -146,11 +149,12 @@ class ClipReader:
         self.seg_start = np.concatenate([[0], np.cumsum(self.seg_len)])
         self.num_clips = int(self.seg_start[-1])
         if self.num_clips == 0:
-            raise ValueError(f"rank {rank}: no clips (the split has fewer clips than the {world} workers)")
+            raise ValueError(f"rank {rank}: no clips (the split has fewer clips than the {world} "
+                             f"workers)")
         self.steps_per_epoch = -(-self.num_clips // batch_size)
         self._cuda = device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(device) if self._cuda else None
-        self._host: dict[str, torch.Tensor] | None = None     # cache == "host": pageable host memory
+        self._host: dict[str, torch.Tensor] | None = None     # cache == "host": pageable memory
         self._dev: dict[str, torch.Tensor] | None = None      # cache == "device"
         self._host_has = np.zeros(self.num_clips, bool)
         self._host_lock = threading.Lock()
@@ -174,7 +178,8 @@ class ClipReader:
                     parts, canon, n = [], [], 0
         if parts:
             out.append((parts, np.concatenate(canon)))
-        return [_Window(c, p, rng.permutation(len(c)) if self.shuffle else np.arange(len(c))) for p, c in out]
+        return [_Window(c, p, rng.permutation(len(c)) if self.shuffle else np.arange(len(c)))
+                for p, c in out]
 
     # ------------------------------------------------------------ batches
     def batches(self, epoch: int, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
@@ -184,7 +189,8 @@ class ClipReader:
         skip = start % per_window
         q: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
-        loader = threading.Thread(target=self._load, args=(wins, q, stop), daemon=True, name="clip-loader")
+        loader = threading.Thread(target=self._load, args=(wins, q, stop), daemon=True,
+                                  name="clip-loader")
         loader.start()
         try:
             nxt = self._upload(self._get(q)) if wins else None
@@ -193,7 +199,8 @@ class ClipReader:
                 n_b = -(-len(win.perm) // self.batch_size)
                 for j in range(skip if i == 0 else 0, n_b):
                     if nxt is None and i + 1 < len(wins) and not q.empty():
-                        nxt = self._upload(self._get(q))   # the next window's copy overlaps this one's steps
+                        # the next window's copy overlaps this one's steps
+                        nxt = self._upload(self._get(q))
                     yield self._batch(cur, j)
                 if nxt is None and i + 1 < len(wins):
                     nxt = self._upload(self._get(q))
@@ -248,8 +255,8 @@ class ClipReader:
                 v.record_stream(stream)
         if self.cache == "device" and win["fill"] is not None:
             if self._dev is None:
-                self._dev = {k: torch.empty((self.num_clips, *v.shape[1:]), dtype=v.dtype, device=self.device)
-                             for k, v in win["t"].items()}
+                self._dev = {k: torch.empty((self.num_clips, *v.shape[1:]), dtype=v.dtype,
+                                            device=self.device) for k, v in win["t"].items()}
             rows = self._to_device(torch.as_tensor(win["fill"]))
             for k, v in win["t"].items():
                 self._dev[k].index_copy_(0, rows, v)
@@ -270,7 +277,8 @@ class ClipReader:
                     if plan is None:
                         pending.append((("cached", win, None), []))
                     else:
-                        item, copies, last = self._assemble(win, plan, blocks, last, copiers, stored)
+                        item, copies, last = self._assemble(win, plan, blocks, last, copiers,
+                                                            stored)
                         pending.append((item, copies))
                     while len(pending) > 1 or (pending and win is wins[-1]):
                         item, copies = pending.popleft()
@@ -288,8 +296,9 @@ class ClipReader:
             q.put(e)
 
     def _plan_reads(self, wins: list[_Window]) -> tuple[list, list[int]]:
-        """Per window None (all on the device) or, per part, "host" (in the host cache), "read" (a new
-        segment read) or "last" (the segment read last); plus the segments to read, in order."""
+        """Per window None (all on the device) or, per part, "host" (in the host cache), "read" (a
+        new segment read) or "last" (the segment read last); plus the segments to read, in
+        order."""
         host_has = self._host_has.copy()
         plans, reads, last = [], [], None
         for win in wins:
@@ -313,13 +322,13 @@ class ClipReader:
         return plans, reads
 
     def _read_segment(self, s: int) -> dict[str, torch.Tensor]:
-        """Segment ``s``'s row group as tensors viewing the Arrow buffers, and its clips' rows in it."""
+        """Segment ``s``'s row group as stored rows viewing the Arrow buffers, and its clips' rows
+        in it."""
         b, lo, hi = self.segs[s]
         block = self.blocks[b]
         pf = pq.ParquetFile(self.store.storage.path(block["path"]), filesystem=self._fs())
         table = pf.read_row_group(block["rg"], columns=[*self.names, LABEL])
-        out = {n: numpy_to_torch(binary_to_numpy(table.column(n), tuple(lay["shape"]), lay["dtype"]), lay["dtype"])
-               for n, lay in self.layouts.items()}
+        out = {n: columns.column_rows(table.column(n), lay) for n, lay in self.layouts.items()}
         out[LABEL] = torch.from_numpy(table.column(LABEL).to_numpy().astype(np.int32))
         out["_rows"] = torch.as_tensor(block["rows"][lo:hi], dtype=torch.int64)
         return out
@@ -329,18 +338,21 @@ class ClipReader:
             self._pafs = self.store.storage.pyarrow_filesystem()
         return self._pafs
 
-    def _assemble(self, win: _Window, plan: list[str], blocks: Iterator[dict], last, copiers, stored):
-        """The window's clips in read order into pinned host memory: one copy of each row, the copies
-        submitted to ``copiers``. Returns (item, copy futures, last segment read)."""
+    def _assemble(self, win: _Window, plan: list[str], blocks: Iterator[dict], last, copiers,
+                  stored):
+        """The window's clips in read order into pinned host memory: one copy of each row, the
+        copies submitted to ``copiers``. Returns (item, copy futures, last segment read)."""
         n = len(win.canon)
-        shapes = {k: (tuple(v["shape"]), _torch_dtype(v["dtype"])) for k, v in self.layouts.items()}
+        shapes = {k: ((codecs.row_bytes(v),), torch.uint8) for k, v in self.layouts.items()}
         shapes[LABEL] = ((), torch.int32)
-        out = {k: torch.empty((n, *s), dtype=d, pin_memory=self._cuda) for k, (s, d) in shapes.items()}
+        out = {k: torch.empty((n, *s), dtype=d, pin_memory=self._cuda)
+               for k, (s, d) in shapes.items()}
         copies, off = [], 0
         for (s, a, z), how in zip(win.parts, plan):
             lo, k = int(self.seg_start[s]), z - a
             if how == "host":  # stored by this epoch's earlier window, or by an earlier epoch
-                copies.append(copiers.submit(self._copy_host, out, off, lo + a, lo + z, stored.get(s)))
+                copies.append(copiers.submit(self._copy_host, out, off, lo + a, lo + z,
+                                             stored.get(s)))
             else:
                 if how == "read":
                     last = (s, next(blocks))
@@ -365,7 +377,8 @@ class ClipReader:
     def _store_host(self, s: int, data: dict, shapes: dict) -> None:
         with self._host_lock:
             if self._host is None:
-                self._host = {k: torch.empty((self.num_clips, *sh), dtype=d) for k, (sh, d) in shapes.items()}
+                self._host = {k: torch.empty((self.num_clips, *sh), dtype=d)
+                              for k, (sh, d) in shapes.items()}
         lo, hi = int(self.seg_start[s]), int(self.seg_start[s + 1])
         for name, t in self._host.items():
             torch.index_select(data[name], 0, data["_rows"], out=t[lo:hi])

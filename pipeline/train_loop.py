@@ -2,16 +2,17 @@
 (``LocalSession``; bench/train.py).
 
 One step: the rank's batch arrives on the device (``pipeline.train_data``), converter + head run
-under bf16 autocast on CUDA (fp32 master weights), DDP averages the gradients (``find_unused_parameters``
-only when a design leaves parameters out of the loss), the gradient norm is clipped, fused AdamW
-steps, timm's warm-up + cosine schedule sets the lr. Every step's RNG is seeded from (seed, rank,
-step) and the data order from (seed, epoch, rank): a run resumed from a checkpoint at step s takes
-exactly the steps an uninterrupted run would.
+under bf16 autocast on CUDA (fp32 master weights), DDP averages the gradients
+(``find_unused_parameters`` only when a design leaves parameters out of the loss), the gradient
+norm is clipped, fused AdamW steps, timm's warm-up + cosine schedule sets the lr. Every step's RNG
+is seeded from (seed, rank, step) and the data order from (seed, epoch, rank): a run resumed from
+a checkpoint at step s takes exactly the steps an uninterrupted run would.
 
 Rank 0 validates on the held-out split every ``val_every_steps`` and at epoch ends
 (``pipeline.evaluate.FidelityMeter``: cosine and R^2 per target, head top-1), keeps the best model
 apart, writes the per-step metrics log, and saves checkpoints (model files, optimiser, scheduler,
-step, epoch, position in the epoch) through the session at ``checkpoint_every_steps`` and epoch ends.
+step, epoch, position in the epoch) through the session at ``checkpoint_every_steps`` and epoch
+ends.
 """
 from __future__ import annotations
 
@@ -30,20 +31,11 @@ import torch.distributed as dist
 
 from tokconv.targets import specs_from_dict
 
-from .config import JobConfig
+from .artifacts import TRAIN_STATE, ModelRegistry, load_weights, save_model_dir, stats_tensors
+from .config import TrainConfig
 from .featurestore import FeatureStore
 from .storage import Storage
-from .train import (
-    TRAIN_STATE,
-    _load_weights_from_dir,
-    _model_name,
-    _store_name,
-    _TrainModule,
-    build_models,
-    save_model_dir,
-    stats_tensors,
-    teacher_specs,
-)
+from .train import _TrainModule, build_models, teacher_specs
 from .train_data import ClipReader, resolve_cache
 from .train_step import (
     Objective,
@@ -104,8 +96,10 @@ class MetricsLog:
         self.pending: list[tuple[dict, list[str], torch.Tensor]] = []
 
     def step(self, host: dict, terms: dict[str, torch.Tensor]) -> None:
-        """A step record: ``host`` fields now, the device scalars ``terms`` copied at the next flush."""
-        self.pending.append((host, list(terms), torch.stack([v.detach().float() for v in terms.values()])))
+        """A step record: ``host`` fields now, the device scalars ``terms`` copied at the next
+        flush."""
+        values = torch.stack([v.detach().float() for v in terms.values()])
+        self.pending.append((host, list(terms), values))
 
     def add(self, record: dict) -> None:
         self._drain()
@@ -114,7 +108,8 @@ class MetricsLog:
     def _drain(self) -> None:
         if not self.pending:
             return
-        values = torch.cat([v for _, _, v in self.pending]).cpu().tolist()  # one sync for all of them
+        # one sync for all of them
+        values = torch.cat([v for _, _, v in self.pending]).cpu().tolist()
         i = 0
         for host, names, v in self.pending:
             rec = dict(host)
@@ -162,16 +157,18 @@ class Progress:
     finished: bool = False
     resumed_from_step: int | None = None
     warm_started_from: str | None = None
+    clips: int = 0                     # clips trained, all ranks
+    train_seconds: float = 0.0         # first step to last checkpoint, restarts' lost work excluded
 
 
 def run_worker(cfg: dict, session) -> None:
-    """Train on this rank; ``cfg`` is plain data (see ``pipeline.train.run_train``), ``session`` gives
-    rank / world / device, ``restore() -> train state | None`` and ``report(metrics, dir, name)``."""
+    """Train on this rank; ``cfg`` is plain data (``pipeline.train.worker_config``), ``session``
+    gives rank / world / device, ``restore() -> train state | None`` and ``report(metrics, dir,
+    name)``."""
     t_enter = time.perf_counter()
-    job = JobConfig.model_validate(cfg["job"])
-    tc = job.train
+    tc = TrainConfig.model_validate(cfg["train"])
     storage = Storage(cfg["storage_url"], cfg["storage_options"])
-    store = FeatureStore(storage, _store_name(job))
+    store = FeatureStore(storage, cfg["store"])
     specs = specs_from_dict(cfg["specs"])
     targets = list(teacher_specs(specs))
     rank, world, device = session.rank, session.world_size, session.device
@@ -188,10 +185,9 @@ def run_worker(cfg: dict, session) -> None:
         module.load_state_dict(state["model"])
         prog.resumed_from_step = prog.step
     elif cfg.get("warm_start_version"):
-        from .export import download_model
         with tempfile.TemporaryDirectory() as d:
-            download_model(storage, _model_name(job), cfg["warm_start_version"], d)
-            _load_weights_from_dir(module, d)
+            ModelRegistry(storage, cfg["model_name"]).download(cfg["warm_start_version"], d)
+            load_weights(module.converter, module.head, d)
         prog.warm_started_from = cfg["warm_start_version"]
     if prog.finished:
         return
@@ -202,18 +198,21 @@ def run_worker(cfg: dict, session) -> None:
 
     names = ["student", *targets]
     local = getattr(session, "local_world_size", 1)
-    layouts = {n: store.read_meta()["tensors"][n] for n in names}
+    layouts = {n: store.layouts()[n] for n in names}
     n_rank = sum(len(b["rows"]) for b in cfg["blocks"]) // world
-    reader = ClipReader(store, cfg["blocks"], names, rank=rank, world=world, batch_size=tc.batch_size,
-                        device=device, seed=tc.seed, window=tc.shuffle_window, read_ahead=tc.read_ahead,
+    reader = ClipReader(store, cfg["blocks"], names, rank=rank, world=world,
+                        batch_size=tc.batch_size, device=device, seed=tc.seed,
+                        window=tc.shuffle_window, read_ahead=tc.read_ahead,
                         cache=resolve_cache(tc.cache, n_rank, layouts, device, local))
     val = None
     if rank == 0 and cfg["val_blocks"]:
         n_val = sum(len(b["rows"]) for b in cfg["val_blocks"])
-        val = ClipReader(store, cfg["val_blocks"], names, rank=0, world=1, batch_size=tc.batch_size, device=device,
-                         shuffle=False, read_ahead=tc.read_ahead,
-                         cache="none" if tc.cache == "none"  # on the device only if it fits beside the train split
-                         else resolve_cache(tc.cache, n_val + n_rank, layouts, device, local))
+        # cached on the device only if it fits beside the train split
+        val_cache = "none" if tc.cache == "none" else resolve_cache(
+            tc.cache, n_val + n_rank, layouts, device, local)
+        val = ClipReader(store, cfg["val_blocks"], names, rank=0, world=1,
+                         batch_size=tc.batch_size, device=device, shuffle=False,
+                         read_ahead=tc.read_ahead, cache=val_cache)
     optimizer = make_optimizer(params, tc.optim, device)
     scheduler = make_scheduler(optimizer, tc.optim, reader.steps_per_epoch * tc.epochs)
     if state:
@@ -224,8 +223,9 @@ def run_worker(cfg: dict, session) -> None:
     objective = Objective(tc, mean, std, bf16=bf16)
     log = MetricsLog(storage, cfg["metrics_log"], keep_through=prog.step) if rank == 0 else None
     if rank == 0:
-        _log.info("[train] rank 0: %d clips, %d steps per epoch, cache %s, %s, from step %d", reader.num_clips,
-                  reader.steps_per_epoch, reader.cache, "bf16 autocast" if bf16 else "fp32", prog.step)
+        _log.info("[train] rank 0: %d clips, %d steps per epoch, cache %s, %s, from step %d",
+                  reader.num_clips, reader.steps_per_epoch, reader.cache,
+                  "bf16 autocast" if bf16 else "fp32", prog.step)
 
     def validate_now() -> bool:
         """Rank 0 validates, logs, keeps the best; every rank learns whether to stop early."""
@@ -243,20 +243,33 @@ def run_worker(cfg: dict, session) -> None:
                 save_best(storage, cfg["run_rel"], module, prog, tc.best_metric)
             else:
                 prog.stale += 1
-            stop = tc.early_stopping_patience is not None and prog.stale >= tc.early_stopping_patience
-            _log.info("[train] step %d val %s: %s%s", prog.step, tc.best_metric, value, " (best)" if better else "")
+            patience = tc.early_stopping_patience
+            stop = patience is not None and prog.stale >= patience
+            _log.info("[train] step %d val %s: %s%s", prog.step, tc.best_metric, value,
+                      " (best)" if better else "")
         if world > 1:
             flag = torch.tensor([float(stop)], device=device)
             dist.broadcast(flag, 0)
             stop = bool(flag.item())
         return stop
 
+    clock = {"since": None}  # start of the training time not yet in prog.train_seconds
+
     def checkpoint() -> None:
-        metrics = {"step": prog.step, "epoch": prog.epoch, "pos": prog.pos, "finished": prog.finished,
+        if clock["since"] is not None:  # the work queued on the device is part of the steps
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            now = time.perf_counter()
+            prog.train_seconds += now - clock["since"]
+            clock["since"] = now
+        metrics = {"step": prog.step, "epoch": prog.epoch, "pos": prog.pos,
+                   "finished": prog.finished,
                    "loss": prog.loss_history[-1] if prog.loss_history else None,
-                   "loss_history": list(prog.loss_history), "resumed_from_step": prog.resumed_from_step,
-                   "warm_started_from": prog.warm_started_from, "best": prog.best, "best_step": prog.best_step,
-                   **prog.last_val}
+                   "loss_history": list(prog.loss_history),
+                   "resumed_from_step": prog.resumed_from_step,
+                   "warm_started_from": prog.warm_started_from, "best": prog.best,
+                   "best_step": prog.best_step, "clips": prog.clips,
+                   "train_seconds": prog.train_seconds, **prog.last_val}
         name = f"step-{prog.step:08d}"
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
@@ -279,31 +292,37 @@ def run_worker(cfg: dict, session) -> None:
                 if batch is None:
                     break
                 t1 = time.perf_counter()
-                if rank == 0 and t_enter is not None:  # where a worker's start-up went
-                    _log.info("[train] rank 0: first batch %.1f s after the loop started (models on the device "
-                              "%.1f s)", t1 - t_enter, t_model)
+                if t_enter is not None:  # where a worker's start-up went
+                    clock["since"] = t0
+                    if rank == 0:
+                        _log.info("[train] rank 0: first batch %.1f s after the loop started "
+                                  "(models on the device %.1f s)", t1 - t_enter, t_model)
                     t_enter = None
                 seed_step(tc.seed, rank, prog.step)
                 weights = objective.weights(prog.step)
-                loss, terms, grad_norm = step_once(model, objective, optimizer, params, batch, prog.step,
-                                                   tc.optim.grad_clip)
+                loss, terms, grad_norm = step_once(model, objective, optimizer, params, batch,
+                                                   prog.step, tc.optim.grad_clip)
                 lr = optimizer.param_groups[0]["lr"]
                 prog.step, prog.pos = prog.step + 1, prog.pos + 1
+                prog.clips += batch["student"].shape[0] * world  # equal batches on every rank
                 scheduler.step_update(prog.step)
                 loss_sum += loss.detach()
                 if rank == 0:
                     dt = time.perf_counter() - t0
-                    log.step({"kind": "step", "step": prog.step, "epoch": prog.epoch, "time": time.time(), "lr": lr,
+                    log.step({"kind": "step", "step": prog.step, "epoch": prog.epoch,
+                              "time": time.time(), "lr": lr,
                               **{f"w.{k}": v for k, v in weights.items() if f"reg.{k}" in terms},
                               "clips_per_s": batch["student"].shape[0] * world / dt,
                               "data_wait_frac": (t1 - t0) / dt},
                              {"loss": loss, **terms, "grad_norm": grad_norm})
                     if prog.step % tc.log_every_steps == 0:
                         log.flush()
-                inside = prog.pos < reader.steps_per_epoch  # epoch ends validate and checkpoint below
+                # epoch ends validate and checkpoint below
+                inside = prog.pos < reader.steps_per_epoch
                 if inside and tc.val_every_steps and prog.step % tc.val_every_steps == 0:
                     stop = validate_now()
-                if stop or (inside and tc.checkpoint_every_steps and prog.step % tc.checkpoint_every_steps == 0):
+                every = tc.checkpoint_every_steps
+                if stop or (inside and every and prog.step % every == 0):
                     prog.epoch_loss += _all_sum(loss_sum, world)
                     loss_sum.zero_()
                     prog.finished = stop
@@ -332,9 +351,11 @@ def _all_sum(x: torch.Tensor, world: int) -> float:
     return float(x.item())
 
 
-def save_best(storage: Storage, run_rel: str, module: _TrainModule, prog: Progress, metric: str) -> None:
+def save_best(storage: Storage, run_rel: str, module: _TrainModule, prog: Progress,
+              metric: str) -> None:
     """Model files of the best validation so far under <run>/best-<step>/, then best.json names it
-    (written last: a crash in between leaves the previous best named), then the previous one goes."""
+    (written last: a crash in between leaves the previous best named), then the previous one
+    goes."""
     rel = posixpath.join(run_rel, f"best-{prog.step:08d}")
     old = storage.read_json(posixpath.join(run_rel, "best.json"), default=None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -342,7 +363,8 @@ def save_best(storage: Storage, run_rel: str, module: _TrainModule, prog: Progre
         storage.fs.makedirs(storage.path(rel), exist_ok=True)
         for f in os.listdir(tmp):
             storage.fs.put_file(os.path.join(tmp, f), storage.path(rel, f))
-    storage.write_json(posixpath.join(run_rel, "best.json"), {"dir": rel, "step": prog.step, "epoch": prog.epoch,
-                                                             "metric": metric, "value": prog.best})
+    storage.write_json(posixpath.join(run_rel, "best.json"),
+                       {"dir": rel, "step": prog.step, "epoch": prog.epoch, "metric": metric,
+                        "value": prog.best})
     if old and old["dir"] != rel and storage.exists(old["dir"]):
         storage.fs.rm(storage.path(old["dir"]), recursive=True)

@@ -25,11 +25,13 @@ class Objective:
     """Loss of one batch: distillation per target on standardised teachers, head cross-entropy,
     weighted deficiency regularisers.
 
-    __call__(model, batch, step) -> (loss scalar, {"loss.<target>", "loss.head", "reg.<name>": scalar});
+    __call__(model, batch, step) -> (loss scalar, {"loss.<target>", "loss.head", "reg.<name>":
+    scalar});
     ``weights(step)`` -> {"<regulariser>": current weight}.
     """
 
-    def __init__(self, tc, mean: dict[str, torch.Tensor], std: dict[str, torch.Tensor], *, bf16: bool):
+    def __init__(self, tc, mean: dict[str, torch.Tensor], std: dict[str, torch.Tensor], *,
+                 bf16: bool):
         from tokconv.deficiency import WarmupSchedule
         d = tc.deficiency
         self.loss, self.mean, self.std, self.bf16 = tc.loss, mean, std, bf16
@@ -46,8 +48,9 @@ class Objective:
         x = batch["student"]
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out, logits, regs, jac = model(x, with_jacobian=w["jacobian"] > 0)
-        loss, per_target = distill_loss(out, batch, mean=self.mean, std=self.std, w_cos=self.loss.w_cos,
-                                        w_sl1=self.loss.w_sl1, target_weights=self.loss.target_weights or None)
+        loss, per_target = distill_loss(out, batch, mean=self.mean, std=self.std,
+                                        w_cos=self.loss.w_cos, w_sl1=self.loss.w_sl1,
+                                        target_weights=self.loss.target_weights or None)
         terms = {f"loss.{t}": v for t, v in per_target.items()}
         ce = loss.new_zeros(())
         if logits is not None:  # unlabelled clips (-1) count for nothing; no host sync to find them
@@ -66,8 +69,8 @@ class Objective:
         return loss, terms
 
 
-def step_once(model, objective: Objective, optimizer, params, batch: dict[str, torch.Tensor], step: int,
-              grad_clip: float | None):
+def step_once(model, objective: Objective, optimizer, params, batch: dict[str, torch.Tensor],
+              step: int, grad_clip: float | None):
     """One optimiser step on ``batch`` -> (loss, terms, grad norm before clipping); no host sync."""
     loss, terms = objective(model, batch, step)
     optimizer.zero_grad(set_to_none=True)
@@ -81,8 +84,8 @@ def make_scheduler(optimizer, optim_cfg, total_steps: int):
     from timm.scheduler import CosineLRScheduler
     warmup = min(optim_cfg.warmup_steps, max(total_steps - 1, 0))
     return CosineLRScheduler(optimizer, t_initial=max(total_steps, 1), lr_min=optim_cfg.lr * 0.01,
-                             warmup_t=warmup, warmup_lr_init=optim_cfg.lr * 0.01, warmup_prefix=True,
-                             t_in_epochs=False)
+                             warmup_t=warmup, warmup_lr_init=optim_cfg.lr * 0.01,
+                             warmup_prefix=True, t_in_epochs=False)
 
 
 def make_optimizer(params, optim_cfg, device: torch.device) -> torch.optim.Optimizer:
@@ -91,7 +94,8 @@ def make_optimizer(params, optim_cfg, device: torch.device) -> torch.optim.Optim
                              fused=device.type == "cuda")
 
 
-def wrap_ddp(module: _TrainModule, device: torch.device, world: int, student_shape: tuple[int, int]):
+def wrap_ddp(module: _TrainModule, device: torch.device, world: int,
+             student_shape: tuple[int, int]):
     """DDP over the process group (NCCL on CUDA, gloo on CPU) when world > 1; finding unused
     parameters (an extra pass per step) only when one probe step leaves some without a gradient."""
     if world == 1:
@@ -106,7 +110,8 @@ def wrap_ddp(module: _TrainModule, device: torch.device, world: int, student_sha
         _log.info("[train] DDP with find_unused_parameters: %d parameters take no part (%s...)",
                   len(unused), unused[0])
     return torch.nn.parallel.DistributedDataParallel(
-        module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=bool(unused))
+        module, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=bool(unused))
 
 
 def seed_step(seed: int, rank: int, step: int) -> None:
@@ -116,8 +121,10 @@ def seed_step(seed: int, rank: int, step: int) -> None:
 # ---------------------------------------------------------------- validation
 
 @torch.no_grad()
-def validate(module: _TrainModule, reader: ClipReader, mean, std, *, bf16: bool) -> dict[str, float | None]:
-    """{"val.<target>.cosine", "val.<target>.r2", "val.top1", "val.mean_cosine"} on ``reader``'s split."""
+def validate(module: _TrainModule, reader: ClipReader, mean, std, *,
+             bf16: bool) -> dict[str, float | None]:
+    """{"val.<target>.cosine", "val.<target>.r2", "val.top1", "val.mean_cosine"} on ``reader``'s
+    split."""
     from tokconv.losses import standardize
 
     from .evaluate import FidelityMeter, topk_correct

@@ -6,8 +6,13 @@ Video fixtures (session-scoped, real files):
   ``sample_files`` -> dict file name -> Path inside ``sample_videos``.
   ``bad_videos`` -> dict name -> Path (tests/data_tools.py says how each is made): broken ones
       (data_tools.BROKEN: truncated, truncated_midstream, corrupt_midstream, random_bytes, empty,
-      text, audio_only, too_short) and valid ones in other codecs (data_tools.VALID_OTHER_CODECS: webm_vp9,
-      avi_mpeg4). Needs ffmpeg on PATH (fails with a clear message otherwise).
+      text, audio_only, too_short) and valid ones in other codecs (data_tools.VALID_OTHER_CODECS:
+      webm_vp9, avi_mpeg4, mpg_mpeg2) and one that is no video (data_tools.NOT_VIDEO: m4a_audio).
+      Needs ffmpeg on PATH (fails with a clear message otherwise).
+Ray fixture:
+  ``ray_cluster`` -> the ``ray`` module, initialised with a real local cluster for the test module
+      (2 CPUs, 500 MiB object store, loopback only, Ray Train's controller polling its workers
+      every 0.2 s); a cluster already running is reused as is.
 S3 fixture:
   ``s3_server`` -> S3Endpoint: a real moto ThreadedMotoServer on 127.0.0.1 (free port) with
       ``.endpoint_url``, ``.storage_options`` (endpoint_url/key/secret, the Storage/sources form),
@@ -59,6 +64,25 @@ def bad_videos(tmp_path_factory, sample_files) -> dict[str, Path]:
     return make_test_videos(sample_files, tmp_path_factory.mktemp("bad_videos"))
 
 
+# ---------------------------------------------------------------- Ray
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+    started = not ray.is_initialized()
+    with pytest.MonkeyPatch.context() as mp:
+        if started:
+            # the controller takes each report at its health check (2 s by default; test runs
+            # checkpoint every few ms): a shorter interval keeps them short, it changes nothing
+            # they check. Set before ray.init: the cluster's processes inherit it.
+            mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+            ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                     object_store_memory=500 * 2**20, log_to_driver=True)
+        yield ray
+        if started:
+            ray.shutdown()
+
+
 # ---------------------------------------------------------------- S3 (moto server)
 
 @dataclass
@@ -85,7 +109,8 @@ class S3Endpoint:
         return name
 
     def upload(self, local_dir: str | Path, url: str) -> None:
-        """Copy every file under ``local_dir`` to ``url`` (s3://bucket/prefix), keeping relative paths."""
+        """Copy every file under ``local_dir`` to ``url`` (s3://bucket/prefix), keeping relative
+        paths."""
         fs = self.fs()
         local_dir = Path(local_dir)
         for p in sorted(local_dir.rglob("*")):

@@ -15,7 +15,10 @@ Broken inputs are derived from real videos so each one fails for one known reaso
   window of >= 6 frames at stride 2.
 
 Valid videos in other codecs (same content as carphone_pristine.mp4, 120 frames 144x176):
-``webm_vp9`` (VP9 in WebM) and ``avi_mpeg4`` (MPEG-4 part 2 in AVI).
+``webm_vp9`` (VP9 in WebM), ``avi_mpeg4`` (MPEG-4 part 2 in AVI) and ``mpg_mpeg2`` (MPEG-2 video
+in an MPEG program stream, ``.mpg``).
+
+Not a video: ``m4a_audio``, 1 s of AAC audio in an ``.m4a`` (MP4) container.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ from pathlib import Path
 
 BROKEN = ("truncated", "truncated_midstream", "corrupt_midstream", "random_bytes", "empty", "text",
           "audio_only", "too_short")
-VALID_OTHER_CODECS = ("webm_vp9", "avi_mpeg4")
+VALID_OTHER_CODECS = ("webm_vp9", "avi_mpeg4", "mpg_mpeg2")
+NOT_VIDEO = ("m4a_audio",)
 TOO_SHORT_FRAMES = 10
 
 
@@ -85,4 +89,8 @@ def make_test_videos(samples: dict[str, Path], dest: Path) -> dict[str, Path]:
            "-cpu-used", "8", str(out["webm_vp9"]))
     out["avi_mpeg4"] = dest / "carphone_mpeg4.avi"
     ffmpeg("-i", str(carphone), "-an", "-c:v", "mpeg4", "-q:v", "4", str(out["avi_mpeg4"]))
+    out["mpg_mpeg2"] = dest / "carphone_mpeg2.mpg"
+    ffmpeg("-i", str(carphone), "-an", "-c:v", "mpeg2video", "-q:v", "4", "-f", "mpeg", str(out["mpg_mpeg2"]))
+    out["m4a_audio"] = dest / "tone.m4a"
+    ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:sample_rate=8000", "-t", "1", "-c:a", "aac", str(out["m4a_audio"]))
     return out

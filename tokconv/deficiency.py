@@ -32,16 +32,21 @@ def nuclear_norm(w: torch.Tensor | nn.Module) -> torch.Tensor:
     """Sum of singular values of a weight (out, in), an ``nn.Linear`` or a ``LowRankLinear``.
 
     For ``LowRankLinear`` (W = U V^T) it is computed from the r x r core of the QR factors
-    (||U V^T||_* = ||R_U R_V^T||_*), never forming or decomposing the dense matrix."""
-    if isinstance(w, LowRankLinear):
-        _, ru = torch.linalg.qr(w.up.weight)           # U: (out, r)
-        _, rv = torch.linalg.qr(w.down.weight.t())     # V: (in, r)
-        return torch.linalg.svdvals(ru @ rv.t()).sum()
+    (||U V^T||_* = ||R_U R_V^T||_*), never forming or decomposing the dense matrix. Always in
+    float32 or wider, autocast off: QR/SVD have no bfloat16 kernels (an H200 run under bf16
+    autocast failed in svd_cuda_gesvdj)."""
     if isinstance(w, nn.Linear):
         w = w.weight
-    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+    if not isinstance(w, LowRankLinear | torch.Tensor) or (isinstance(w, torch.Tensor) and w.dim() != 2):
         raise TypeError(f"nuclear_norm: expected a 2D weight, nn.Linear or LowRankLinear, got {type(w)}")
-    return torch.linalg.svdvals(w).sum()
+    ref = w.up.weight if isinstance(w, LowRankLinear) else w
+    wide = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))
+    with torch.autocast(ref.device.type, enabled=False):
+        if isinstance(w, LowRankLinear):
+            _, ru = torch.linalg.qr(wide(w.up.weight))           # U: (out, r)
+            _, rv = torch.linalg.qr(wide(w.down.weight).t())     # V: (in, r)
+            return torch.linalg.svdvals(ru @ rv.t()).sum()
+        return torch.linalg.svdvals(wide(w)).sum()
 
 
 def mask_tokens(x: torch.Tensor, ratio: float, generator: torch.Generator | None = None):

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from pipeline.__main__ import _parse_stages, main
 from pipeline.config import ConfigError, JobConfig, apply_overrides, load_job
@@ -75,8 +77,65 @@ def test_cli_fails_fast_with_exit_2_naming_the_key(capsys):
 
 def test_job_file_runs_through_its_shebang(tmp_path):
     """`jobs/smoke.yaml --print-config` is executable directly (as `ray job submit` runs it)."""
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    # this checkout's pipeline package, not whichever one is installed
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               PYTHONPATH=str(Path(__file__).parents[2]))
     out = subprocess.run([str(JOBS[-1].resolve()), "--print-config", "train.epochs=5"],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120, check=False)
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+                         check=False)
     assert out.returncode == 0, out.stderr
     assert '"epochs": 5' in out.stdout
+
+
+@pytest.mark.parametrize("override, old, new", [
+    ("extract.store=feat", "extract.store", "store"),
+    ("export.model_name=m", "export.model_name", "model_name"),
+])
+def test_moved_keys_fail_naming_where_they_went(override, old, new):
+    with pytest.raises(ConfigError) as err:
+        load_job(JOBS[0], [override])
+    assert f"  {old}: moved to {new}" in str(err.value)
+    job = load_job(JOBS[0], [f"{new}=renamed"])
+    assert getattr(job, new) == "renamed"
+
+
+def _fields(model: type[BaseModel], prefix: str = ""):
+    for name, field in model.model_fields.items():
+        yield f"{prefix}{name}", field
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            yield from _fields(sub, f"{prefix}{name}.")
+
+
+FIELDS = dict(_fields(JobConfig))
+
+
+@pytest.mark.parametrize("key", FIELDS)
+def test_every_field_has_a_one_line_description(key):
+    """What, unit, default in one line; measurements belong in bench/RESULTS.md."""
+    text = FIELDS[key].description
+    assert text, f"{key} has no description"
+    assert "\n" not in text and len(text) <= 120, f"{key}: {len(text)} characters"
+    assert not re.search(r"measured|RESULTS|clips/s|\d+(\.\d+)? ?(ms|GB|MB|s)\b", text), (key, text)
+
+
+def test_model_storage_options_reach_the_model_sources(s3_server, tmp_path):
+    """models.storage_options, not sources.storage_options, is what reads s3:// model sources."""
+    from pipeline.backbones import MODEL_NAMES, tiny_configs
+    from pipeline.extract import model_specs
+    bucket = s3_server.make_bucket("models")
+    for name, conf in tiny_configs().items():
+        conf.save_pretrained(str(tmp_path / name))
+        s3_server.upload(tmp_path / name, f"s3://{bucket}/{name}")
+    good = s3_server.storage_options
+    dead = {**good, "endpoint_url": "http://127.0.0.1:9",  # nothing listens there
+            "config_kwargs": {"retries": {"max_attempts": 1}}}
+    sources = [f"models.{n}.source=s3://{bucket}/{n}" for n in MODEL_NAMES]
+    job = load_job(None, [*sources, "models.weights=pretrained"])
+    job.sources.storage_options = good
+    job.models.storage_options = dead
+    with pytest.raises(Exception, match="127.0.0.1:9"):
+        model_specs(job.models)
+    job.models.storage_options = good
+    tiny = model_specs(job.models.model_copy(update={"weights": "tiny"}))
+    assert model_specs(job.models) == tiny

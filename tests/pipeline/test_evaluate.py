@@ -1,11 +1,14 @@
 """Evaluate stage: fidelity/accuracy values against numpy, and a real converter on a real store."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from tiny_features import CLASS_NAMES, STUDENT, TEACHERS, make_tiny_store
 
+from pipeline.artifacts import stats_tensors
 from pipeline.evaluate import (
     FidelityMeter,
     evaluate_model,
@@ -68,7 +71,8 @@ def test_topk_correct_vs_numpy():
     order = np.argsort(-lg, axis=1)
     assert got[1] == int((order[:, 0] == lb).sum())
     assert got[5] == int((order[:, :5] == lb[:, None]).any(1).sum())
-    assert topk_correct(logits[:, :3], labels.clamp(max=2), ks=(5,))[5] == 45  # k capped at 3 classes
+    # k capped at 3 classes
+    assert topk_correct(logits[:, :3], labels.clamp(max=2), ks=(5,))[5] == 45
 
 
 def test_tensor_digest_is_bit_exact():
@@ -88,9 +92,11 @@ def test_evaluate_model_known_case(tmp_path):
 
     torch.manual_seed(0)
     conv = create_converter("baseline_interp_linear", student=STUDENT, targets=TEACHERS).eval()
-    head = ResidualHead(student_dim=STUDENT.dim, target_dims={k: s.dim for k, s in TEACHERS.items()},
+    head = ResidualHead(student_dim=STUDENT.dim,
+                        target_dims={k: s.dim for k, s in TEACHERS.items()},
                         num_classes=7, hidden=16).eval()
-    store = make_tiny_store(Storage(str(tmp_path)), n_train=0, n_val=10, shard_clips=4, dtype=np.float32)
+    store = make_tiny_store(Storage(str(tmp_path)), n_train=0, n_val=10, shard_clips=4,
+                            dtype=np.float32)
     # rewrite the store's teachers as the converter's own outputs; labels: 4 top-1, 3 rank-4, 3 last
     batches = []
     for b in store.iter_torch(split="val", batch_size=10):
@@ -127,7 +133,8 @@ def test_gflops_counts_the_linear_maps():
     conv = create_converter("baseline_interp_linear", student=STUDENT, targets=TEACHERS).eval()
     g = gflops_per_clip(conv, (STUDENT.tokens, STUDENT.dim))
     # at least one (tokens x Ds x Dt) matmul per target, 2 FLOPs per multiply-add
-    lower = sum(2 * min(s.tokens, STUDENT.tokens) * STUDENT.dim * s.dim for s in TEACHERS.values()) / 1e9
+    lower = sum(2 * min(s.tokens, STUDENT.tokens) * STUDENT.dim * s.dim
+                for s in TEACHERS.values()) / 1e9
     assert g >= lower * 0.99
     assert g < 1.0
 
@@ -139,16 +146,169 @@ def test_evaluate_on_cuda_matches_cpu_and_keeps_a_cpu_sample(tmp_path):
 
     torch.manual_seed(0)
     conv = create_converter("baseline_interp_linear", student=STUDENT, targets=TEACHERS)
-    head = ResidualHead(student_dim=STUDENT.dim, target_dims={k: s.dim for k, s in TEACHERS.items()},
+    head = ResidualHead(student_dim=STUDENT.dim,
+                        target_dims={k: s.dim for k, s in TEACHERS.items()},
                         num_classes=3, hidden=16)
     store = make_tiny_store(Storage(str(tmp_path)), n_train=4, n_val=8, shard_clips=4)
-    stats = store.stats()
-    mean = {k: torch.as_tensor(stats[k]["mean"], dtype=torch.float32) for k in TEACHERS}
-    std = {k: torch.as_tensor(stats[k]["std"], dtype=torch.float32) for k in TEACHERS}
-    m_cpu, s_cpu = evaluate_model(conv, head, store.iter_torch(split="val", batch_size=4), mean=mean, std=std)
-    m_gpu, s_gpu = evaluate_model(conv, head, store.iter_torch(split="val", batch_size=4), mean=mean, std=std,
-                                  device="cuda")
+    mean, std = stats_tensors(store.stats(), TEACHERS)
+    m_cpu, s_cpu = evaluate_model(conv, head, store.iter_torch(split="val", batch_size=4),
+                                  mean=mean, std=std)
+    m_gpu, s_gpu = evaluate_model(conv, head, store.iter_torch(split="val", batch_size=4),
+                                  mean=mean, std=std, device="cuda")
     assert m_gpu["mean_cosine"] == pytest.approx(m_cpu["mean_cosine"], abs=1e-3)
     assert m_gpu["top1"] == m_cpu["top1"]
     for k, v in s_cpu.items():
         assert s_gpu[k].device.type == "cpu" and torch.equal(v, s_gpu[k]), k
+
+
+# ---------------------------------------------------------------- details for the report
+
+def test_fidelity_details_match_numpy_across_batches():
+    g = torch.Generator().manual_seed(2)
+    t = torch.randn(11, 6, 5, generator=g)
+    p = t + 0.8 * torch.randn(11, 6, 5, generator=g)
+    m = FidelityMeter(5)
+    for sl in (slice(0, 3), slice(3, 4), slice(4, 11)):
+        m.update(p[sl], t[sl])
+    pn, tn = p.double().numpy(), t.double().numpy()
+    # (clips, tokens)
+    cos = (pn * tn).sum(-1) / (np.linalg.norm(pn, axis=-1) * np.linalg.norm(tn, axis=-1))
+    d = m.details()
+    np.testing.assert_allclose(d["per_clip_cosine"], cos.mean(1), rtol=1e-12)
+    np.testing.assert_allclose(d["per_token_cosine"], cos.mean(0), rtol=1e-12)
+    r = m.compute()
+    assert r["cosine_p05"] == pytest.approx(np.quantile(cos.mean(1), 0.05), rel=1e-12)
+    assert r["cosine"] == pytest.approx(cos.mean(), rel=1e-12)
+    with pytest.raises(ValueError, match="tokens"):
+        m.update(p[:2, :5], t[:2, :5])
+    with pytest.raises(ValueError, match="no clips"):
+        FidelityMeter(5).details()
+
+
+def test_confusion_meter_vs_numpy():
+    from pipeline.evaluate import ConfusionMeter
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(60, 4, generator=g)
+    labels = torch.randint(0, 4, (60,), generator=g)
+    labels[::7] = -1  # unlabelled rows are ignored
+    labels[labels == 3] = 2  # class 3 never occurs: no accuracy for it
+    m = ConfusionMeter(4)
+    m.update(logits[:25], labels[:25])
+    m.update(logits[25:], labels[25:])
+    r = m.compute()
+    ok = labels.numpy() >= 0
+    ref = np.zeros((4, 4), np.int64)
+    np.add.at(ref, (labels.numpy()[ok], logits.numpy()[ok].argmax(1)), 1)
+    assert r["confusion"] == ref.tolist()
+    assert r["support"] == ref.sum(1).tolist() and r["support"][3] == 0
+    acc = [ref[i, i] / ref[i].sum() for i in range(3)]
+    assert r["per_class_accuracy"][:3] == pytest.approx(acc) and r["per_class_accuracy"][3] is None
+    assert r["mean_class_accuracy"] == pytest.approx(np.mean(acc))
+    with pytest.raises(ValueError, match="outside 4 classes"):
+        m.update(logits[:2], torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="logits"):
+        m.update(logits[:2, :3], labels[:2])
+
+
+def test_evaluate_model_details_known_case():
+    """Teachers equal to the converter's outputs: every clip and token has cosine 1; labels chosen
+    against the head's logits give a known confusion matrix."""
+    from tokconv import create_converter
+    from tokconv.heads import ResidualHead
+
+    torch.manual_seed(0)
+    conv = create_converter("baseline_interp_linear", student=STUDENT, targets=TEACHERS).eval()
+    head = ResidualHead(student_dim=STUDENT.dim,
+                        target_dims={k: s.dim for k, s in TEACHERS.items()},
+                        num_classes=4, hidden=16).eval()
+    x = torch.randn(9, STUDENT.tokens, STUDENT.dim)
+    with torch.no_grad():
+        out = conv.forward_all(x)
+        logits = head(x, out)
+    order = logits.argsort(dim=1, descending=True)
+    # 5 right, 3 second-best, 1 unlabelled
+    labels = torch.cat([order[:5, 0], order[5:8, 1], torch.tensor([-1])])
+    batches = [{"student": x[s], **{k: v[s] for k, v in out.items()}, "label_index": labels[s],
+                "video_id": [f"clip{i}" for i in range(9)][s]} for s in (slice(0, 4), slice(4, 9))]
+    zero = {k: torch.zeros(s.dim) for k, s in TEACHERS.items()}
+    one = {k: torch.ones(s.dim) for k, s in TEACHERS.items()}
+    names = ["w", "x", "y", "z"]
+    with pytest.raises(ValueError, match="3 class_names for a head of 4"):
+        evaluate_model(conv, head, batches, mean=zero, std=one, class_names=names[:3])
+    metrics, _, details = evaluate_model(conv, head, batches, mean=zero, std=one, class_names=names,
+                                         return_details=True)
+    assert details["clips"] == 9 and details["video_ids"] == [f"clip{i}" for i in range(9)]
+    for t, spec in TEACHERS.items():
+        d = details["targets"][t]
+        assert d["tokens"] == spec.tokens and d["grid"] == (list(spec.grid) if spec.grid else None)
+        assert d["per_clip_cosine"] == pytest.approx([1.0] * 9, abs=1e-5)
+        assert d["per_token_cosine"] == pytest.approx([1.0] * spec.tokens, abs=1e-5)
+    h = details["head"]
+    pred, true = logits.argmax(1)[:8].tolist(), labels[:8].tolist()
+    ref = np.zeros((4, 4), np.int64)
+    np.add.at(ref, (true, pred), 1)
+    assert h["class_names"] == names and h["confusion"] == ref.tolist()
+    assert sum(h["confusion"][i][i] for i in range(4)) == 5 == round(metrics["top1"] * 8)
+    seen = [i for i in range(4) if ref[i].sum()]
+    assert metrics["mean_class_accuracy"] == pytest.approx(
+        np.mean([ref[i, i] / ref[i].sum() for i in seen]))
+    # without return_details: the old two-value form, the same metrics
+    m2, _ = evaluate_model(conv, head, batches, mean=zero, std=one)
+    assert m2 == metrics
+
+
+def test_details_json_is_compact_and_rounded():
+    from pipeline.evaluate import details_json
+    d = {"schema": "s",
+         "targets": {"a": {"per_clip_cosine": [0.123456789, float("nan")], "grid": [1, 2, 3]}},
+         "head": None}
+    raw = details_json(d)
+    assert b" " not in raw and b"\n" not in raw
+    assert json.loads(raw) == {"schema": "s", "targets": {"a": {"per_clip_cosine": [0.123457, None],
+                                                                "grid": [1, 2, 3]}}, "head": None}
+
+
+def test_run_evaluate_writes_details_beside_a_small_metrics_json(tmp_path):
+    """run_evaluate on a real store and checkpoint: details.json holds the per-clip/per-token/
+    per-class data, metrics.json stays small and points at it, and the report draws the training
+    curves from the log named in train.json."""
+    from tiny_features import publish_checkpoint
+
+    from pipeline.config import JobConfig
+    from pipeline.evaluate import DETAILS_SCHEMA, run_evaluate
+
+    storage = Storage(str(tmp_path / "store"))
+    make_tiny_store(storage)
+    job = JobConfig.model_validate({"name": "ev", "storage": {"url": storage.root_url},
+                                    "train": {"head": {"hidden": 16}},
+                                    "evaluate": {"batch_size": 3}})
+    publish_checkpoint(storage, job)
+    info = storage.read_json("runs/ev/train.json")
+    log = [{"step": s, "epoch": 0, "loss": 2.0 / s, "loss.videomae": 1.0 / s, "lr": 1e-3}
+           for s in (1, 2, 3)]
+    storage.write_bytes("runs/ev/train/metrics.jsonl",
+                        "\n".join(json.dumps(r) for r in log).encode())
+    storage.write_json("runs/ev/train.json", {**info, "metrics_log": "runs/ev/train/metrics.jsonl"})
+    summary = run_evaluate(job, storage)
+
+    metrics = storage.read_json("runs/ev/eval/metrics.json")
+    details = json.loads(storage.read_bytes("runs/ev/eval/details.json"))
+    assert metrics["details"] == {"uri": storage.url("runs/ev/eval/details.json"),
+                                  "schema": DETAILS_SCHEMA}
+    assert details["schema"] == DETAILS_SCHEMA and details["clips"] == metrics["clips"] == 8
+    # the store's val clips, in order
+    assert details["video_ids"] == [f"v{i:04d}" for i in range(24, 32)]
+    for t, spec in TEACHERS.items():
+        d = details["targets"][t]
+        assert len(d["per_clip_cosine"]) == 8 and len(d["per_token_cosine"]) == spec.tokens
+        assert np.mean(d["per_clip_cosine"]) == pytest.approx(metrics["targets"][t]["cosine"],
+                                                              abs=1e-5)
+        assert "per_clip_cosine" not in metrics["targets"][t]
+    assert details["head"]["class_names"] == CLASS_NAMES
+    assert sum(map(sum, details["head"]["confusion"])) == metrics["labelled_clips"]
+    c = metrics["converter"]
+    assert c["latency_device"] == "cpu"
+    assert c["latency_ms_per_clip_cpu"] == c["latency_ms_per_clip"] > 0
+    report = storage.read_bytes("runs/ev/eval/report.html").decode()
+    assert summary["report_url"] == storage.url("runs/ev/eval/report.html")
+    assert 'alt="training curves"' in report and "3 step records" in report

@@ -14,21 +14,23 @@ import torch
 from safetensors.torch import load_file
 from tiny_features import SPECS, make_tiny_store, publish_checkpoint
 
+from pipeline.artifacts import ModelRegistry
 from pipeline.config import JobConfig
 from pipeline.evaluate import run_evaluate
-from pipeline.export import download_model, is_better, metric_value, run_export
+from pipeline.export import is_better, metric_value, run_export
 from pipeline.storage import Storage
 
-EXPECTED_FILES = {"model.safetensors", "config.json", "head.safetensors", "head.json", "metrics.json",
-                  "README.md", "standardization.safetensors", "reference_io.safetensors"}
+EXPECTED_FILES = {"model.safetensors", "config.json", "head.safetensors", "head.json",
+                  "metrics.json", "README.md", "standardization.safetensors",
+                  "reference_io.safetensors"}
 
 
 def _job(url: str, options: dict | None = None, **export) -> JobConfig:
     return JobConfig.model_validate({
-        "name": "exp", "storage": {"url": url, "options": options or {}},
+        "name": "exp", "model_name": "tc", "storage": {"url": url, "options": options or {}},
         "train": {"head": {"hidden": 16}},
         "evaluate": {"batch_size": 4, "report_html": True},
-        "export": {"model_name": "tc", **export}})
+        "export": export})
 
 
 def _trained_and_evaluated(storage: Storage, job: JobConfig, seed: int = 0) -> None:
@@ -47,7 +49,7 @@ def _set_metric(storage: Storage, job: JobConfig, key: str, value: float) -> Non
 def _check_reproduces(storage: Storage, name: str, version: str = "latest") -> dict:
     from tokconv.io import load_converter, load_head
     with tempfile.TemporaryDirectory() as d:
-        download_model(storage, name, version, d)
+        ModelRegistry(storage, name).download(version, d)
         assert EXPECTED_FILES <= set(os.listdir(d))
         conv, head = load_converter(d).eval(), load_head(d).eval()
         ref = load_file(os.path.join(d, "reference_io.safetensors"))
@@ -56,7 +58,7 @@ def _check_reproduces(storage: Storage, name: str, version: str = "latest") -> d
             logits = head(ref["student"], out)
         for t in SPECS:
             if t != "student":
-                assert torch.equal(out[t], ref[f"out.{t}"]), f"{t} differs from the evaluated output"
+                assert torch.equal(out[t], ref[f"out.{t}"]), f"{t}: not the evaluated output"
         assert torch.equal(logits, ref["logits"])
         return json.loads(open(os.path.join(d, "metrics.json")).read())
 
@@ -68,7 +70,8 @@ def test_metric_value_and_is_better():
         metric_value(m, "targets.videomae.r2")
     with pytest.raises(TypeError, match="top1"):
         metric_value(m, "top1")
-    assert is_better(0.1, None, True) and is_better(0.2, 0.1, True) and not is_better(0.1, 0.1, True)
+    assert is_better(0.1, None, True) and is_better(0.2, 0.1, True)
+    assert not is_better(0.1, 0.1, True)
     assert is_better(0.1, 0.2, False) and not is_better(0.3, 0.2, False)
 
 
@@ -80,7 +83,8 @@ def test_export_layout_promotion_and_reload(tmp_path):
     real = storage.read_json("runs/exp/eval/metrics.json")
     assert -1.0 <= real["mean_cosine"] <= 1.0 and real["clips"] == 8
     report = storage.read_bytes("runs/exp/eval/report.html").decode()
-    assert report.count("<img") == 3 and all(f"<td>{t}</td>" in report for t in SPECS if t != "student")
+    assert report.count("<img") == 7  # 2 bar charts, histogram, 2 heat maps, confusion, per-class
+    assert all(f"<td>{t}</td>" in report for t in SPECS if t != "student")
 
     _set_metric(storage, job, "mean_cosine", 0.5)
     s1 = run_export(job, storage)
@@ -105,7 +109,8 @@ def test_export_layout_promotion_and_reload(tmp_path):
     s3 = run_export(job, storage)
     assert s3["promoted"] and s3["version"].endswith("Z")
     latest = storage.read_json("models/tc/latest.json")
-    assert latest["version"] == s3["version"] and latest["value"] == 0.6 and latest["metric"] == "mean_cosine"
+    assert latest["version"] == s3["version"] and latest["value"] == 0.6
+    assert latest["metric"] == "mean_cosine"
     assert _check_reproduces(storage, "tc")["mean_cosine"] == 0.6
     assert _check_reproduces(storage, "tc", "v2")["mean_cosine"] == 0.4
 
@@ -134,7 +139,8 @@ def test_export_compares_with_latest_rescored_on_this_split(tmp_path):
     _trained_and_evaluated(storage, job, seed=1)
     assert "latest" not in storage.read_json("runs/exp/eval/metrics.json")
     assert run_export(job, storage)["promoted"]
-    storage.write_json("models/tc/latest.json", {**storage.read_json("models/tc/latest.json"), "value": -1.0})
+    storage.write_json("models/tc/latest.json",
+                       {**storage.read_json("models/tc/latest.json"), "value": -1.0})
     _trained_and_evaluated(storage, job, seed=1)  # the same model again
     m = storage.read_json("runs/exp/eval/metrics.json")
     assert m["latest"]["version"] == "v1"
@@ -145,7 +151,8 @@ def test_export_compares_with_latest_rescored_on_this_split(tmp_path):
     assert s["compared_on"] == "this evaluation's split"
     assert s["previous_value"] == pytest.approx(m["mean_cosine"], abs=1e-5)
     assert s["promoted"] is (m["mean_cosine"] > s["previous_value"])
-    _trained_and_evaluated(storage, job, seed=2)  # another model: promoted only if it beats v1 today
+    # another model: promoted only if it beats v1 today
+    _trained_and_evaluated(storage, job, seed=2)
     m2 = storage.read_json("runs/exp/eval/metrics.json")
     job.export.version = "v3"
     s3 = run_export(job, storage)
@@ -167,7 +174,7 @@ def test_export_to_s3_and_reload(s3_server, tmp_path):
     _check_reproduces(storage, "tc")
     # the TorchScript module gives the same outputs as the eager model
     with tempfile.TemporaryDirectory() as d:
-        download_model(storage, "tc", "v1", d)
+        ModelRegistry(storage, "tc").download("v1", d)
         ts = torch.jit.load(os.path.join(d, "converter.torchscript.pt"))
         ref = load_file(os.path.join(d, "reference_io.safetensors"))
         out = ts(ref["student"])

@@ -2,7 +2,6 @@
 cluster with real sample and broken videos (integration): failed manifest, counts, resume, re-runs."""
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import time
@@ -181,19 +180,6 @@ def test_plan_and_completeness(tmp_path):
 BAD = ("truncated", "random_bytes", "empty", "too_short", "audio_only")
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 object_store_memory=500 * 2**20, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 def _job(videos, storage_url, **extract) -> JobConfig:
     return JobConfig.model_validate({
         "name": "extract-test", "storage": {"url": storage_url},
@@ -232,7 +218,7 @@ def test_extract_failures_resume_and_new_videos(ray_cluster, tmp_path, sample_fi
         shutil.copy(bad_videos[name], videos / "broken" / f"{name}{bad_videos[name].suffix}")
     storage = Storage(str(tmp_path / "store"))
     job = _job(videos, storage.root_url)
-    store = FeatureStore(storage, job.extract.store)
+    store = FeatureStore(storage, job.store)
     good_ids = {r["video_id"] for r in list_videos(job.sources) if r["label"] != "broken"}
 
     # 1) every listed video ends up processed or failed (with a reason), each clip stored once
@@ -295,7 +281,7 @@ def test_extract_with_shards_written_in_the_model_actor(ray_cluster, tmp_path, s
     shutil.copy(bad_videos["truncated"], videos / "bad" / f"truncated{bad_videos['truncated'].suffix}")
     storage = Storage(str(tmp_path / "store"))
     job = _job(videos, storage.root_url, batch_size=4, write_in_actor=True)
-    store = FeatureStore(storage, job.extract.store)
+    store = FeatureStore(storage, job.store)
     ops = str(build_pipeline(job, store, [{"video_id": "v", "path": "/none", "label_index": 0, "split": "train"}],
                              {"use_gpu": False, "model_actors": 1, "decoders": 1, "writers": 0}))
     assert "ModelActor" in ops and "ShardWriter" not in ops
@@ -358,7 +344,7 @@ def test_extract_with_several_videos_per_decode_task(ray_cluster, tmp_path, samp
     assert videos_per_decode_task(job) == 2
     s = run_extract(job, storage)
     assert (s["listed"], s["processed"], s["failed"], s["invariant_ok"]) == (5, 3, 2, True)
-    store = FeatureStore(storage, job.extract.store)
+    store = FeatureStore(storage, job.store)
     good = {r["video_id"] for r in list_videos(job.sources) if r["label"] == "ok"}
     pairs = _stored_pairs(store)
     assert len(pairs) == len(set(pairs)) and set(pairs) == {(v, c) for v in good for c in (0, 1)}

@@ -1,13 +1,16 @@
-"""Feature store: raw-bytes round trip, commit protocol, statistics, readers, s3 (moto server)."""
+"""Feature store: raw-bytes round trip, commit protocol, statistics, readers, s3 (moto server),
+codecs in the store (one per column, recorded, never mixed; unknown ones refused)."""
 from __future__ import annotations
 
 import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pipeline import codecs
 from pipeline.featurestore import FeatureStore, binary_to_numpy, tensor_to_binary
 from pipeline.storage import Storage
 from tokconv.targets import TargetSpec
@@ -209,7 +212,6 @@ def test_rewrite_of_same_rows_is_idempotent_and_duplicates_are_reported(tmp_path
 
 def test_shards_keep_statistics_for_id_columns_only(tmp_path):
     """min/max of raw tensor bytes mean nothing and cost half a writer's CPU: only ids get statistics."""
-    import pyarrow.parquet as pq
     store = new_store(tmp_path)
     info = store.write_shard(make_batch(np.random.default_rng(2), ["v1", "v2"], [0, 0]))
     meta = pq.ParquetFile(tmp_path / "features" / "feat" / info["path"]).metadata
@@ -217,3 +219,153 @@ def test_shards_keep_statistics_for_id_columns_only(tmp_path):
              for i in range(meta.num_columns)}
     assert stats == {"video_id": True, "clip_index": True, "label_index": True, "split": True,
                      "student": False, "vivit": False}
+
+
+# ---------------------------------------------------------------- codecs (issue 15)
+
+def fp8_store(tmp_path, name="f8", codec="fp8"):
+    store = FeatureStore(Storage(str(tmp_path)), name)
+    store.write_meta(specs=SPECS, dtype="float16", class_names=["a", "b", "c"], codec=codec)
+    return store
+
+
+def by_key(store, split=None):
+    """{(video_id, clip_index): {column: tensor}} over the store (commit order differs by store)."""
+    out = {}
+    for b in store.iter_torch(split=split, batch_size=3):
+        for i, (v, c) in enumerate(zip(b["video_id"], b["clip_index"].tolist())):
+            out[(v, c)] = {k: b[k][i] for k in ("student", "vivit")}
+    return out
+
+
+def fp8_bound(x: torch.Tensor, x_hat: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The fp8 codec's stated bound per element (codecs.py), plus float16 output rounding."""
+    return 2**-4 * x.abs() + 2**-10 * scale + 2**-11 * x_hat.abs() + 2**-25
+
+
+def test_fp8_store_round_trips_within_its_bound_and_keeps_the_raw_statistics(tmp_path):
+    rng = np.random.default_rng(7)
+    batches = [make_batch(rng, ["a", "a", "b"], [0, 1, 0]), make_batch(rng, ["c"], [0], split="val")]
+    raw, f8 = new_store(tmp_path), fp8_store(tmp_path)
+    for b in batches:
+        raw.write_shard(b)
+        f8.write_shard(b)
+    assert f8.layouts() == {"student": {"shape": [16, 8], "dtype": "float16", "codec": "fp8"},
+                            "vivit": {"shape": [1, 6], "dtype": "float16", "codec": "raw"}}
+    assert FeatureStore(Storage(str(tmp_path)), "f8").read_meta()["codec"] == {"student": "fp8", "vivit": "raw"}
+    # statistics come from the values before encoding: the same for both codecs
+    assert f8.compute_stats() == raw.compute_stats()
+    want, got = by_key(raw), by_key(f8)
+    assert got.keys() == want.keys()
+    for key, w in want.items():
+        x, x_hat = w["student"].double(), got[key]["student"]
+        assert x_hat.dtype == torch.float16  # the layout's dtype, as for raw
+        scale = x.abs().amax(0) / 448
+        assert bool(((x_hat.double() - x).abs() <= fp8_bound(x, x_hat.double(), scale)).all()), key
+        assert not torch.equal(x_hat, w["student"])  # it is quantised
+        assert torch.equal(got[key]["vivit"], w["vivit"])  # single token: stays raw
+    # the student column holds 4*8 bytes of scales + 16*8 codes per clip instead of 16*8*2
+    table = pq.read_table(f8.shard_paths()[0])
+    assert {len(v) for v in table.column("student").to_pylist()} == {4 * 8 + 16 * 8}
+    assert sum(r["bytes"] for r in f8.commits()) < sum(r["bytes"] for r in raw.commits())
+    # the training reader's path: stored rows (views) decoded by codecs.decode_columns
+    rows = f8.stored_rows(table)
+    assert rows["student"].dtype == torch.uint8 and rows["student"].shape == (table.num_rows, 160)
+    dec = codecs.decode_columns(rows, f8.layouts(), torch.float16)
+    host = f8.to_torch(table)
+    assert torch.equal(dec["student"], host["student"]) and torch.equal(dec["vivit"], host["vivit"])
+    assert f8.to_torch(table, torch.float32)["student"].dtype == torch.float32
+
+
+def test_a_model_actor_table_is_encoded_in_the_stores_codec_with_its_upstream_sums(tmp_path):
+    """The extract path: raw float16 bytes + GPU channel sums, no layout metadata (Ray drops it);
+    rows already encoded upstream (e.g. on the GPU) are recognised by their width."""
+    from pipeline.featurestore import SQ_PREFIX, SUM_PREFIX, channel_sums, id_columns
+    rng = np.random.default_rng(8)
+    f8 = fp8_store(tmp_path)
+    b = make_batch(rng, ["a", "b"], [0, 0])
+    s, q = channel_sums(b["student"])
+    vs, vq = channel_sums(b["vivit"])
+    table = pa.table({**id_columns(b), "student": tensor_to_binary(b["student"]),
+                      "vivit": tensor_to_binary(b["vivit"]), SUM_PREFIX + "student": tensor_to_binary(s),
+                      SQ_PREFIX + "student": tensor_to_binary(q), SUM_PREFIX + "vivit": tensor_to_binary(vs),
+                      SQ_PREFIX + "vivit": tensor_to_binary(vq)})
+    f8.write_shard(table)
+    (rec,) = f8.commits()
+    assert rec["tensors"]["student"]["codec"] == "fp8"
+    np.testing.assert_allclose(rec["sums"]["train"]["student"]["sum"], s.sum(0))
+    (batch,) = list(f8.iter_torch(batch_size=8))
+    x = torch.from_numpy(b["student"]).double()
+    scale = x.abs().amax(1, keepdim=True) / 448
+    assert bool(((batch["student"].double() - x).abs() <= fp8_bound(x, batch["student"].double(), scale)).all())
+
+    b2 = make_batch(rng, ["c"], [0])
+    pre = codecs.encode(torch.from_numpy(b2["student"]), "fp8")
+    f8.write_shard(pa.table({**id_columns(b2), "student": tensor_to_binary(pre.numpy()),
+                             "vivit": tensor_to_binary(b2["vivit"])}))
+    got = by_key(f8)[("c", 0)]["student"]
+    assert torch.equal(got, codecs.decode(pre, f8.layouts()["student"])[0])
+
+
+def test_codecs_are_never_mixed_in_one_store(tmp_path):
+    rng = np.random.default_rng(9)
+    store = new_store(tmp_path)
+    kw = {"specs": SPECS, "dtype": "float16", "class_names": ["a", "b", "c"]}
+    store.write_meta(**kw, codec="fp8")  # nothing committed yet: the codec may still change
+    store.write_meta(**kw)
+    store.write_shard(make_batch(rng, ["a"], [0]))
+    with pytest.raises(ValueError, match=r"holds codecs \{'student': 'raw'.*this job writes \{'student': "
+                                         r"'fp8'.*never mixed in one store.*pipeline reencode"):
+        store.write_meta(**kw, codec="fp8")
+    assert store.read_meta(fresh=True)["codec"]["student"] == "raw"
+    # a table already encoded in another codec is refused by the writer too
+    encoded = fp8_store(tmp_path).encode(make_batch(rng, ["b"], [0]))
+    with pytest.raises(ValueError, match="'student' arrives in codec fp8, the store .* holds raw"):
+        store.write_shard(encoded)
+
+
+def test_a_reader_refuses_a_codec_it_does_not_know(tmp_path):
+    store = fp8_store(tmp_path)
+    store.write_shard(make_batch(np.random.default_rng(10), ["a"], [0]))
+    meta = store.storage.read_json("meta.json")
+    meta["codec"]["student"] = "fp4_e2m1"
+    store.storage.write_json("meta.json", meta)
+    fresh = FeatureStore(Storage(str(tmp_path)), "f8")
+    msg = r"column 'student': unknown feature codec 'fp4_e2m1'; known codecs: raw, fp8, int8"
+    with pytest.raises(ValueError, match=msg):
+        list(fresh.iter_torch())
+    with pytest.raises(ValueError, match=msg):
+        fresh.layouts()
+
+
+def test_a_store_written_before_codecs_reads_as_raw(tmp_path):
+    rng = np.random.default_rng(11)
+    store = new_store(tmp_path)
+    b = make_batch(rng, ["a", "b"], [0, 0])
+    info = store.write_shard(b)
+    meta = store.storage.read_json("meta.json")  # what such a store holds: no codec anywhere
+    del meta["codec"]
+    store.storage.write_json("meta.json", meta)
+    rec = store.storage.read_json(f"commits/{info['shard']}.json")
+    rec["tensors"] = {k: {"shape": v["shape"], "dtype": v["dtype"]} for k, v in rec["tensors"].items()}
+    store.storage.write_json(f"commits/{info['shard']}.json", rec)
+    old = FeatureStore(Storage(str(tmp_path)), "feat")
+    assert {k: v["codec"] for k, v in old.layouts().items()} == {"student": "raw", "vivit": "raw"}
+    (batch,) = list(old.iter_torch(batch_size=8))
+    assert torch.equal(batch["student"], torch.from_numpy(b["student"]))
+    kw = {"specs": SPECS, "dtype": "float16", "class_names": ["a", "b", "c"]}
+    old.write_meta(**kw)  # a re-run of the extraction (raw): accepted
+    with pytest.raises(ValueError, match="never mixed"):
+        old.write_meta(**kw, codec="int8")
+    old.write_shard(make_batch(rng, ["c"], [0]))
+    assert old.num_clips() == 3
+
+
+def test_unchanged_meta_is_not_rewritten(tmp_path):
+    new_store(tmp_path)
+    path = tmp_path / "features" / "feat" / "meta.json"
+    before, stamp = path.read_bytes(), path.stat().st_mtime_ns
+    again = FeatureStore(Storage(str(tmp_path)), "feat").write_meta(
+        specs=SPECS, dtype="float16", class_names=["a", "b", "c"], sources={"student": "tiny"})
+    assert path.read_bytes() == before and path.stat().st_mtime_ns == stamp
+    assert again["codec"] == {"student": "raw", "vivit": "raw"}

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load
 
 from pipeline.__main__ import run_job
+from pipeline.artifacts import ModelRegistry
 from pipeline.config import load_job
-from pipeline.export import download_model
 from pipeline.storage import Storage
 from tokconv.heads import ResidualHead  # noqa: F401  (the consumer-side API under test)
 from tokconv.io import load_converter, load_head
@@ -41,7 +41,7 @@ def test_smoke_job_on_s3_and_reload_from_bucket(s3_server, sample_videos, tmp_pa
 
     # A consumer with only the bucket: download, load with tokconv alone, reproduce.
     storage = Storage(f"s3://{bucket}/smoke", opts)
-    local = download_model(storage, job.export.model_name, "latest", str(tmp_path / "model"))
+    local = ModelRegistry(storage, job.model_name).download("latest", str(tmp_path / "model"))
     converter, head = load_converter(local), load_head(local)
     metrics = storage.read_json(f"runs/{job.name}/eval/metrics.json")
     sample = load(storage.read_bytes(f"runs/{job.name}/eval/sample.safetensors"))

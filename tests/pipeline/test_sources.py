@@ -96,7 +96,8 @@ def test_listing_filters_extensions_hidden_files_and_limit(tmp_path):
     (tmp_path / "top.mp4").write_bytes(b"")  # directly under the root: no label
     recs = list_videos(SourcesConfig(uri=str(tmp_path)))
     names = sorted(Path(r["path"]).relative_to(tmp_path).as_posix() for r in recs)
-    assert names == ["a/v000.mp4", "a/v001.mp4", "b/UPPER.MP4", "b/clip.webm", "b/v000.mp4", "top.mp4"]
+    assert names == ["a/v000.mp4", "a/v001.mp4", "b/UPPER.MP4", "b/clip.webm", "b/v000.mp4",
+                     "top.mp4"]
     top = next(r for r in recs if r["path"].endswith("top.mp4"))
     assert top["label"] is None and top["label_index"] == -1
     assert class_names(recs) == ["a", "b"]
@@ -105,7 +106,8 @@ def test_listing_filters_extensions_hidden_files_and_limit(tmp_path):
     limited = list_videos(SourcesConfig(uri=str(tmp_path), limit=2))
     assert [r["path"] for r in limited] == sorted(r["path"] for r in recs)[:2]
     unlabelled = list_videos(SourcesConfig(uri=str(tmp_path), labels="none"))
-    assert {r["label"] for r in unlabelled} == {None} and {r["label_index"] for r in unlabelled} == {-1}
+    assert {r["label"] for r in unlabelled} == {None}
+    assert {r["label_index"] for r in unlabelled} == {-1}
 
 
 def test_hash_split_is_stable_seeded_and_respects_fraction(tmp_path):
@@ -117,9 +119,11 @@ def test_hash_split_is_stable_seeded_and_respects_fraction(tmp_path):
     assert [r["split"] for r in other_seed] != [r["split"] for r in recs]
     # adding videos never moves the old ones between splits
     _touch_tree(tmp_path, {"c": 50})
-    grown = {r["video_id"]: r["split"] for r in list_videos(SourcesConfig(uri=str(tmp_path), val_fraction=0.25))}
+    grown = {r["video_id"]: r["split"]
+             for r in list_videos(SourcesConfig(uri=str(tmp_path), val_fraction=0.25))}
     assert all(grown[r["video_id"]] == r["split"] for r in recs)
-    assert {r["split"] for r in list_videos(SourcesConfig(uri=str(tmp_path), val_fraction=0.0))} == {"train"}
+    no_val = list_videos(SourcesConfig(uri=str(tmp_path), val_fraction=0.0))
+    assert {r["split"] for r in no_val} == {"train"}
 
 
 @pytest.mark.parametrize("fraction", [0.01, 0.99])
@@ -149,7 +153,8 @@ def _manifest_rows(sample_videos: Path) -> list[dict]:
     return [
         {"path": "animation/bigbuckbunny.mp4", "label": "cartoon", "split": "val"},
         {"path": "outdoor/bikes.mp4", "label": "street", "split": "train"},
-        {"path": str(sample_videos / "carphone" / "carphone_pristine.mp4"), "label": "phone", "split": ""},
+        {"path": str(sample_videos / "carphone" / "carphone_pristine.mp4"), "label": "phone",
+         "split": ""},
         {"path": "carphone/carphone_distorted.mp4", "label": "phone", "split": "validation"},
     ]
 
@@ -169,12 +174,15 @@ def _write_manifest(path: Path, rows: list[dict]) -> None:
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
 def test_manifest_labels_splits_and_relative_paths(tmp_path, fmt):
-    sample_videos = samples.sample_dir(tmp_path)  # a private copy: the manifest sits beside the videos
+    # a private copy: the manifest sits beside the videos
+    sample_videos = samples.sample_dir(tmp_path)
     manifest = sample_videos / f"manifest.{fmt}"
     _write_manifest(manifest, _manifest_rows(sample_videos))
     recs = {Path(r["path"]).name: r for r in list_videos(SourcesConfig(manifest=str(manifest)))}
-    assert set(recs) == {"bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4", "carphone_distorted.mp4"}
-    assert recs["bikes.mp4"]["path"] == str(sample_videos / "outdoor" / "bikes.mp4")  # resolved against its dir
+    assert set(recs) == {"bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4",
+                         "carphone_distorted.mp4"}
+    # resolved against its dir
+    assert recs["bikes.mp4"]["path"] == str(sample_videos / "outdoor" / "bikes.mp4")
     assert all(Path(r["path"]).is_file() for r in recs.values())
     assert {n: r["label"] for n, r in recs.items()} == {
         "bigbuckbunny.mp4": "cartoon", "bikes.mp4": "street",
@@ -200,7 +208,8 @@ def test_manifest_errors_name_the_problem(tmp_path):
     (tmp_path / "nopath.csv").write_text("file,label\na.mp4,x\n")
     with pytest.raises(ValueError, match=r"nopath.csv.*no 'path' column.*\['file', 'label'\]"):
         list_videos(SourcesConfig(manifest=str(tmp_path / "nopath.csv")))
-    (tmp_path / "split.jsonl").write_text('{"path": "a.mp4", "split": "train"}\n{"path": "b.mp4", "split": "test"}\n')
+    (tmp_path / "split.jsonl").write_text('{"path": "a.mp4", "split": "train"}\n'
+                                          '{"path": "b.mp4", "split": "test"}\n')
     with pytest.raises(ValueError, match=r"row 2 \(b.mp4\): unknown split 'test'"):
         list_videos(SourcesConfig(manifest=str(tmp_path / "split.jsonl")))
     (tmp_path / "bad.jsonl").write_text('{"path": "a.mp4"}\nnot json\n')
@@ -229,8 +238,8 @@ def test_list_s3_prefix_and_manifest(s3_server, sample_videos):
     recs = list_videos(cfg)
     assert [r["path"] for r in recs] == [
         f"s3://{bucket}/data/videos/{p}" for p in
-        ("animation/bigbuckbunny.mp4", "carphone/carphone_distorted.mp4", "carphone/carphone_pristine.mp4",
-         "outdoor/bikes.mp4")]
+        ("animation/bigbuckbunny.mp4", "carphone/carphone_distorted.mp4",
+         "carphone/carphone_pristine.mp4", "outdoor/bikes.mp4")]
     assert [r["label"] for r in recs] == ["animation", "carphone", "carphone", "outdoor"]
     assert {r["split"] for r in recs} == {"train", "val"}
     # options passed at call time work too, and a trailing slash lists the same thing
@@ -244,7 +253,10 @@ def test_list_s3_prefix_and_manifest(s3_server, sample_videos):
     fs.pipe(f"{bucket}/data/manifest.csv", b"path,label\nvideos/outdoor/bikes.mp4,street\n")
     man = list_videos(SourcesConfig(manifest=f"s3://{bucket}/data/manifest.csv",
                                     storage_options=s3_server.storage_options))
-    assert [(r["path"], r["label"]) for r in man] == [(f"s3://{bucket}/data/videos/outdoor/bikes.mp4", "street")]
-    assert man[0]["video_id"] == next(r["video_id"] for r in recs if r["path"].endswith("bikes.mp4"))
+    assert [(r["path"], r["label"]) for r in man] == \
+        [(f"s3://{bucket}/data/videos/outdoor/bikes.mp4", "street")]
+    assert man[0]["video_id"] == next(r["video_id"] for r in recs
+                                      if r["path"].endswith("bikes.mp4"))
     with pytest.raises(FileNotFoundError, match=f"s3://{bucket}/nothing"):
-        list_videos(SourcesConfig(uri=f"s3://{bucket}/nothing", storage_options=s3_server.storage_options))
+        list_videos(SourcesConfig(uri=f"s3://{bucket}/nothing",
+                                  storage_options=s3_server.storage_options))

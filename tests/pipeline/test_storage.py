@@ -1,11 +1,14 @@
-"""Storage.download: flat and recursive copies to a local directory, local and on a real S3 endpoint."""
+"""Storage.download: flat and recursive copies to a local directory, local and on a real S3
+endpoint; the URL and timestamp helpers."""
 from __future__ import annotations
 
+import datetime as dt
+import re
 from pathlib import Path
 
 import pytest
 
-from pipeline.storage import Storage
+from pipeline.storage import Storage, is_remote, utc_now
 
 
 def _tree(root: Path) -> None:
@@ -17,7 +20,8 @@ def _tree(root: Path) -> None:
 
 def _files(d: str | Path) -> dict[str, bytes]:
     d = Path(d)
-    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*"))
+            if p.is_file()}
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -32,8 +36,21 @@ def test_download_flat_and_recursive(where, tmp_path, request):
         s3.upload(src, f"s3://{bucket}/root")
         storage = Storage(f"s3://{bucket}/root", s3.storage_options)
     flat = storage.download("m", str(tmp_path / "flat"))
-    assert _files(flat) == {"config.json": b"{}", "weights.bin": b"\x00\x01" * 100}  # files directly under m/
+    # the files directly under m/
+    assert _files(flat) == {"config.json": b"{}", "weights.bin": b"\x00\x01" * 100}
     deep = storage.child("m").download("", str(tmp_path / "deep"), recursive=True)
     assert _files(deep) == _files(src / "m")
     with pytest.raises(FileNotFoundError, match="nope is not a directory"):
         storage.download("nope", str(tmp_path / "x"))
+
+
+def test_is_remote_and_utc_now():
+    assert is_remote("s3://b/k") and is_remote("memory://x/y")
+    assert not is_remote("/abs/path") and not is_remote("rel/path") and not is_remote("file:///a/b")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", utc_now())
+    assert re.fullmatch(r"\d{8}T\d{6}Z", utc_now(basic=True))
+    # both forms are ISO 8601 that datetime reads back, as UTC
+    for stamp in (utc_now(), utc_now(basic=True)):
+        t = dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ" if "-" in stamp else "%Y%m%dT%H%M%SZ")
+        now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+        assert abs((now - t).total_seconds()) < 60

@@ -2,7 +2,8 @@
 
 Teachers are a learnable function of the student: a 3D (trilinear) resample of the student grid
 to the target grid followed by a fixed linear map, plus a little noise; ViViT's single token is the
-mean over tokens through a linear map. Labels shift a few student channels, so a head can learn them.
+mean over tokens through a linear map. Labels shift a few student channels, so a head can learn
+them.
 """
 from __future__ import annotations
 
@@ -33,9 +34,12 @@ def teacher_of(student: torch.Tensor, spec: TargetSpec, weight: torch.Tensor) ->
 
 
 def make_tiny_store(storage: Storage, name: str = "features", *, n_train: int = 24, n_val: int = 8,
-                    shard_clips: int = 8, seed: int = 0, dtype=np.float16) -> FeatureStore:
+                    shard_clips: int = 8, seed: int = 0, dtype=np.float16,
+                    codec: str | None = None) -> FeatureStore:
+    """``codec``: ``extract.codec`` (None: raw)."""
     g = torch.Generator().manual_seed(seed)
-    weights = {k: torch.randn(STUDENT.dim, s.dim, generator=g) / STUDENT.dim ** 0.5 for k, s in TEACHERS.items()}
+    weights = {k: torch.randn(STUDENT.dim, s.dim, generator=g) / STUDENT.dim ** 0.5
+               for k, s in TEACHERS.items()}
     n = n_train + n_val
     labels = torch.randint(0, len(CLASS_NAMES), (n,), generator=g)
     student = torch.randn(n, STUDENT.tokens, STUDENT.dim, generator=g)
@@ -46,7 +50,8 @@ def make_tiny_store(storage: Storage, name: str = "features", *, n_train: int = 
         feats[k] = t + 0.05 * torch.randn(t.shape, generator=g)
     split = np.array(["train"] * n_train + ["val"] * n_val)
     store = FeatureStore(storage, name)
-    store.write_meta(specs=SPECS, dtype=np.dtype(dtype).name, class_names=CLASS_NAMES)
+    store.write_meta(specs=SPECS, dtype=np.dtype(dtype).name, class_names=CLASS_NAMES,
+                     codec=codec)
     for i in range(0, n, shard_clips):
         sl = slice(i, min(i + shard_clips, n))
         store.write_shard({
@@ -61,13 +66,14 @@ def make_tiny_store(storage: Storage, name: str = "features", *, n_train: int = 
 
 
 def publish_checkpoint(storage: Storage, job, seed: int = 0) -> str:
-    """A real converter + head (``build_models`` from ``job.train``, initialised with ``seed``) saved
-    in tokconv.io format as the run's checkpoint, with the runs/<job>/train.json pointer that
+    """A real converter + head (``build_models`` from ``job.train``, initialised with ``seed``)
+    saved in tokconv.io format as the run's checkpoint, with the runs/<job>/train.json pointer that
     evaluate/export read (what a training run leaves behind, without Ray). Returns the rel path."""
     import os
     import tempfile
 
-    from pipeline.train import build_models, save_model_dir
+    from pipeline.artifacts import job_run_dir, save_model_dir, write_trained
+    from pipeline.train import build_models
 
     torch.manual_seed(seed)
     conv, head = build_models(job.train, SPECS, len(CLASS_NAMES))
@@ -77,6 +83,7 @@ def publish_checkpoint(storage: Storage, job, seed: int = 0) -> str:
         save_model_dir(conv, head, tmp)
         for f in os.listdir(tmp):
             storage.fs.put_file(os.path.join(tmp, f), storage.path(rel, f))
-    storage.write_json(f"runs/{job.name}/train.json", {
-        "checkpoint": storage.url(rel), "checkpoint_rel": rel, "converter": job.train.converter, "metrics": {}})
+    write_trained(storage, job_run_dir(job.name), {
+        "checkpoint": storage.url(rel), "checkpoint_rel": rel, "converter": job.train.converter,
+        "metrics": {}})
     return rel

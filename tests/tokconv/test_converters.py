@@ -1,6 +1,8 @@
 """Every registered preset (H2's ssm_* presets included automatically): layouts, budget,
 gradients, determinism, tiny target sets, masking and the regulariser API."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -124,6 +126,40 @@ def test_selection_regulariser_is_a_normalised_entropy():
         sel = model.regularisers()["selection"]
         assert 0.0 < sel.item() <= 1.0 + 1e-6
         assert "nuclear" not in model.regularisers()                    # full-rank projection
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_torchscript_export_matches_eager_on_another_batch(name, tmp_path):
+    # pipeline.export traces forward_all; the resampling matrices are buffers, so two traced calls
+    # give the same graph (the trace check) and the trace generalises over the batch size
+    from pipeline.export import _torchscript
+    torch.manual_seed(0)
+    kw = {"dim": 64, "headdim": 32} if name.startswith("ssm") else {}
+    model = create_converter(name, student=SMOKE_STUDENT, targets=SMOKE_TARGETS, **kw).eval()
+    assert not any("resample" in k for k in model.state_dict())       # not saved: the export format is unchanged
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        _torchscript(model, (2048, 64), str(tmp_path / "ts.pt"))
+    traced = torch.jit.load(str(tmp_path / "ts.pt"))
+    x = torch.randn(2, 2048, 64)
+    with torch.no_grad():
+        got, want = traced(x), model(x)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5)
+
+
+def test_tokenlearner_summaries_are_softmax_weighted_sums_of_the_tokens():
+    torch.manual_seed(0)
+    model = create_converter("tokenlearner_small", student=TINY_STUDENT, targets=TINY_TARGETS).double().eval()
+    x = torch.randn(2, TINY_STUDENT.tokens, TINY_STUDENT.dim, dtype=torch.float64)
+    z, _ = model.encode(x)
+    h = model.in_proj(model.in_norm(x)) + model.in_pos(TINY_STUDENT.grid)
+    w = model.select(model.select_norm(h)).softmax(dim=1)                # (B, Ns, K): over the tokens
+    expect = torch.einsum("bnk,bnd->bkd", w, h)
+    for blk in model.blocks:
+        expect = blk(expect)
+    torch.testing.assert_close(z, expect)
+    torch.testing.assert_close(model.last_weights.sum(-1), torch.ones(2, w.shape[-1], dtype=torch.float64))
 
 
 def test_bad_constructor_arguments_name_the_input():

@@ -33,10 +33,22 @@ def test_low_rank_map_has_rank_at_most_r_and_nuclear_norm_is_exact(rank):
     assert lr.up.weight.grad.abs().sum() > 0 and lr.down.weight.grad.abs().sum() > 0
 
 
+def test_nuclear_norm_of_bfloat16_weights_and_under_autocast():
+    # QR/SVD have no bf16 kernels: the penalty is computed in float32 whatever the weights / autocast
+    torch.manual_seed(0)
+    lr = LowRankLinear(32, 24, rank=4)
+    ref = nuclear_norm(lr).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert nuclear_norm(lr).item() == pytest.approx(ref, rel=1e-5)
+    low = nuclear_norm(lr.to(torch.bfloat16))
+    assert low.dtype == torch.float32 and low.item() == pytest.approx(ref, rel=2e-2)
+    assert nuclear_norm(torch.nn.Linear(8, 6).to(torch.bfloat16)).dtype == torch.float32
+
+
 def test_converter_low_rank_input_map_and_nuclear_penalty_shrinks_it():
     torch.manual_seed(0)
     model = create_converter("convmix_small", student=STUDENT, targets=TARGETS, rank=3,
-                             dim=32, mlp_hidden=64)
+                             dim=32, hidden=64)
     assert int(torch.linalg.matrix_rank(model.in_proj.weight)) <= 3
     before = model.regularisers()["nuclear"].item()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -111,7 +123,7 @@ def test_jacobian_penalty_lowers_output_sensitivity():
     for w_jac in (0.0, 300.0):
         torch.manual_seed(1)
         model = create_converter("convmix_small", student=student, targets=targets, dim=32,
-                                 mlp_hidden=64).eval()
+                                 hidden=64).eval()
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         for _ in range(8):
             opt.zero_grad()

@@ -1,4 +1,5 @@
-"""Shared layers: coordinates, grid-aware resampling, attention, conv, low-rank projection."""
+"""Shared layers: coordinates, grid-aware resampling (matmul fast path == F.interpolate), attention,
+spatial gating, low-rank projection."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,14 +8,17 @@ from tokconv.layers import (
     AttentionBlock,
     CoordQueries,
     CrossAttention,
-    DSConv3dBlock,
     LowRankLinear,
+    SpatialGatingBlock,
     grid_coords,
     make_projection,
     resample_tokens,
+    resample_tokens_fn,
+    resample_tokens_ref,
     tokens_to_volume,
     volume_to_tokens,
 )
+from tokconv.targets import STUDENT, TEACHERS
 
 
 def test_grid_coords_are_cell_centres_in_shared_space():
@@ -67,15 +71,64 @@ def test_resample_global_and_identity_and_bad_grid():
         resample_tokens(x, (4, 4, 3), (2, 2, 2))
 
 
+GRID_PAIRS = [(STUDENT.grid, TEACHERS["videomae"].grid), (STUDENT.grid, TEACHERS["timesformer"].grid),
+              ((4, 6, 6), (6, 7, 7)), ((4, 6, 6), (2, 5, 5)), ((3, 5, 7), (3, 5, 9)), ((2, 3, 3), (5, 3, 3)),
+              ((1, 1, 1), (2, 3, 2))]
+
+
+@pytest.mark.parametrize("src,dst", GRID_PAIRS)
+def test_matmul_resample_equals_interpolate_values_and_gradients(src, dst):
+    torch.manual_seed(0)
+    n = src[0] * src[1] * src[2]
+    x = torch.randn(3, n, 5, dtype=torch.float64, requires_grad=True)
+    fast, ref = resample_tokens_fn(x, src, dst), resample_tokens_ref(x, src, dst)
+    assert fast.shape == (3, dst[0] * dst[1] * dst[2], 5)
+    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(fast)
+    (g_fast,), (g_ref,) = torch.autograd.grad(fast, x, g), torch.autograd.grad(ref, x, g)
+    torch.testing.assert_close(g_fast, g_ref, rtol=1e-12, atol=1e-12)
+    # forward-mode AD too (the Jacobian regulariser uses jvp)
+    v = torch.randn_like(x)
+    _, t_fast = torch.func.jvp(lambda z: resample_tokens_fn(z, src, dst), (x.detach(),), (v,))
+    _, t_ref = torch.func.jvp(lambda z: resample_tokens_ref(z, src, dst), (x.detach(),), (v,))
+    torch.testing.assert_close(t_fast, t_ref, rtol=1e-12, atol=1e-12)
+    assert resample_tokens is resample_tokens_fn
+
+
+def test_matrices_first_built_under_inference_mode_still_serve_autograd():
+    src, dst = (3, 4, 4), (5, 3, 3)                                   # a pair no other test uses
+    with torch.inference_mode():
+        resample_tokens(torch.randn(1, 48, 2), src, dst)
+    x = torch.randn(1, 48, 2, requires_grad=True)
+    resample_tokens(x, src, dst).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_matmul_resample_within_dtype_tolerance(dtype, tol):
+    torch.manual_seed(0)
+    x = torch.randn(2, STUDENT.tokens, 16).to(dtype)
+    for name in ("videomae", "timesformer"):
+        fast = resample_tokens_fn(x, STUDENT.grid, TEACHERS[name].grid)
+        ref = resample_tokens_ref(x.double(), STUDENT.grid, TEACHERS[name].grid)
+        assert fast.dtype == dtype
+        assert (fast.double() - ref).abs().max() <= tol * ref.abs().max(), name
+
+
 def test_cross_attention_matches_explicit_softmax_and_weights_sum_to_one():
     torch.manual_seed(0)
     attn = CrossAttention(dim=16, kv_dim=24, num_heads=4).eval()
     q, kv = torch.randn(10, 16), torch.randn(3, 40, 24)
     fused = attn(q, kv)
-    explicit, w = attn(q, kv, return_weights=True)
+    w = attn.weights(q, kv)
     assert fused.shape == (3, 10, 16) and w.shape == (3, 10, 40)
-    assert torch.allclose(fused, explicit, atol=1e-5)
     assert torch.allclose(w.sum(-1), torch.ones(3, 10), atol=1e-5)
+    # the explicit softmax, applied per head, gives the fused output
+    qh, k, v = attn._heads(q, kv)
+    probs = ((qh @ k.transpose(-2, -1)) * attn.head_dim ** -0.5).softmax(-1)
+    explicit = attn.proj((probs @ v).transpose(1, 2).reshape(3, 10, 16))
+    assert torch.allclose(fused, explicit, atol=1e-5)
+    assert torch.allclose(w, probs.mean(1), atol=1e-6)
 
 
 def test_attention_block_cross_and_self():
@@ -87,16 +140,31 @@ def test_attention_block_cross_and_self():
     assert selfb.mlp is None and selfb(torch.randn(2, 7, 16)).shape == (2, 7, 16)
 
 
-def test_dsconv_block_mixes_neighbours_only():
+def test_spatial_gating_block_starts_as_an_ffn_then_mixes_tokens():
     torch.manual_seed(0)
-    blk = DSConv3dBlock(dim=8, kernel_size=3).eval()
-    x = torch.zeros(1, 4 * 4 * 4, 8)
-    y0 = blk(x, (4, 4, 4))
-    x[0, 0] = torch.randn(8)                                           # poke token (0, 0, 0)
-    diff = (blk(x, (4, 4, 4)) - y0).abs().sum(-1)[0].reshape(4, 4, 4)
-    assert diff[0, 0, 0] > 0 and diff[1, 1, 1] > 0                      # 3x3x3 neighbourhood
-    assert torch.all(diff[2:] == 0) and torch.all(diff[:, 2:] == 0)    # nothing beyond it
-    assert blk(torch.randn(2, 1, 8), (1, 1, 1)).shape == (2, 1, 8)
+    grid = (3, 4, 5)
+    blk = SpatialGatingBlock(dim=8, hidden=6, grid=grid).double()
+    x = torch.randn(2, 60, 8, dtype=torch.float64)
+    # fresh: no token mixing (M = 0, bias 1), each token's output depends on that token only
+    y = blk(x)
+    x2 = x.clone()
+    x2[0, 7] += torch.randn(8, dtype=torch.float64)  # not a constant: LayerNorm would remove it
+    diff = (blk(x2) - y).abs().sum(-1)
+    assert diff[0, 7] > 0 and diff[0].sum() == diff[0, 7] and diff[1].sum() == 0
+    # with mixing: M_t mixes a token with the same (h, w) in other frames, M_hw within its frame
+    with torch.no_grad():
+        blk.mix_t.normal_()
+        blk.mix_hw.normal_()
+    y = blk(x)
+    diff = (blk(x2) - y).abs().sum(-1)[0].reshape(grid)               # token 7 = (t 0, h 1, w 2)
+    assert (diff[0] > 0).all()                                        # its whole frame
+    assert (diff[1:, 1, 2] > 0).all()                                 # its place in other frames
+    assert (diff[1:].flatten()[[i for i in range(40) if i not in (7, 27)]] == 0).all()  # not beyond
+    # the gate equals the explicit dense (T x T) (x) I + I (x) (HW x HW) token-mixing matrix
+    v = torch.randn(2, 60, 6, dtype=torch.float64)
+    dense = torch.kron(blk.mix_t, torch.eye(20, dtype=torch.float64)) + \
+        torch.kron(torch.eye(3, dtype=torch.float64), blk.mix_hw)
+    torch.testing.assert_close(blk.gate(v), dense @ v + blk.gate_bias)
 
 
 def test_low_rank_projection_rank_and_scale():

@@ -23,9 +23,9 @@ from tokconv.losses import distill_loss
 
 # narrower trunks keep each fit to seconds on CPU (unknown designs keep their preset widths)
 SMALL = {"perceiver": {"n_lat": 64, "d_lat": 128, "d_dec": 128, "heads": 4, "dec_heads": 4},
-         "convmix": {"dim": 128, "mlp_hidden": 256},
+         "convmix": {"dim": 128, "hidden": 256, "out_hidden": 256},
          "tokenlearner": {"dim": 128, "num_tokens": 64, "select_hidden": 128, "heads": 4},
-         "ssm": {"dim": 128}}
+         "ssm": {"dim": 128, "headdim": 32}}
 HALF = {"student": (4, 8, 8), "videomae": (4, 7, 7), "timesformer": (8, 7, 7), "vivit": None}
 
 

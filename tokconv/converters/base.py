@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..deficiency import LowRankLinear, mask_tokens, nuclear_norm
+from ..layers import GridResample
 from ..targets import STUDENT, TEACHERS, TargetSpec, specs_to_dict
 
 
@@ -44,6 +45,8 @@ class Converter(nn.Module):
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         self.student = student
         self.targets = dict(targets)
+        # student grid -> each target's layout (matrices as buffers: device/dtype moves, TorchScript)
+        self.resample = nn.ModuleDict({n: GridResample(student.grid, s.grid) for n, s in self.targets.items()})
         self.rank = rank
         self.mask_ratio = float(mask_ratio)
         self.config: dict[str, Any] = {}
@@ -95,11 +98,17 @@ class Converter(nn.Module):
 
 
 class QueryDecodeMixin:
-    """``decode`` for designs that read a memory (latents, token summaries) with coordinate
-    queries; needs ``queries``, ``target_embed``, ``decoder`` (cross-attention) and ``out``."""
+    """``decode`` for designs that read a memory (latents, token summaries) with queries; needs
+    ``queries``, ``target_embed``, ``decoder`` (cross-attention) and ``out``. The trunk state is
+    (memory (B, M, d_mem), local (B, Ns, d)): each target token's query is its coordinate query
+    + the target embedding + ``local`` resampled to its position (mean-pooled for a global
+    target), so the decoder adds global context to what the student says at that place
+    (Perceiver IO's content-carrying output queries)."""
 
-    def decode(self, memory: torch.Tensor, name: str) -> torch.Tensor:
-        q = self.queries(self.targets[name].grid) + self.target_embed[name]  # (Nt, d)
+    def decode(self, state, name: str) -> torch.Tensor:
+        memory, local = state
+        grid = self.targets[name].grid
+        q = self.queries(grid) + self.target_embed[name] + self.resample[name](local)
         return self.out[name](self.decoder(q, memory))                       # (B, Nt, Dt)
 
 

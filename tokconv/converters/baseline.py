@@ -1,8 +1,9 @@
 """Baseline: grid interpolation + per-target linear map (the floor every design must beat).
 
-Per target: Linear(student.dim -> spec.dim) (low rank with ``rank``), then trilinear resampling
-from the student grid to the target grid (mean pool for a global target). Linear maps commute
-with interpolation (its weights sum to one), so projecting first is the same model at lower cost.
+Per target: Linear(student.dim -> spec.dim) (low rank with ``rank``) and trilinear resampling
+from the student grid to the target grid (mean pool for a global target). The two commute
+(interpolation weights sum to one), so the map runs on the shorter side: resample first when
+the target has fewer tokens (VideoMAE, ViViT), project first when it has more (TimeSformer).
 (B, 2048, 1024) -> (B, 1568, 768) / (B, 3136, 768) / (B, 1, 768); 3 x 0.79M parameters.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import make_projection, resample_tokens
+from ..layers import make_projection
 from ..registry import register_converter
 from ..targets import STUDENT, TargetSpec
 from .base import Converter, build_preset, param_budget
@@ -27,7 +28,10 @@ class InterpLinearConverter(Converter):
         return x
 
     def decode(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return resample_tokens(self.proj[name](x), self.student.grid, self.targets[name].grid)
+        spec, proj = self.targets[name], self.proj[name]
+        if spec.tokens <= self.student.tokens:
+            return proj(self.resample[name](x))
+        return self.resample[name](proj(x))
 
 
 @register_converter

@@ -13,11 +13,8 @@ from .mlp import DropPath, Mlp
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention of ``q`` over ``kv`` (self-attention when they are the same tensor).
-
-    ``forward(..., return_weights=True)`` computes the softmax explicitly and also returns the
-    head-averaged attention weights (B, Nq, Nk) (for selection/entropy regularisers); otherwise
-    SDPA picks the fused kernel."""
+    """Multi-head attention of ``q`` over ``kv`` (self-attention when they are the same tensor),
+    on SDPA's fused kernels; ``weights(q, kv)`` gives the attention weights explicitly."""
 
     def __init__(self, *, dim: int, kv_dim: int | None = None, num_heads: int = 8,
                  qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
@@ -32,25 +29,26 @@ class CrossAttention(nn.Module):
         self.attn_drop = attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, q: torch.Tensor, kv: torch.Tensor, *, return_weights: bool = False):
+    def _heads(self, q: torch.Tensor, kv: torch.Tensor):
         b, nk, _ = kv.shape
         if q.dim() == 2:
             q = q.unsqueeze(0).expand(b, -1, -1)
-        nq = q.shape[1]
         h, hd = self.num_heads, self.head_dim
-        qh = self.q(q).reshape(b, nq, h, hd).transpose(1, 2)                  # (B, h, Nq, hd)
+        qh = self.q(q).reshape(b, q.shape[1], h, hd).transpose(1, 2)          # (B, h, Nq, hd)
         k, v = self.kv(kv).reshape(b, nk, 2, h, hd).permute(2, 0, 3, 1, 4)  # 2 x (B, h, Nk, hd)
-        drop = self.attn_drop if self.training else 0.0
-        weights = None
-        if return_weights:
-            attn = (qh * hd ** -0.5) @ k.transpose(-2, -1)
-            attn = attn.softmax(dim=-1)
-            weights = attn.mean(dim=1)                                       # (B, Nq, Nk)
-            out = F.dropout(attn, drop, self.training) @ v
-        else:
-            out = F.scaled_dot_product_attention(qh, k, v, dropout_p=drop)
-        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, nq, h * hd)))
-        return (out, weights) if return_weights else out
+        return qh, k, v
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        qh, k, v = self._heads(q, kv)
+        out = F.scaled_dot_product_attention(qh, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        b, h, nq, hd = out.shape
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, nq, h * hd)))
+
+    def weights(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """Head-averaged attention weights (B, Nq, Nk) of ``q`` over ``kv`` (explicit softmax:
+        for selection/entropy regularisers; ``forward`` never materialises them)."""
+        qh, k, _ = self._heads(q, kv)
+        return ((qh * self.head_dim ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=1)
 
 
 class AttentionBlock(nn.Module):
@@ -73,20 +71,24 @@ class AttentionBlock(nn.Module):
         self.norm_mlp = nn.LayerNorm(dim) if hidden else None
         self.mlp = Mlp(dim, hidden, dim, drop=drop) if hidden else None
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, *,
-                return_weights: bool = False):
+    def _normed(self, x: torch.Tensor, kv: torch.Tensor | None):
         if self.is_cross:
             if kv is None:
                 raise ValueError("AttentionBlock: a cross-attention block needs kv")
-            kv = self.norm_kv(kv)
-            q = self.norm_q(x)
-        else:
-            q = kv = self.norm_q(x)
-        res = self.attn(q, kv, return_weights=return_weights)
-        res, weights = res if return_weights else (res, None)
+            return self.norm_q(x), self.norm_kv(kv)
+        q = self.norm_q(x)
+        return q, q
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None) -> torch.Tensor:
+        q, kv = self._normed(x, kv)
+        res = self.attn(q, kv)
         if x.dim() == 2:  # broadcast batch-less queries to the batch of kv
             x = x.unsqueeze(0).expand(kv.shape[0], -1, -1)
         x = x + self.drop_path(res)
         if self.mlp is not None:
             x = x + self.drop_path(self.mlp(self.norm_mlp(x)))
-        return (x, weights) if return_weights else x
+        return x
+
+    def attention_weights(self, x: torch.Tensor, kv: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, Nq, Nk) head-averaged weights of this block's attention (see CrossAttention.weights)."""
+        return self.attn.weights(*self._normed(x, kv))
