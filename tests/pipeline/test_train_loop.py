@@ -16,6 +16,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from small_presets import HALF, one_preset_per_design, small_kwargs
 
 from pipeline.artifacts import ModelRegistry
 from pipeline.config import JobConfig
@@ -23,15 +24,8 @@ from pipeline.featurestore import FeatureStore
 from pipeline.storage import Storage
 from pipeline.train import worker_config
 from pipeline.train_loop import LocalSession, MetricsLog, load_state, run_worker
-from tokconv import list_converters
 from tokconv.targets import TargetSpec
 
-HALF = {"student": (4, 8, 8), "videomae": (4, 7, 7), "timesformer": (8, 7, 7), "vivit": None}
-# narrower trunks keep each design's run to seconds on CPU
-SMALL = {"perceiver": {"n_lat": 64, "d_lat": 128, "d_dec": 128, "heads": 4, "dec_heads": 4},
-         "convmix": {"dim": 128, "hidden": 256, "out_hidden": 256},
-         "tokenlearner": {"dim": 128, "num_tokens": 64, "select_hidden": 128, "heads": 4},
-         "ssm": {"dim": 128}}
 TARGETS = ("videomae", "timesformer", "vivit")
 STEP_KEYS = {"kind", "step", "epoch", "time", "loss", *(f"loss.{t}" for t in TARGETS),
              "loss.head", "lr", "grad_norm", "clips_per_s", "data_wait_frac"}
@@ -102,18 +96,10 @@ def _run(storage: Storage, tmp_path, run: str, **train) -> tuple[list[dict], str
         return [json.loads(line) for line in f], root
 
 
-def _one_preset_per_design() -> list[str]:
-    by_design: dict[str, list[str]] = {}
-    for name in list_converters():
-        by_design.setdefault(name.split("_")[0], []).append(name)
-    return sorted(next((n for n in names if n.endswith("_small")), names[0])
-                  for names in by_design.values())
-
-
-@pytest.mark.parametrize("converter", _one_preset_per_design())
+@pytest.mark.parametrize("converter", one_preset_per_design())
 def test_loss_falls_for_every_design(storage, tmp_path, converter):
     records, _ = _run(storage, tmp_path, converter, converter=converter,
-                      converter_kwargs=SMALL.get(converter.split("_")[0], {}))
+                      converter_kwargs=small_kwargs(converter))
     steps = [r for r in records if r["kind"] == "step"]
     assert [r["step"] for r in steps] == list(range(1, 25))  # 6 train clips / batch 2 x 8 epochs
     first, last = np.mean([r["loss"] for r in steps[:3]]), np.mean([r["loss"] for r in steps[-3:]])
@@ -198,8 +184,9 @@ def test_metrics_log_resume_keeps_records_up_to_the_checkpoint(tmp_path):
 def test_resume_from_a_mid_epoch_checkpoint_ends_with_the_uninterrupted_weights(storage, tmp_path,
                                                                                  cache):
     # masking: RNG per step
-    kw = {"converter": "perceiver_small", "converter_kwargs": SMALL["perceiver"], "epochs": 3,
-          "checkpoint_every_steps": 4, "cache": cache, "deficiency": {"mask_ratio": 0.25}}
+    kw = {"converter": "perceiver_small", "converter_kwargs": small_kwargs("perceiver_small"),
+          "epochs": 3, "checkpoint_every_steps": 4, "cache": cache,
+          "deficiency": {"mask_ratio": 0.25}}
     full, root = _run(storage, tmp_path, "full", **kw)
     resumed_root = tmp_path / "again"
     resumed_root.mkdir()
