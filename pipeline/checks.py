@@ -2,9 +2,10 @@
 
 * ``check_job(job)``: what the job file alone decides, run whenever a ``JobConfig`` validates
   (``load_job``, ``--print-config``): model names in ``models.compile``/``models.fp8``, target
-  names in ``train.loss.target_weights``, ``train.converter_kwargs`` against the preset (built
-  on the meta device: no memory, no weights), ``export.metric`` against what the evaluate stage
-  writes, URLs of model sources and the compile cache, botocore options. Nothing is contacted.
+  names in ``train.loss.target_weights`` and ``train.best_metric``, ``train.converter_kwargs``
+  against the preset (built on the meta device: no memory, no weights), ``export.metric``
+  against what the evaluate stage writes, URLs of model sources and the compile cache, botocore
+  options. Nothing is contacted.
 * ``preflight(job, stages)``: the outside world, first thing in a run, before Ray starts: the
   storage root is writable (bucket exists, credentials, endpoint reachable), the sources and
   remote model sources exist, and a stage run without its predecessor finds their output.
@@ -61,6 +62,16 @@ def _target_weights(job: JobConfig) -> list[str]:
         return []
     return [(f"train.loss.target_weights: unknown target(s) {_names(unknown)}; "
              f"allowed: {_names(TEACHERS)}")]
+
+
+def _best_metric(job: JobConfig) -> list[str]:
+    from pipeline.train_step import validation_metrics
+    from tokconv.targets import TEACHERS
+    allowed = validation_metrics(TEACHERS)
+    if job.train.best_metric in allowed:
+        return []
+    return [(f"train.best_metric: {job.train.best_metric!r} is not a validation metric; "
+             f"allowed: {_names(allowed)}")]
 
 
 def _build_on_meta(name: str, **kwargs):
@@ -165,7 +176,7 @@ def _botocore_options(job: JobConfig) -> list[str]:
 
 def check_job(job: JobConfig) -> list[str]:
     """Problems of ``job`` that its file alone shows, one line each (empty: none)."""
-    return [*_model_names(job), *_target_weights(job), *_converter_kwargs(job),
+    return [*_model_names(job), *_target_weights(job), *_best_metric(job), *_converter_kwargs(job),
             *_export_metric(job), *_other_urls(job), *_botocore_options(job)]
 
 

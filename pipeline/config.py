@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -278,7 +278,7 @@ class TrainConfig(_Strict):
         DeficiencyConfig(), description="representation-deficiency regularisers")
     epochs: int = Field(2, ge=1, description="passes over the train split")
     batch_size: int = Field(8, ge=1, description="clips per step, per worker")
-    num_workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+    num_workers: int | Literal["auto"] = Field(
         2, description="Ray Train workers (DDP ranks); auto: one per GPU with use_gpu, else one "
         "per node; default 2")
     use_gpu: bool = Field(False, description="one GPU per worker (NCCL); False: CPU workers (gloo)")
@@ -332,13 +332,12 @@ class TrainConfig(_Strict):
     warm_start: bool = Field(
         True, description="start from the `latest` export when its configs match")
 
-    @field_validator("best_metric")
+    @field_validator("num_workers", mode="before")
     @classmethod
-    def _val_metric(cls, v: str) -> str:
-        if not v.startswith("val."):
-            raise ValueError(f"must be a validation metric (val.mean_cosine, val.top1, "
-                             f"val.<target>.cosine or .r2), got {v!r}")
-        return v
+    def _worker_count(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError("a worker count >= 1, or auto: one per GPU")
 
     @field_validator("converter")
     @classmethod

@@ -368,11 +368,13 @@ def train_stage(tc: TrainConfig, storage: Storage, *, store: FeatureStore,
 
 
 def _check_validation(tc: TrainConfig, targets: list[str], n_val: int) -> None:
-    known = {"val.mean_cosine", "val.top1",
-             *(f"val.{t}.{m}" for t in targets for m in ("cosine", "r2"))}
+    """What the store decides (its targets, its validation split); ``pipeline.checks`` checks the
+    names at load."""
+    from .train_step import validation_metrics
+    known = validation_metrics(targets)
     if tc.best_metric not in known:
-        raise ValueError(f"train.best_metric {tc.best_metric!r} is not a validation metric; "
-                         f"known: {', '.join(sorted(known))}")
+        raise ValueError(f"train.best_metric {tc.best_metric!r} is not a validation metric of "
+                         f"this store; known: {', '.join(known)}")
     if tc.early_stopping_patience and n_val == 0:
         raise ValueError(f"train.early_stopping_patience needs validation clips; split "
                          f"{tc.val_split!r} (train.val_split) has none")

@@ -152,6 +152,12 @@ def validate(module: _TrainModule, reader: ClipReader, mean, std, *,
     return res
 
 
+def validation_metrics(targets) -> list[str]:
+    """The keys ``validate`` returns for ``targets``: what ``train.best_metric`` may name."""
+    return ["val.mean_cosine", "val.top1",
+            *(f"val.{t}.{m}" for t in targets for m in ("cosine", "r2"))]
+
+
 def finite(v: float) -> float | None:
     return v if math.isfinite(v) else None
 

@@ -150,7 +150,8 @@ class GridResample(nn.Module):
         self.src, self.dst = tuple(src), (None if dst is None else tuple(dst))
         same = self.dst is None or self.dst == self.src
         # device None: where tensors are made now (CPU, or meta for a shapes-only build)
-        m_t, m_hw = (None, None) if same else _build_matrices(self.src, self.dst, None, torch.float32)
+        m_t, m_hw = ((None, None) if same
+                     else _build_matrices(self.src, self.dst, None, torch.float32))
         self.register_buffer("m_t", m_t, persistent=False)
         self.register_buffer("m_hw", m_hw, persistent=False)
 
