@@ -16,18 +16,19 @@ run, raw first as the reference:
 * **the train stage's streamed clips/s** and **converter fidelity on held-out sources**: the job's
   train stage on the codec's store, then its evaluate stage on the RAW store's held-out split (the
   same targets for every codec), with the same job, preset and budget for every codec (one
-  function, ``train_and_evaluate``: the train stage is being rewritten, see its docstring).
+  function, ``train_and_evaluate``; ``train.cache=none`` unless overridden, so every epoch
+  streams from the store).
 
 Goals (issue 15), checked in the last table: bytes <= 0.5x raw, mean cosine within 0.5% of raw
 (relative), train clips/s >= 0.8 x the byte ratio's inverse. The store's held-out split must be
 held out by source footage (e.g. a manifest from bench/footage.py), not copies of one video.
 
-H200 (after the train-stage rewrite; a store extracted with full-size random-weight models):
+H200 (a store extracted with full-size random-weight models):
     python bench/codecs.py jobs/bench.yaml --codecs fp8,int8 --device cuda --reencode-device cuda \\
         --train-overrides train.use_gpu=true train.num_workers=1 --out bench/results/codecs.json
 CPU dry run (the smoke job's tiny models; extracts first):
     python bench/codecs.py jobs/smoke.yaml storage.url=/tmp/codecs-dry --extract \\
-        --train-overrides train.epochs=1 train.materialize_max_mb=0
+        --train-overrides train.epochs=1
 """
 from __future__ import annotations
 
@@ -66,18 +67,14 @@ def train_and_evaluate(job: str, overrides: list[str], *, store: str, eval_store
                        run_name: str, storage: Storage) -> dict:
     """The train stage on ``store``, then evaluate on ``eval_store``'s held-out split.
 
-    Assumes (the train stage is being rewritten, branch i13): ``python -m pipeline run JOB
-    store=S name=N --stages train`` trains on store S and leaves runs/N/summary.json with the
-    stage's ``seconds`` and ``train_clips`` (and ``clips_per_s``/``metrics.clips_per_s`` if the
-    stage reports its own streamed rate, which is preferred), and ``--stages evaluate`` on the
-    same name reads runs/N/train.json and writes runs/N/eval/metrics.json. Streamed clips/s
-    otherwise: train clips x epochs / stage seconds (start-up included)."""
+    ``python -m pipeline run JOB store=S name=N --stages train`` trains on store S and leaves
+    runs/N/summary.json with the stage's ``clips_per_s`` (clips trained over rank 0's time from
+    its first step to its last checkpoint: start-up excluded) and ``seconds`` (the whole stage);
+    ``--stages evaluate`` on the same name reads runs/N/train.json and writes
+    runs/N/eval/metrics.json."""
     pipeline_cli(job, [*overrides, f"store={store}", f"name={run_name}"], "train")
     summary = storage.read_json(f"runs/{run_name}/summary.json")["stages"]["train"]
-    rate = summary.get("clips_per_s") or summary.get("metrics", {}).get("clips_per_s")
-    if rate is None:
-        epochs = load_job(job, overrides).train.epochs
-        rate = summary["train_clips"] * epochs / summary["seconds"]
+    rate = summary["clips_per_s"]
     pipeline_cli(job, [*overrides, f"store={eval_store}", f"name={run_name}"], "evaluate")
     metrics = storage.read_json(f"runs/{run_name}/eval/metrics.json")
     return {"train_clips_per_s": rate, "train_seconds": summary["seconds"],
@@ -270,7 +267,8 @@ def main() -> None:
               + ", ".join(f"{g} {v['mean']:.4f}/{v['worst']:.4f}" for g, v in per.items()),
               flush=True)
     device = torch.device(args.device)
-    train_overrides = [*args.overrides, "train.warm_start=false", *args.train_overrides]
+    train_overrides = [*args.overrides, "train.warm_start=false", "train.cache=none",
+                       *args.train_overrides]
     results: dict[str, dict] = {}
     for label, store in stores.items():
         commits = store.commits()

@@ -40,9 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import torch.nn.functional as F
 
+from pipeline.artifacts import stats_tensors
 from pipeline.config import DeficiencyConfig, HeadConfig, OptimConfig, TrainConfig
 from pipeline.evaluate import FidelityMeter, gflops_per_clip, latency_ms, topk_correct
-from pipeline.train import _make_scheduler, build_models, stats_tensors
+from pipeline.train import build_models
+from pipeline.train_step import make_scheduler
 from tokconv import STUDENT, TEACHERS, TargetSpec, create_converter, list_converters
 from tokconv.converters import count_params
 from tokconv.deficiency import WarmupSchedule, jacobian_penalty
@@ -274,7 +276,7 @@ def fit(name: str, pairs: Pairs, budget: Budget, device: torch.device,
     converter, head = converter.to(device), head.to(device)
     params = [*converter.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    sched = _make_scheduler(opt, cfg.optim, budget.steps)
+    sched = make_scheduler(opt, cfg.optim, budget.steps)
     d = cfg.deficiency
     w_reg = {"nuclear": WarmupSchedule(d.w_nuclear, d.warmup_steps),
              "selection": WarmupSchedule(d.w_selection, d.warmup_steps)}

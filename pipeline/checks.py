@@ -2,9 +2,10 @@
 
 * ``check_job(job)``: what the job file alone decides, run whenever a ``JobConfig`` validates
   (``load_job``, ``--print-config``): model names in ``models.compile``/``models.fp8``, target
-  names in ``train.loss.target_weights``, ``train.converter_kwargs`` against the preset (built
-  on the CPU, tens of ms), ``export.metric`` against what the evaluate stage
-  writes, URLs of model sources and the compile cache, botocore options. Nothing is contacted.
+  names in ``train.loss.target_weights`` and ``train.best_metric``, ``train.converter_kwargs``
+  against the preset (built on the meta device: no memory, no weights), ``export.metric``
+  against what the evaluate stage writes, URLs of model sources and the compile cache, botocore
+  options. Nothing is contacted.
 * ``preflight(job, stages)``: the outside world, first thing in a run, before Ray starts: the
   storage root is writable (bucket exists, credentials, endpoint reachable), the sources and
   remote model sources exist, and a stage run without its predecessor finds their output.
@@ -63,9 +64,18 @@ def _target_weights(job: JobConfig) -> list[str]:
              f"allowed: {_names(TEACHERS)}")]
 
 
-def _build(name: str, **kwargs):
-    """The preset ``name`` built for the mission layouts on the CPU (12-40 ms for any preset;
-    the meta device cannot build the converters' precomputed resampling matrices)."""
+def _best_metric(job: JobConfig) -> list[str]:
+    from pipeline.train_step import validation_metrics
+    from tokconv.targets import TEACHERS
+    allowed = validation_metrics(TEACHERS)
+    if job.train.best_metric in allowed:
+        return []
+    return [(f"train.best_metric: {job.train.best_metric!r} is not a validation metric; "
+             f"allowed: {_names(allowed)}")]
+
+
+def _build_on_meta(name: str, **kwargs):
+    """The preset ``name`` built for the mission layouts on the meta device (shapes only)."""
     import torch
 
     from tokconv.registry import create_converter
@@ -79,7 +89,7 @@ def converter_keywords(name: str) -> tuple[str, ...] | None:
     parameters of the class it builds, less those the train stage sets. None when the preset
     cannot be built here (then nothing is checked)."""
     try:
-        cls = type(_build(name))
+        cls = type(_build_on_meta(name))
     except Exception:  # noqa: BLE001 -- a preset this check cannot build is left to the train stage
         return None
     params = inspect.signature(cls.__init__).parameters.values()
@@ -102,7 +112,7 @@ def _converter_kwargs(job: JobConfig) -> list[str]:
     if out:
         return out
     try:  # the values too: the constructor's own checks (head counts, ranks, types)
-        _build(tc.converter, rank=tc.deficiency.rank, mask_ratio=tc.deficiency.mask_ratio,
+        _build_on_meta(tc.converter, rank=tc.deficiency.rank, mask_ratio=tc.deficiency.mask_ratio,
                        **kwargs)
     except (TypeError, ValueError, AssertionError) as e:
         return [f"train.converter_kwargs: converter {tc.converter} refuses {kwargs}: {e}"]
@@ -166,7 +176,7 @@ def _botocore_options(job: JobConfig) -> list[str]:
 
 def check_job(job: JobConfig) -> list[str]:
     """Problems of ``job`` that its file alone shows, one line each (empty: none)."""
-    return [*_model_names(job), *_target_weights(job), *_converter_kwargs(job),
+    return [*_model_names(job), *_target_weights(job), *_best_metric(job), *_converter_kwargs(job),
             *_export_metric(job), *_other_urls(job), *_botocore_options(job)]
 
 

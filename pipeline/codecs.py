@@ -2,8 +2,8 @@
 
 A registry by name (timm ``_registry`` habit): ``CODECS[name]`` is a ``Codec`` with ``encode``
 (B, N, D) float -> (B, W) uint8 rows and ``decode`` (B, W) uint8 rows -> (B, N, D), both plain
-torch on any device: the training reader decodes ON THE DEVICE (``decode_columns``); host decoding
-(``FeatureStore.to_torch``) is for evaluation and CPU paths.
+torch on any device: the training reader (``pipeline.train_data``) decodes ON THE DEVICE; host
+decoding (``FeatureStore.to_torch``) is for evaluation and CPU paths.
 
 =====  ==============================================  ===========================================
 codec  row of one clip (N tokens, D channels)          error bound per element, x the input value

@@ -304,17 +304,66 @@ class TrainConfig(_Strict):
         DeficiencyConfig(), description="representation-deficiency regularisers")
     epochs: int = Field(2, ge=1, description="passes over the train split")
     batch_size: int = Field(8, ge=1, description="clips per step, per worker")
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks)")
+    num_workers: int | Literal["auto"] = Field(
+        2, description="Ray Train workers (DDP ranks); auto: one per GPU with use_gpu, else one "
+        "per node; default 2")
     use_gpu: bool = Field(False, description="one GPU per worker (NCCL); False: CPU workers (gloo)")
     cpus_per_worker: float = Field(0.5, gt=0, description="CPUs per worker")
+    wait_for_workers: bool = Field(
+        False, description="let Ray wait for workers the cluster cannot hold now (an autoscaler "
+        "without published limits); default False")
     max_failures: int = Field(
-        1, ge=0, description="restarts from the last checkpoint after a failure")
-    seed: int = Field(0, description="seed of the init and of per-rank shuffling and masking")
+        1, ge=0, description="worker-group restarts from the last checkpoint; default 1")
+    seed: int = Field(0, description="seed of the init, the data order and per-step randomness")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="bf16: CUDA autocast over fp32 master weights; auto: bf16 on CUDA, "
+        "fp32 on CPU")
+    cache: Literal["none", "host", "gpu", "auto"] = Field(
+        "auto", description="where a worker keeps its train shard once read: none, host, gpu, "
+        "auto (gpu if it fits, else host, else none)")
+    shuffle_window: int = Field(
+        128, ge=1, description="clips shuffled together (rounded up to a multiple of batch_size); "
+        "default 128")
+    read_ahead: int = Field(
+        8, ge=1, description="Parquet row groups a worker reads (and copies) ahead; default 8")
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, description="also checkpoint every this many steps (epoch ends always); "
+        "default None")
+    keep_checkpoints: int = Field(
+        2, ge=1, description="latest checkpoints kept (the best is kept apart); default 2")
+    resume: Literal["auto", "never"] = Field(
+        "auto", description="auto: a re-submitted job continues its unfinished run; never: a new "
+        "run")
+    val_split: str = Field(
+        "val", description="store split validated on during training (skipped when empty)")
+    val_every_steps: int | None = Field(
+        None, ge=1, description="also validate every this many steps (epoch ends always); "
+        "default None")
+    best_metric: str = Field(
+        "val.mean_cosine", description="validation metric picking the best checkpoint "
+        "(val.mean_cosine, val.top1, val.<target>.cosine/.r2)")
+    best_mode: Literal["max", "min"] = Field(
+        "max", description="whether best_metric is better high or low")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="stop after this many validations without best_metric improving; "
+        "None: off")
+    early_stopping_min_delta: float = Field(
+        0.0, ge=0, description="smallest best_metric improvement that counts; default 0")
+    result: Literal["last", "best"] = Field(
+        "last", description="checkpoint runs/<job>/train.json hands on: the last or the best "
+        "validated one")
+    log_every_steps: int = Field(
+        20, ge=1, description="steps between writes of the per-step metrics log (one device sync "
+        "each); default 20")
     warm_start: bool = Field(
         True, description="start from the `latest` export when its configs match")
-    materialize_max_mb: float = Field(
-        512, ge=0,
-        description="stores up to this many MiB are held in the object store, larger ones streamed")
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _worker_count(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError("a worker count >= 1, or auto: one per GPU")
 
     @field_validator("converter")
     @classmethod

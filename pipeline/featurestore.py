@@ -317,7 +317,7 @@ class FeatureStore:
 
         Tensor columns -> (B, tokens, dim): for ``raw`` columns views of the Arrow buffers (no
         per-element work), coded ones decoded ON THE HOST (evaluation and CPU paths; the training
-        reader moves ``stored_rows`` to the GPU and decodes there). ``dtype``: None = the layout's
+        reader moves the stored rows to the GPU and decodes there). ``dtype``: None = the layout's
         (meta.json's, e.g. float16) for every codec. clip_index/label_index -> int64 tensors;
         video_id/split stay lists of str.
         """
@@ -338,8 +338,9 @@ class FeatureStore:
 
     def stored_rows(self, batch) -> dict[str, torch.Tensor]:
         """A batch's tensor columns as stored: {column: (B, row_bytes) uint8} views of the Arrow
-        buffers (no per-element work), for any codec. The training reader moves them to the GPU
-        and decodes there: ``codecs.decode_columns(rows, store.layouts(), torch.bfloat16)``."""
+        buffers (no per-element work), for any codec: ``codecs.decode_columns(rows,
+        store.layouts(), dtype)`` decodes them where they are (the training reader,
+        ``pipeline.train_data``, moves the same rows to the GPU and decodes there)."""
         layouts = self.layouts()
         names = list(batch) if isinstance(batch, Mapping) else batch.column_names
         get = batch.__getitem__ if isinstance(batch, Mapping) else batch.column

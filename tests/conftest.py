@@ -11,7 +11,8 @@ Video fixtures (session-scoped, real files):
       Needs ffmpeg on PATH (fails with a clear message otherwise).
 Ray fixture:
   ``ray_cluster`` -> the ``ray`` module, initialised with a real local cluster for the test module
-      (2 CPUs, 500 MiB object store, loopback only); a cluster already running is reused as is.
+      (2 CPUs, 500 MiB object store, loopback only, Ray Train's controller polling its workers
+      every 0.2 s); a cluster already running is reused as is.
 S3 fixture:
   ``s3_server`` -> S3Endpoint: a real moto ThreadedMotoServer on 127.0.0.1 (free port) with
       ``.endpoint_url``, ``.storage_options`` (endpoint_url/key/secret, the Storage/sources form),
@@ -69,12 +70,17 @@ def bad_videos(tmp_path_factory, sample_files) -> dict[str, Path]:
 def ray_cluster():
     import ray
     started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 object_store_memory=500 * 2**20, log_to_driver=True)
-    yield ray
-    if started:
-        ray.shutdown()
+    with pytest.MonkeyPatch.context() as mp:
+        if started:
+            # the controller takes each report at its health check (2 s by default; test runs
+            # checkpoint every few ms): a shorter interval keeps them short, it changes nothing
+            # they check. Set before ray.init: the cluster's processes inherit it.
+            mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+            ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                     object_store_memory=500 * 2**20, log_to_driver=True)
+        yield ray
+        if started:
+            ray.shutdown()
 
 
 # ---------------------------------------------------------------- S3 (moto server)

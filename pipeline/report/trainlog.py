@@ -1,9 +1,10 @@
 """The training metrics log the report draws its curves from: JSON Lines, one object per line.
 
-The train stage (rank 0) appends to ``runs/<job>/train/metrics.jsonl`` and records that path,
-relative to the storage root, as ``"metrics_log"`` in ``runs/<job>/train.json``.
+The train stage (rank 0) appends to ``runs/<job>/train/<job>-NNN/metrics.jsonl`` (its run
+directory) and records that path, relative to the storage root, as ``"metrics_log"`` in
+``runs/<job>/train.json``.
 
-Step records (every optimizer step, or every ``log_every`` steps)::
+Step records (one per optimizer step)::
 
     {"kind": "step",            # optional: a record without "kind" is a step record
      "step": 120,               # global optimizer step, counted from 1 (required)
@@ -15,10 +16,11 @@ Step records (every optimizer step, or every ``log_every`` steps)::
      "reg.<name>": 0.003,       # a regulariser's value, unweighted (nuclear, jacobian, ...)
      "w.<name>": 0.01,          # that regulariser's current weight (warm-up schedule)
      "lr": 0.0003, "grad_norm": 1.7,     # learning rate; gradient norm before clipping
-     "clips_per_s": 812.0,      # global training throughput over the logging interval
-     "data_wait_frac": 0.04}    # fraction of that interval spent waiting for data, in [0, 1]
+     "clips_per_s": 812.0,      # global training throughput over the step
+     "data_wait_frac": 0.04}    # fraction of that step spent waiting for data, in [0, 1]
 
-Validation records (one per epoch, on the validation split)::
+Validation records (at each epoch end and every ``train.val_every_steps``, on the validation
+split)::
 
     {"kind": "val", "step": 120, "epoch": 3,
      "val.<target>.cosine": 0.71, "val.<target>.r2": 0.43, "val.<target>.mse": 0.55,

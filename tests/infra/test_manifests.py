@@ -220,8 +220,10 @@ def test_job_clusters_hold_what_the_job_asks_for(where, spec):
     gpus = sum(
         g["maxReplicas"] * int(lim.get("nvidia.com/gpu", 0)) for g, lim in zip(groups, limits)
     )
-    if train.use_gpu and isinstance(train.num_workers, int):
-        assert train.num_workers <= gpus, f"{where}: {train.num_workers} GPU workers, {gpus} GPUs"
+    if train.use_gpu:
+        # num_workers=auto: one per GPU of the autoscaler's maximum (pipeline.train)
+        wanted = gpus if train.num_workers == "auto" else train.num_workers
+        assert 1 <= wanted <= gpus, f"{where}: {train.num_workers} GPU workers, {gpus} GPUs"
         assert all(
             train.cpus_per_worker <= int(lim["cpu"]) for lim in limits if "nvidia.com/gpu" in lim
         )

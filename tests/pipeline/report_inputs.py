@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from tiny_features import CLASS_NAMES, STUDENT, TEACHERS, make_tiny_store
 
+from pipeline.artifacts import stats_tensors
 from pipeline.evaluate import evaluate_model, gflops_per_clip, latency_ms
-from pipeline.train import stats_tensors
 
 
 @dataclass

@@ -34,6 +34,11 @@ ISSUE_CASES = [
      ("=manifest needs sources.manifest (a CSV/JSONL/Parquet file of path,label[,split]); "
       "allowed without one: parent, none")),
     (["storage.url=s3://b/runs"], "storage.url", "bucket name 'b' is not valid: 3-63 characters"),
+    (["train.best_metric=val.vidoemae.cosine"], "train.best_metric",
+     ("'val.vidoemae.cosine' is not a validation metric; allowed: val.mean_cosine, val.top1, "
+      "val.videomae.cosine, val.videomae.r2")),
+    (["train.num_workers=0"], "train.num_workers",
+     "a worker count >= 1, or auto: one per GPU (got 0)"),
 ]
 
 

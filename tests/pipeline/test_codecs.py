@@ -211,7 +211,7 @@ def test_extract_codec_is_validated_at_load():
 @pytest.mark.integration
 def test_smoke_job_with_an_fp8_store_trains_and_evaluates_through_the_cli(tmp_path):
     """extract.codec=fp8 through the CLI: the store records fp8, holds about half the bytes of the
-    raw values, trains (the train stage decodes on the host until the new reader lands) and
+    raw values, trains (the training reader decodes the fp8 rows on the training device) and
     evaluates; then a re-encode to raw gives the same statistics."""
     env = {"RAY_AUTH_MODE": "disabled", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
     run = subprocess.run([sys.executable, "-m", "pipeline", "run", "jobs/smoke.yaml",

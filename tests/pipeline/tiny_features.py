@@ -34,7 +34,9 @@ def teacher_of(student: torch.Tensor, spec: TargetSpec, weight: torch.Tensor) ->
 
 
 def make_tiny_store(storage: Storage, name: str = "features", *, n_train: int = 24, n_val: int = 8,
-                    shard_clips: int = 8, seed: int = 0, dtype=np.float16) -> FeatureStore:
+                    shard_clips: int = 8, seed: int = 0, dtype=np.float16,
+                    codec: str | None = None) -> FeatureStore:
+    """``codec``: ``extract.codec`` (None: raw)."""
     g = torch.Generator().manual_seed(seed)
     weights = {k: torch.randn(STUDENT.dim, s.dim, generator=g) / STUDENT.dim ** 0.5
                for k, s in TEACHERS.items()}
@@ -48,7 +50,8 @@ def make_tiny_store(storage: Storage, name: str = "features", *, n_train: int = 
         feats[k] = t + 0.05 * torch.randn(t.shape, generator=g)
     split = np.array(["train"] * n_train + ["val"] * n_val)
     store = FeatureStore(storage, name)
-    store.write_meta(specs=SPECS, dtype=np.dtype(dtype).name, class_names=CLASS_NAMES)
+    store.write_meta(specs=SPECS, dtype=np.dtype(dtype).name, class_names=CLASS_NAMES,
+                     codec=codec)
     for i in range(0, n, shard_clips):
         sl = slice(i, min(i + shard_clips, n))
         store.write_shard({

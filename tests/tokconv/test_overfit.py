@@ -6,7 +6,7 @@ by ``pipeline.decode``) run through the tiny real transformers backbones of
 layouts, widths 64 -> 48). To stay fast on CPU the full grids are resampled in 3D to half size
 per axis (student (4, 8, 8), VideoMAE (4, 7, 7), TimeSformer (8, 7, 7), ViViT one token): same
 kind of real features, 8x fewer tokens. One preset per design (the smallest), trunks narrowed
-to width 128 (``SMALL``);
+to width 128 (``small_presets.SMALL``);
 the linear baseline (the floor) must learn, and every design must end well below it.
 (tokconv tests may import pipeline; tokconv itself never does.)
 """
@@ -15,26 +15,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from small_presets import HALF, one_preset_per_design, small_kwargs
 
-from tokconv import TargetSpec, create_converter, list_converters
+from tokconv import TargetSpec, create_converter
 from tokconv.converters import count_params
 from tokconv.layers import resample_tokens
 from tokconv.losses import distill_loss
-
-# narrower trunks keep each fit to seconds on CPU (unknown designs keep their preset widths)
-SMALL = {"perceiver": {"n_lat": 64, "d_lat": 128, "d_dec": 128, "heads": 4, "dec_heads": 4},
-         "convmix": {"dim": 128, "hidden": 256, "out_hidden": 256},
-         "tokenlearner": {"dim": 128, "num_tokens": 64, "select_hidden": 128, "heads": 4},
-         "ssm": {"dim": 128, "headdim": 32}}
-HALF = {"student": (4, 8, 8), "videomae": (4, 7, 7), "timesformer": (8, 7, 7), "vivit": None}
-
-
-def _one_preset_per_design() -> list[str]:
-    by_design: dict[str, list[str]] = {}
-    for name in list_converters():
-        by_design.setdefault(name.split("_")[0], []).append(name)
-    return sorted(next((n for n in names if n.endswith("_small")), names[0])
-                  for names in by_design.values())
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +57,7 @@ def _fit(name: str, pairs, steps: int = 50) -> tuple[float, float]:
     teacher = {n: feats[n] for n in targets}
     torch.manual_seed(0)
     model = create_converter(name, student=specs["student"], targets=targets,
-                             **SMALL.get(name.split("_")[0], {}))
+                             **small_kwargs(name))
     assert count_params(model) > 0
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
 
@@ -100,7 +86,7 @@ def baseline_loss(pairs):
     return last
 
 
-@pytest.mark.parametrize("name", [n for n in _one_preset_per_design()
+@pytest.mark.parametrize("name", [n for n in one_preset_per_design()
                                   if not n.startswith("baseline")])
 def test_design_overfits_real_feature_pairs(name, pairs, baseline_loss):
     first, last = _fit(name, pairs)

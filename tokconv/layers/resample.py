@@ -150,8 +150,9 @@ class GridResample(nn.Module):
         super().__init__()
         self.src, self.dst = tuple(src), (None if dst is None else tuple(dst))
         same = self.dst is None or self.dst == self.src
+        # device None: where tensors are made now (CPU, or meta for a shapes-only build)
         m_t, m_hw = ((None, None) if same
-                     else _build_matrices(self.src, self.dst, "cpu", torch.float32))
+                     else _build_matrices(self.src, self.dst, None, torch.float32))
         self.register_buffer("m_t", m_t, persistent=False)
         self.register_buffer("m_hw", m_hw, persistent=False)
 
