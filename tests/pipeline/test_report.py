@@ -414,7 +414,9 @@ def test_model_card_summary_states_the_report_figures(rendered):
     for f in figures:
         assert f in card, f
     assert "[report.html](https://example.org/runs/j/eval/report.html)" in card
-    assert "**Promotion:** not exported yet: would" in card
+    # written before export decides: where the decision is recorded, and the prediction
+    assert "**Promotion:** decided by the export stage once this version is published" in card
+    assert "the evaluation predicted: would" in card
     assert f"| videomae | {fmt_num(m['targets']['videomae']['cosine'])} |" in card
 
 
