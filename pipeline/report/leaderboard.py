@@ -8,6 +8,9 @@ path there), so a test can check the page against each preset's own file.
 
 from __future__ import annotations
 
+import html
+import traceback
+
 from . import plots
 from .page import CSS, Fact, esc, figure, note, num, table
 
@@ -47,7 +50,20 @@ def _cells(r: dict, targets: list[str], metric: str) -> list[str]:
 
 
 def leaderboard_page(board: dict) -> str:
-    """The HTML of ``board`` (``pipeline.leaderboard.run_leaderboard``'s leaderboard.json)."""
+    """The HTML of ``board`` (``pipeline.leaderboard.run_leaderboard``'s leaderboard.json). Never
+    raises: a board that cannot be drawn gives a bare page saying why (the JSON and CSV stand)."""
+    try:
+        return _page(board)
+    except Exception:  # noqa: BLE001  (the page never fails the leaderboard)
+        return (
+            '<!doctype html><html><head><meta charset="utf-8"><title>tokconv leaderboard</title>'
+            "</head><body><h1>tokconv leaderboard</h1><p>the page could not be drawn "
+            "(leaderboard.json and leaderboard.csv hold the figures):</p>"
+            f"<pre>{html.escape(traceback.format_exc())}</pre></body></html>"
+        )
+
+
+def _page(board: dict) -> str:
     rows, metric = board["rows"], board["metric"]
     targets = list(dict.fromkeys(t for r in rows for t in r["targets"]))
     better = "higher" if board["higher_is_better"] else "lower"

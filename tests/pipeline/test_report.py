@@ -484,3 +484,19 @@ def test_sections_say_what_they_lack_and_broken_input_never_fails(rendered):
         p = write_report(junk)
         assert p.startswith("<!doctype html>") and "</html>" in p
     assert all(math.isfinite(v) for v in srcs["details"]["targets"]["videomae"]["per_clip_cosine"])
+
+
+def test_write_run_report_never_fails_the_stage(rendered, tmp_path, capsys):
+    """Inputs that are not there cost their sections; a report that cannot be written is said and
+    returns None instead of raising."""
+    from pipeline.report import write_run_report
+
+    _, srcs = rendered
+    storage = Storage(str(tmp_path))
+    url = write_run_report(storage, "runs/j", srcs["metrics"])  # no details.json, no train.json
+    page = parse_dom(storage.read_bytes("runs/j/eval/report.html").decode()).text
+    assert url == storage.url("runs/j/eval/report.html")
+    assert "no per-clip details were given" in page and "no training log" in page
+    storage.write_bytes("runs/k/eval", b"a file where the eval directory should be")
+    assert write_run_report(storage, "runs/k", srcs["metrics"]) is None
+    assert "[report] runs/k/eval/report.html not written" in capsys.readouterr().err
