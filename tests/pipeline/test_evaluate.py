@@ -350,7 +350,7 @@ def test_floor_trained_once_reused_retrained_for_another_budget_and_off(ray_clus
     runs/<job>/floor/, scores it on the same split (metrics.json "floor" == its own metrics.json,
     shown in the report's floor column); a re-run reuses it; another budget trains a new run; a
     setting of how runs execute does not; off skips it."""
-    from browser import parse_dom
+    from browser import lookup, parse_dom
     from tiny_features import publish_checkpoint
 
     from pipeline.evaluate import floor_to_train, run_evaluate
@@ -385,10 +385,7 @@ def test_floor_trained_once_reused_retrained_for_another_budget_and_off(ray_clus
              if n["attrs"].get("data-source") == "floor"}
     assert {"mean_cosine", "targets.videomae.cosine", "converter.params"} <= set(shown)
     for key, n in shown.items():
-        value = f
-        for part in key.split("."):
-            value = value[part]
-        assert n["text"] == FORMATTERS[n["attrs"]["data-fmt"]](value), key
+        assert n["text"] == FORMATTERS[n["attrs"]["data-fmt"]](lookup(f, key)), key
 
     assert not floor_to_train(job, storage)
     run_evaluate(job, storage)  # a re-run: the finished floor is reused, scored again

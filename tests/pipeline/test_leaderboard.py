@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browser import dump_dom, image_sizes, network_requests, parse_dom
+from browser import dump_dom, image_sizes, lookup, network_requests, parse_dom
 
 from pipeline.__main__ import main
 from pipeline.fmt import FORMATTERS
@@ -54,12 +54,6 @@ def board(smoke_run, tmp_path_factory):
 
 
 pytestmark = pytest.mark.integration
-
-
-def _lookup(src, key: str):
-    for part in key.split("."):
-        src = src[part]
-    return src
 
 
 def test_ranked_by_the_metric_with_each_presets_own_numbers(board, smoke_run):
@@ -126,7 +120,7 @@ def test_the_page_in_a_browser(board):
         a = n["attrs"]
         if a.get("data-source", "").startswith("metrics:"):
             preset = a["data-source"].split(":", 1)[1]
-            assert n["text"] == FORMATTERS[a["data-fmt"]](_lookup(own[preset], a["data-metric"]))
+            assert n["text"] == FORMATTERS[a["data-fmt"]](lookup(own[preset], a["data-metric"]))
             seen.add((preset, a["data-metric"]))
     for p in PRESETS:
         for k in ("mean_cosine", "top1", "converter.params", "converter.gflops_per_clip",

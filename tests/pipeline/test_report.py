@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browser import dump_dom, image_sizes, network_requests, parse_dom, screenshot
+from browser import dump_dom, image_sizes, lookup, network_requests, parse_dom, screenshot
 from report_inputs import real_evaluation
 
 from pipeline.evaluate import details_json
@@ -262,13 +262,6 @@ def rendered(tmp_path_factory):
     return d, srcs
 
 
-def _lookup(src, key: str):
-    node = src
-    for part in key.split("."):
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    return node
-
-
 def test_dom_shows_the_metrics_as_formatted(rendered):
     d, srcs = rendered
     dom = parse_dom(dump_dom(d / "report.html"))
@@ -277,7 +270,7 @@ def test_dom_shows_the_metrics_as_formatted(rendered):
     for n in dom.numbers:
         a = n["attrs"]
         if "data-metric" in a:  # a figure read from an input: shown as the formatter writes it
-            value = _lookup(srcs[a["data-source"]], a["data-metric"])
+            value = lookup(srcs[a["data-source"]], a["data-metric"])
             assert n["text"] == FORMATTERS[a["data-fmt"]](value), a
             checked.add((a["data-source"], a["data-metric"]))
     targets = list(m["targets"])

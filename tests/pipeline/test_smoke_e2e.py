@@ -15,7 +15,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from browser import dump_dom, image_sizes, network_requests, parse_dom
+from browser import dump_dom, image_sizes, lookup, network_requests, parse_dom
 from safetensors.torch import load
 
 from pipeline.artifacts import ModelRegistry
@@ -67,13 +67,6 @@ def smoke_report(smoke_run, tmp_path_factory):
     return page, srcs
 
 
-def _lookup(src, key: str):
-    node = src
-    for part in key.split("."):
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    return node
-
-
 def test_backbone_latency_recorded_by_the_extraction(smoke_report):
     meta = smoke_report[1]["store"]
     lat = meta["backbone_latency_ms"]
@@ -92,7 +85,7 @@ def test_the_smoke_report_in_a_browser(smoke_report, smoke_run):
     for n in dom.numbers:  # every number read from metrics.json / meta.json, as formatted
         a = n["attrs"]
         if a.get("data-source") in srcs:
-            value = _lookup(srcs[a["data-source"]], a["data-metric"])
+            value = lookup(srcs[a["data-source"]], a["data-metric"])
             assert n["text"] == FORMATTERS[a["data-fmt"]](value), a
             checked.add((a["data-source"], a["data-metric"]))
     want = {("metrics", k) for k in ("clips", "mean_cosine", "mean_r2", "top1", "top5",
