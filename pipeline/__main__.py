@@ -1,14 +1,16 @@
-"""Command line: ``python -m pipeline run JOB.yaml [key.path=value ...] [--stages extract,train]``
-and ``python -m pipeline reencode JOB.yaml --codec fp8 [--to NAME]`` (``pipeline.reencode``).
+"""Command line: ``python -m pipeline run JOB.yaml [key.path=value ...] [--stages extract,train]``,
+``python -m pipeline reencode JOB.yaml --codec fp8 [--to NAME]`` (``pipeline.reencode``) and
+``python -m pipeline leaderboard JOB.yaml --presets a,b,c [--metric M]`` (``pipeline.leaderboard``).
 
 Job files are executable (their shebang is ``#!/usr/bin/env -S python -m pipeline run``), so
 ``jobs/smoke.yaml`` and ``ray job submit -- jobs/full.yaml`` run the same thing.
 
 Before any work the job file is validated (exit 2) and the outside world is checked: storage
 writable, sources and model sources present (exit 3); then Ray starts, for the stages that use it
-(extract, train). A failure prints one line, ``error: stage <s>: <Type>: <why>`` (exit 1); the
-traceback too with --traceback or TOKCONV_TRACEBACK=1. Credentials in storage options are
-masked in --print-config and in runs/<name>/summary.json, which also records a failed stage.
+(extract, train, and evaluate when it trains the floor). A failure prints one line, ``error:
+stage <s>: <Type>: <why>`` (exit 1); the traceback too with --traceback or TOKCONV_TRACEBACK=1.
+Credentials in storage options are masked in --print-config and in runs/<name>/summary.json,
+which also records a failed stage.
 """
 from __future__ import annotations
 
@@ -33,7 +35,14 @@ STAGE_RUNNERS = {
     "evaluate": ("pipeline.evaluate", "run_evaluate"),
     "export": ("pipeline.export", "run_export"),
 }
-RAY_STAGES = ("extract", "train")  # evaluate and export run in this process, without a cluster
+RAY_STAGES = ("extract", "train")  # evaluate (unless it trains the floor) and export: no cluster
+
+
+def _uses_ray(stage: str, job: JobConfig, storage: Storage) -> bool:
+    if stage == "evaluate":
+        from .evaluate import floor_to_train
+        return floor_to_train(job, storage)
+    return stage in RAY_STAGES
 
 
 def _parse_stages(text: str | None) -> list[str] | None:
@@ -96,7 +105,7 @@ def run_job(job: JobConfig, stages: list[str] | None = None) -> dict:
     where = posixpath.join(job_run_dir(job.name), "summary.json")
     try:
         for i, stage in enumerate(stages, 1):
-            if stage in RAY_STAGES and not ray_ready:
+            if not ray_ready and _uses_ray(stage, job, storage):
                 started_ray, ray_ready = init_ray(job), True
             module, fn = STAGE_RUNNERS[stage]
             print(f"\n=== [{i}/{len(stages)}] {stage} ===", flush=True)
@@ -154,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     # `reencode JOB.yaml --codec fp8 [--to NAME]`: a store in another codec (issue 15)
     from .reencode import add_parser as add_reencode_parser
     add_reencode_parser(sub)
+    # `leaderboard JOB.yaml --presets a,b,c`: presets on one store with one budget (issue 14)
+    from .leaderboard import add_parser as add_leaderboard_parser
+    add_leaderboard_parser(sub)
     # Overrides may come after options too (`job.yaml --print-config a.b=1`, as a shebang runs it).
     args, extra = parser.parse_known_args(argv)
     unknown = [e for e in extra if e.startswith("-") or "=" not in e]
@@ -163,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "reencode":
         from .reencode import main as reencode_main
         return reencode_main(args)
+    if args.command == "leaderboard":
+        from .leaderboard import main as leaderboard_main
+        return leaderboard_main(args, init_ray=init_ray)
 
     try:
         job = load_job(args.job, args.overrides)

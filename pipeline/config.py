@@ -378,6 +378,9 @@ class EvaluateConfig(_Strict):
     split: Split = Field("val", description="held-out split to evaluate (as sources assigns them)")
     batch_size: int = Field(8, ge=1, description="clips per evaluation batch")
     report_html: bool = Field(True, description="write report.html beside metrics.json")
+    floor: Literal["auto", "off"] = Field(
+        "auto", description="auto: baseline_interp_linear trained with the train budget beside the "
+        "model (once, under runs/<job>/floor/); off: none; default auto")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
         description="where the metrics pass runs (auto: CUDA if any); the I/O sample runs on CPU")

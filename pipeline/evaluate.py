@@ -3,14 +3,19 @@
 Reads the checkpoint named by ``runs/<job>/train.json`` and the held-out split of the feature
 store (plain pyarrow reader, no Ray). ``run_evaluate(job, storage)`` (the CLI's entry) unpacks the
 job into ``evaluate_stage(cfg: EvaluateConfig, storage, *, store: FeatureStore, registry:
-ModelRegistry, run_dir: "runs/<job>")``. Writes under the storage root::
+ModelRegistry, run_dir: "runs/<job>", train: TrainConfig)``. Beside the model it scores the
+current ``latest`` and the floor: ``evaluate.floor: auto`` trains ``baseline_interp_linear`` with
+``train``'s budget once (``pipeline.budget``: Ray Train, resumable, reused while settings and store
+are unchanged) and scores it on the same split. Writes under the storage root::
 
-    runs/<job>/eval/metrics.json          metrics (below)
+    runs/<job>/eval/metrics.json          metrics: fidelity, head, "converter" (cost), "latest",
+                                          "floor" (its headline figures, or {"skipped": why})
     runs/<job>/eval/sample.safetensors    reference I/O: "student" (k, N, Ds) input, "out.<target>"
                                           outputs and "logits" of the evaluated model on k clips
     runs/<job>/eval/details.json          per-clip / per-token / per-class data for the report
                                           (``DETAILS_SCHEMA``, below; too large for metrics.json)
     runs/<job>/eval/report.html           pipeline.report (plots need matplotlib)
+    runs/<job>/floor/                     the floor: its runs, train.json, budget.json, eval/
 
 details.json (compact JSON; C clips, N_t tokens of target t, K classes)::
 
@@ -41,12 +46,12 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .artifacts import EVAL_DIR, ModelRegistry, job_run_dir, load_trained, stats_tensors
-from .config import EvaluateConfig, JobConfig
-from .featurestore import FeatureStore
+from .config import EvaluateConfig, JobConfig, TrainConfig
+from .featurestore import FeatureStore, device_label
+from .meters import ConfusionMeter, FidelityMeter, topk_correct
 from .storage import Storage
 
 SAMPLE_CLIPS = 2
@@ -55,117 +60,16 @@ DETAILS_SCHEMA = "tokconv.eval.details/1"
 # higher is better: mean_<m> over targets and targets.<t>.<m> per fidelity metric, and the head's
 FIDELITY_METRICS = {"cosine": True, "mse": False, "r2": True}
 HEAD_METRICS = {"top1": True, "top5": True}
+FLOOR_DIR = "floor"  # <run_dir>/floor/: the floor's training runs, train.json and eval/
+# the floor's figures metrics.json keeps under "floor" (its own metrics.json has them all)
+FLOOR_KEYS = ("clips", "targets", "mean_cosine", "mean_mse", "mean_r2", "top1", "top5",
+              "mean_class_accuracy", "converter", "checkpoint")
 
 
 def promotion_metrics(targets: Iterable[str]) -> dict[str, bool]:
     """Every metrics.json key ``export.metric`` may name -> whether higher is better."""
     return {**{f"mean_{m}": up for m, up in FIDELITY_METRICS.items()}, **HEAD_METRICS,
             **{f"targets.{t}.{m}": up for t in targets for m, up in FIDELITY_METRICS.items()}}
-
-
-class FidelityMeter:
-    """Streaming cosine / MSE / R^2 of predictions vs. targets for one token layout.
-
-    update(pred (B, N, D), target (B, N, D)); compute() -> {"cosine", "cosine_p05", "mse", "r2"}
-    (cosine_p05: 5th percentile of the per-clip mean cosine); details() -> {"per_clip_cosine":
-    [clips], "per_token_cosine": [N] (token cosine averaged over clips)}.
-    Accumulates in float64 so the result does not depend on batch boundaries beyond rounding.
-    """
-
-    def __init__(self, dim: int):
-        self.dim = dim
-        self.clips = 0
-        self.cos_sum = 0.0
-        self.sse = 0.0
-        self.n = 0  # token count (per channel)
-        self.sum_y = torch.zeros(dim, dtype=torch.float64)
-        self.sum_y2 = torch.zeros(dim, dtype=torch.float64)
-        self.per_clip: list[float] = []
-        self.token_cos_sum: torch.Tensor | None = None  # (N,) float64
-
-    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        if pred.shape != target.shape or pred.shape[-1] != self.dim:
-            raise ValueError(f"FidelityMeter: pred {tuple(pred.shape)} vs target "
-                             f"{tuple(target.shape)} (dim {self.dim})")
-        if self.token_cos_sum is not None and pred.shape[1] != self.token_cos_sum.shape[0]:
-            raise ValueError(f"FidelityMeter: {pred.shape[1]} tokens after "
-                             f"{self.token_cos_sum.shape[0]}")
-        p, t = pred.detach().double().cpu(), target.detach().double().cpu()
-        cos = F.cosine_similarity(p, t, dim=-1)  # (B, N)
-        clip_cos = cos.mean(dim=1)
-        self.cos_sum += clip_cos.sum().item()
-        self.per_clip.extend(clip_cos.tolist())
-        tok = cos.sum(dim=0)
-        self.token_cos_sum = tok if self.token_cos_sum is None else self.token_cos_sum + tok
-        self.clips += p.shape[0]
-        self.sse += (p - t).pow(2).sum().item()
-        flat = t.reshape(-1, self.dim)
-        self.n += flat.shape[0]
-        self.sum_y += flat.sum(0)
-        self.sum_y2 += flat.pow(2).sum(0)
-
-    def compute(self) -> dict[str, float]:
-        if self.clips == 0:
-            raise ValueError("FidelityMeter.compute: no clips seen")
-        sst = (self.sum_y2 - self.sum_y.pow(2) / self.n).sum().item()
-        return {"cosine": self.cos_sum / self.clips,
-                "cosine_p05": (torch.tensor(self.per_clip, dtype=torch.float64)
-                               .quantile(0.05).item()),
-                "mse": self.sse / (self.n * self.dim),
-                "r2": 1.0 - self.sse / sst if sst > 0 else float("nan")}
-
-    def details(self) -> dict[str, list[float]]:
-        if self.clips == 0:
-            raise ValueError("FidelityMeter.details: no clips seen")
-        return {"per_clip_cosine": list(self.per_clip),
-                "per_token_cosine": (self.token_cos_sum / self.clips).tolist()}
-
-
-class ConfusionMeter:
-    """Streaming confusion matrix of top-1 predictions over ``num_classes`` classes.
-
-    update(logits (B, K), labels (B,); label -1 = unlabelled, ignored); compute() ->
-    {"confusion": [K][K] (row: true, column: predicted), "support": [K], "per_class_accuracy":
-    [K] (None for a class without clips), "mean_class_accuracy": mean over classes with clips}.
-    """
-
-    def __init__(self, num_classes: int):
-        if num_classes < 1:
-            raise ValueError(f"ConfusionMeter: num_classes must be >= 1, got {num_classes}")
-        self.k = num_classes
-        self.counts = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-
-    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        if logits.ndim != 2 or logits.shape[1] != self.k or logits.shape[0] != labels.shape[0]:
-            raise ValueError(f"ConfusionMeter: logits {tuple(logits.shape)} "
-                             f"vs labels {tuple(labels.shape)} ({self.k} classes)")
-        ok = labels >= 0
-        if bool((labels[ok] >= self.k).any()):
-            raise ValueError(f"ConfusionMeter: label {int(labels.max())} outside {self.k} classes")
-        idx = labels[ok].long().cpu() * self.k + logits[ok].argmax(dim=1).cpu()
-        self.counts += torch.bincount(idx, minlength=self.k * self.k).view(self.k, self.k)
-
-    def compute(self) -> dict[str, Any]:
-        support = self.counts.sum(dim=1)
-        acc = [int(self.counts[i, i]) / int(n) if n > 0 else None
-               for i, n in enumerate(support.tolist())]
-        seen = [a for a in acc if a is not None]
-        return {"confusion": self.counts.tolist(), "support": support.tolist(),
-                "per_class_accuracy": acc,
-                "mean_class_accuracy": statistics.fmean(seen) if seen else None}
-
-
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
-    """Number of labelled rows (label >= 0) whose label is among the top-k logits, per k
-    (k is capped at the number of classes)."""
-    ok = labels >= 0
-    logits, labels = logits[ok], labels[ok]
-    out = {}
-    for k in ks:
-        kk = min(k, logits.shape[1])
-        top = logits.topk(kk, dim=1).indices
-        out[k] = int((top == labels[:, None]).any(dim=1).sum().item())
-    return out
 
 
 def gflops_per_clip(converter: nn.Module, student_shape: tuple[int, int]) -> float:
@@ -178,11 +82,12 @@ def gflops_per_clip(converter: nn.Module, student_shape: tuple[int, int]) -> flo
 
 
 def latency_ms(converter: nn.Module, student_shape: tuple[int, int], repeats: int = 5,
-               device: str | torch.device = "cpu") -> float:
-    """Median wall time of forward_all on one clip on ``device`` (after one warm-up run), in ms."""
+               device: str | torch.device = "cpu", batch: int = 1) -> float:
+    """Median wall time of forward_all on a batch of ``batch`` clips on ``device`` (after one
+    warm-up run; CUDA-synchronised), in ms per clip."""
     device = torch.device(device)
     model = copy.deepcopy(converter).to(device).eval()
-    x = torch.randn(1, *student_shape, device=device)
+    x = torch.randn(batch, *student_shape, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     with torch.no_grad():
@@ -192,7 +97,7 @@ def latency_ms(converter: nn.Module, student_shape: tuple[int, int], repeats: in
             t0 = time.perf_counter()
             model.forward_all(x)
             sync()
-            times.append((time.perf_counter() - t0) * 1e3)
+            times.append((time.perf_counter() - t0) * 1e3 / batch)
     return statistics.median(times)
 
 
@@ -346,54 +251,115 @@ def evaluate_latest(cfg: EvaluateConfig, store: FeatureStore, registry: ModelReg
 
 
 def run_evaluate(job: JobConfig, storage: Storage) -> dict[str, Any]:
-    """The CLI's evaluate stage: ``evaluate_stage`` on the job's store, registry and run dir."""
+    """The CLI's evaluate stage: ``evaluate_stage`` on the job's store, registry and run dir, with
+    the job's train config for the floor."""
     return evaluate_stage(job.evaluate, storage, store=FeatureStore(storage, job.store),
                           registry=ModelRegistry(storage, job.model_name),
                           run_dir=job_run_dir(job.name), metric=job.export.metric,
-                          higher_is_better=job.export.higher_is_better)
+                          higher_is_better=job.export.higher_is_better, train=job.train)
 
 
-def evaluate_stage(cfg: EvaluateConfig, storage: Storage, *, store: FeatureStore,
-                   registry: ModelRegistry, run_dir: str, metric: str = "mean_cosine",
-                   higher_is_better: bool = True) -> dict[str, Any]:
-    """Evaluate the checkpoint trained under ``run_dir`` on ``cfg.split`` of ``store``, beside
-    ``registry``'s current latest; writes ``<run_dir>/eval/metrics.json`` (+ sample, report)."""
-    from safetensors.torch import save
+def floor_to_train(job: JobConfig, storage: Storage) -> bool:
+    """Whether the evaluate stage of ``job`` will train the floor (it then needs Ray)."""
+    from .budget import FLOOR, budget_config, budget_key, finished_run
+    if job.evaluate.floor == "off" or job.train.converter == FLOOR:
+        return False
+    key = budget_key(budget_config(job.train, FLOOR), FeatureStore(storage, job.store))
+    return finished_run(storage, posixpath.join(job_run_dir(job.name), FLOOR_DIR), key) is None
 
+
+def _device(cfg: EvaluateConfig) -> str:
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    return "cuda" if use_cuda else "cpu"
+
+
+def score_run(cfg: EvaluateConfig, storage: Storage, *, store: FeatureStore, run_dir: str,
+              device: str) -> tuple[dict[str, Any], dict, dict, dict]:
+    """The checkpoint named by ``<run_dir>/train.json`` on ``cfg.split`` of ``store``: fidelity,
+    head accuracy and cost on ``device``; returns (metrics, sample, details, train.json). The cost
+    adds ``converter.like_backbones`` when the store's meta holds the backbones' latency: the
+    converter timed at their batch on their kind of device (when this host has it)."""
     with tempfile.TemporaryDirectory() as tmp:
         converter, head, info = load_trained(storage, run_dir, tmp)
     targets = list(converter.config["targets"])
     mean, std = stats_tensors(store.stats(), targets)
-    split = cfg.split
-    batches = store.iter_torch(split=split, batch_size=cfg.batch_size)
-    print(f"[evaluate] {info['converter']} on split {split!r} of store {store.name!r}", flush=True)
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    device = "cuda" if use_cuda else "cpu"
-    class_names = store.read_meta().get("class_names") if head is not None else None
+    meta = store.read_meta()
+    batches = store.iter_torch(split=cfg.split, batch_size=cfg.batch_size)
+    print(f"[evaluate] {info['converter']} on split {cfg.split!r} of store {store.name!r}",
+          flush=True)
+    class_names = meta.get("class_names") if head is not None else None
     metrics, sample, details = evaluate_model(converter, head, batches, mean=mean, std=std,
                                               device=device, class_names=class_names,
                                               return_details=True)
     converter, head = converter.cpu(), head.cpu() if head is not None else None
-
-    student_shape = tuple(sample["student"].shape[1:])
-    lat = latency_ms(converter, student_shape, device=device)
-    metrics["converter"] = {
+    shape = tuple(sample["student"].shape[1:])
+    lat = latency_ms(converter, shape, device=device)
+    cost = {
         "name": converter.config["name"],
         "params": sum(p.numel() for p in converter.parameters()),
         "head_params": sum(p.numel() for p in head.parameters()) if head is not None else 0,
-        "gflops_per_clip": gflops_per_clip(converter, student_shape),
+        "gflops_per_clip": gflops_per_clip(converter, shape),
         "latency_ms_per_clip": lat,
-        "latency_device": device,
-        "latency_ms_per_clip_cpu": lat if device == "cpu" else latency_ms(converter, student_shape),
+        "latency_device": device_label(device),
+        "latency_ms_per_clip_cpu": lat if device == "cpu" else latency_ms(converter, shape),
     }
-    metrics["split"] = split
-    metrics["checkpoint"] = info["checkpoint"]
-    latest = evaluate_latest(cfg, store, registry, mean=mean, std=std, device=device)
-    if latest is not None:
-        metrics["latest"] = latest  # the current `latest` on this same split (export compares)
-        if "mean_cosine" in latest:
-            print(f"[evaluate] current latest {latest['version']}: mean cosine "
-                  f"{latest['mean_cosine']:.4f}", flush=True)
+    where = meta.get("backbone_device") or ""
+    kind = "cuda" if where.startswith("cuda") else "cpu"
+    if where and (kind == "cpu" or torch.cuda.is_available()):
+        batch = int(meta.get("backbone_latency_batch") or 1)
+        cost["like_backbones"] = {"latency_ms_per_clip": latency_ms(converter, shape, device=kind,
+                                                                    batch=batch),
+                                  "device": device_label(kind), "batch": batch}
+    metrics.update(converter=cost, split=cfg.split, checkpoint=info["checkpoint"])
+    return metrics, sample, details, info
+
+
+def _floor(cfg: EvaluateConfig, storage: Storage, *, store: FeatureStore, registry: ModelRegistry,
+           run_dir: str, train: TrainConfig | None, device: str) -> dict[str, Any]:
+    """metrics.json's "floor": the floor's headline numbers (``FLOOR_KEYS``), trained once with
+    ``train``'s budget under ``<run_dir>/floor/`` and scored on this split; {"skipped": why}."""
+    from .budget import FLOOR, budget_config, train_once
+    if cfg.floor == "off":
+        return {"skipped": "evaluate.floor is off"}
+    if train is None:
+        return {"skipped": "no train config was given to train it with"}
+    if train.converter == FLOOR:
+        return {"skipped": f"this model is the floor ({FLOOR})"}
+    floor_dir = posixpath.join(run_dir, FLOOR_DIR)
+    info, trained = train_once(budget_config(train, FLOOR), storage, store=store,
+                               registry=registry, run_dir=floor_dir)
+    m, _, _, _ = score_run(cfg, storage, store=store, run_dir=floor_dir, device=device)
+    m["train"] = info.get("metrics", {})
+    rel = posixpath.join(floor_dir, EVAL_DIR, "metrics.json")
+    storage.write_json(rel, m)
+    print(f"[evaluate] floor {FLOOR}: mean cosine {m['mean_cosine']:.4f} "
+          f"({'trained now' if trained else 'reused'})", flush=True)
+    return {**{k: m[k] for k in FLOOR_KEYS if k in m}, "run": info.get("run"),
+            "trained_now": trained, "metrics_url": storage.url(rel)}
+
+
+def evaluate_stage(cfg: EvaluateConfig, storage: Storage, *, store: FeatureStore,
+                   registry: ModelRegistry, run_dir: str, metric: str = "mean_cosine",
+                   higher_is_better: bool = True, train: TrainConfig | None = None,
+                   compare_latest: bool = True) -> dict[str, Any]:
+    """Evaluate the checkpoint trained under ``run_dir`` on ``cfg.split`` of ``store``, beside
+    ``registry``'s current latest (``compare_latest``) and the floor (``cfg.floor``, trained with
+    ``train``); writes ``<run_dir>/eval/metrics.json`` (+ sample, details, report)."""
+    from safetensors.torch import save
+
+    device = _device(cfg)
+    metrics, sample, details, info = score_run(cfg, storage, store=store, run_dir=run_dir,
+                                               device=device)
+    if compare_latest:
+        mean, std = stats_tensors(store.stats(), list(metrics["targets"]))
+        latest = evaluate_latest(cfg, store, registry, mean=mean, std=std, device=device)
+        if latest is not None:
+            metrics["latest"] = latest  # the current `latest` on this same split (export compares)
+            if "mean_cosine" in latest:
+                print(f"[evaluate] current latest {latest['version']}: mean cosine "
+                      f"{latest['mean_cosine']:.4f}", flush=True)
+    metrics["floor"] = _floor(cfg, storage, store=store, registry=registry, run_dir=run_dir,
+                              train=train, device=device)
     metrics["train"] = info.get("metrics", {})
 
     base = posixpath.join(run_dir, EVAL_DIR)
@@ -406,11 +372,10 @@ def evaluate_stage(cfg: EvaluateConfig, storage: Storage, *, store: FeatureStore
     summary = {"metrics_url": storage.url(base, "metrics.json"),
                **{k: metrics[k] for k in ("mean_cosine", "mean_r2", "top1", "top5", "clips")}}
     if cfg.report_html:
-        from .report import load_train_log, write_report
-        html = write_report(metrics, details=details, train_log=load_train_log(storage, info),
-                            metric=metric, higher_is_better=higher_is_better)
-        storage.write_bytes(f"{base}/report.html", html.encode())
-        summary["report_url"] = storage.url(base, "report.html")
+        from .report import write_run_report
+        summary["report_url"] = write_run_report(
+            storage, run_dir, metrics, details=details, train_info=info,
+            store_meta=store.read_meta(), metric=metric, higher_is_better=higher_is_better)
     print(f"[evaluate] mean cosine {metrics['mean_cosine']:.4f}  mean R2 {metrics['mean_r2']:.4f}  "
           f"top1 {metrics['top1']}  -> {summary['metrics_url']}", flush=True)
     return summary
@@ -424,9 +389,11 @@ __all__ = [
     "evaluate_latest",
     "evaluate_model",
     "evaluate_stage",
+    "floor_to_train",
     "gflops_per_clip",
     "latency_ms",
     "run_evaluate",
+    "score_run",
     "tensor_digest",
     "topk_correct",
 ]

@@ -66,13 +66,21 @@ def is_better(new: float, old: float | None, higher_is_better: bool) -> bool:
 
 
 def _model_card(name: str, version: str, cfg: ExportConfig, metrics: dict, conv_config: dict, *,
-                job_name: str, store_name: str) -> str:
-    rows = "\n".join(f"| {t} | {m['cosine']:.4f} | {m['mse']:.4f} | {m['r2']:.4f} |"
-                     for t, m in metrics.get("targets", {}).items())
-    c = metrics.get("converter", {})
+                job_name: str, store_name: str, store_meta: dict | None = None,
+                report_url: str | None = None) -> str:
+    """README.md of a version: what it is, how to use it, and the evaluation's summary figures
+    (``pipeline.report.model_card_summary``: the report's summary card) with a link to the
+    report."""
+    from .report import model_card_summary
+
     targets = ", ".join(f"{t} ({s['tokens']} tokens x {s['dim']})"
                         for t, s in conv_config["targets"].items())
-    st = conv_config["student"]
+    st, meta = conv_config["student"], store_meta or {}
+    summary = model_card_summary(
+        metrics, report_url=report_url, backbone_latency_ms=meta.get("backbone_latency_ms"),
+        backbone_device=meta.get("backbone_device"),
+        backbone_batch=meta.get("backbone_latency_batch"), metric=cfg.metric,
+        higher_is_better=cfg.higher_is_better)
     return f"""# {name} {version}
 
 Token converter `{conv_config['name']}` mapping student tokens ({st['tokens']} x {st['dim']}) to:
@@ -95,17 +103,9 @@ head = load_head(model_dir).eval()                  # logits = head(student_toke
 this model produced at evaluation; on the same hardware/software the outputs are reproduced bit
 for bit.
 
-## Evaluation ({metrics.get('split')} split, {metrics.get('clips')} clips)
-
-| target | cosine | MSE | R^2 |
-|---|---|---|---|
-{rows}
-
-head top-1 {metrics.get('top1')}, top-5 {metrics.get('top5')};
-converter {c.get('params')} parameters, {c.get('gflops_per_clip')} GFLOP per clip.
-Fidelity is measured on standardised teacher features.
-Promotion metric: `{cfg.metric}` = {metric_value(metrics, cfg.metric):.4f}
-({'higher' if cfg.higher_is_better else 'lower'} is better).
+{summary}
+Fidelity is measured on standardised teacher features ({metrics.get('clips')} clips).
+Promotion metric: `{cfg.metric}` ({'higher' if cfg.higher_is_better else 'lower'} is better).
 """
 
 
@@ -177,8 +177,10 @@ def export_stage(cfg: ExportConfig, storage: Storage, *, store: FeatureStore,
         with open(os.path.join(tmp, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2, sort_keys=True)
         with open(os.path.join(tmp, "README.md"), "w") as f:
+            report = f"{eval_base}/report.html"
             f.write(_model_card(name, version, cfg, metrics, conv_config, job_name=job_name,
-                                store_name=store.name))
+                                store_name=store.name, store_meta=store.read_meta(),
+                                report_url=storage.url(report) if storage.exists(report) else None))
         ts_error = None
         if cfg.torchscript:
             st = conv_config["student"]
@@ -203,7 +205,20 @@ def export_stage(cfg: ExportConfig, storage: Storage, *, store: FeatureStore,
     verdict = "promoted to latest" if promoted else f"NOT promoted (latest {current['version']} " \
         f"has {cfg.metric}={previous_value} on {compared_on})"
     print(f"[export] {name}/{version}: {cfg.metric}={value:.4f} {verdict} -> {uri}", flush=True)
-    return {"uri": uri, "name": name, "version": version, "files": files, "metric": cfg.metric,
-            "value": value, "promoted": promoted, "previous": current,
-            "previous_value": previous_value, "compared_on": compared_on,
-            "latest": registry.url("latest.json"), "torchscript_error": ts_error}
+    result = {"uri": uri, "name": name, "version": version, "files": files, "metric": cfg.metric,
+              "value": value, "promoted": promoted, "previous": current,
+              "previous_value": previous_value, "compared_on": compared_on,
+              "latest": registry.url("latest.json"), "torchscript_error": ts_error}
+    _rerender_report(storage, run_dir, metrics, store, cfg, result)
+    return result
+
+
+def _rerender_report(storage: Storage, run_dir: str, metrics: dict, store: FeatureStore,
+                     cfg: ExportConfig, result: dict) -> None:
+    """report.html again, now with this export's decision (when evaluate wrote one)."""
+    if not storage.exists(posixpath.join(run_dir, EVAL_DIR, "report.html")):
+        return
+    from .report import write_run_report
+    write_run_report(storage, run_dir, metrics, store_meta=store.read_meta(),
+                     export_result=result, metric=cfg.metric,
+                     higher_is_better=cfg.higher_is_better)

@@ -188,7 +188,7 @@ def build_pipeline(job: JobConfig, store: FeatureStore, pending: list[dict], res
         ModelActor, batch_size=ec.batch_size, batch_format="numpy",
         fn_constructor_kwargs={"models": job.models.model_dump(), "out_dtype": ec.out_dtype,
                                "log_startup": ec.log_stats, "compile_cache": compile_cache,
-                               "warmup_shape": warmup_shape},
+                               "warmup_shape": warmup_shape, "store": store},
         compute=ray.data.ActorPoolStrategy(size=res["model_actors"],
                                            max_concurrent_calls_per_actor=concurrency,
                                            enable_true_multi_threading=concurrency > 1),

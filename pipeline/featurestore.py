@@ -2,7 +2,8 @@
 
 Layout under ``<storage>/features/<name>/``::
 
-    meta.json                 tensor shapes/dtypes, codec per column, specs, class names, sources
+    meta.json                 tensor shapes/dtypes, codec per column, specs, class names, sources;
+                              the backbones' measured latency (``record_backbone_latency``)
     stats.json                per-target per-channel mean/std (float64 sums over committed shards)
     shards/<shard_id>.parquet one row per clip (shard_id: hash of its (video_id, clip_index) set):
                               video_id, clip_index, label_index, split, and one large_binary
@@ -52,8 +53,18 @@ from pipeline.columns import (  # re-exported: these names are still imported fr
 from pipeline.storage import Storage, utc_now
 from tokconv.targets import TargetSpec, specs_from_dict, specs_to_dict
 
-__all__ = ["ID_COLUMNS", "SQ_PREFIX", "SUM_PREFIX", "FeatureStore", "binary_to_numpy",
-           "channel_sums", "id_columns", "numpy_to_torch", "shard_id_of", "tensor_to_binary"]
+__all__ = ["ID_COLUMNS", "LATENCY_KEYS", "SQ_PREFIX", "SUM_PREFIX", "FeatureStore",
+           "binary_to_numpy", "channel_sums", "device_label", "id_columns", "numpy_to_torch",
+           "shard_id_of", "tensor_to_binary"]
+
+# meta.json keys of the backbones' measured forward latency (the model actor records them)
+LATENCY_KEYS = ("backbone_latency_ms", "backbone_device", "backbone_latency_batch")
+
+
+def device_label(device: torch.device | str) -> str:
+    """"cpu", or "cuda:<GPU name>" (e.g. "cuda:NVIDIA H200"): where a latency was measured."""
+    device = torch.device(device)
+    return f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
 
 
 class FeatureStore:
@@ -95,11 +106,24 @@ class FeatureStore:
             "codec": codec_of, "specs": specs_to_dict(dict(specs)),
             "class_names": list(class_names), "sources": sources or {}, "updated": utc_now(),
             **(extra or {})}))
+        if old is not None and all(old.get(k) == meta.get(k) for k in ("tensors", "sources",
+                                                                        "weights")):
+            meta.update({k: old[k] for k in LATENCY_KEYS if k in old and k not in meta})
         if old is not None and {**old, "updated": 0} == {**meta, "updated": 0}:
             return old  # unchanged: not rewritten (a re-run changes nothing)
         self.storage.write_json("meta.json", meta)
         self._meta = meta
         return meta
+
+    def record_backbone_latency(self, ms_per_clip: Mapping[str, float], device: str,
+                                batch: int) -> None:
+        """meta.json's ``LATENCY_KEYS``: each backbone's forward in ms per clip, measured on one
+        batch of ``batch`` clips on ``device`` (``device_label``); kept by ``write_meta`` while
+        the models are the same, replaced by the next measurement."""
+        meta = {**self.read_meta(fresh=True), "backbone_latency_ms": dict(ms_per_clip),
+                "backbone_device": device, "backbone_latency_batch": int(batch)}
+        self.storage.write_json("meta.json", meta)
+        self._meta = meta
 
     def read_meta(self, *, fresh: bool = False) -> dict:
         """meta.json (cached); every column's codec must be one this reader knows."""

@@ -38,12 +38,14 @@ class ModelActor:
     once, never while another thread runs the models; cuDNN/cuBLAS pick their kernels) and fixes the
     shape short batches are padded to. ``compile_cache``: where torch.compile's portable cache lives
     (``pipeline.compile_cache``): loaded before the warm-up batch, saved after it unless the load
-    covered it. ``log_startup``: print where the constructor's time went.
+    covered it. ``log_startup``: print where the constructor's time went. ``store``: record each
+    backbone's latency in its meta.json (``backbone_latency_ms``), timed on one batch of
+    ``warmup_shape`` (CUDA: after the warm-up, synchronised around each model; CPU: wall time).
     """
 
     def __init__(self, *, models: dict, out_dtype: str, storage_options: dict | None = None,
                  warmup_shape: tuple[int, ...] | None = None, log_startup: bool = False,
-                 compile_cache: Storage | None = None):
+                 compile_cache: Storage | None = None, store: FeatureStore | None = None):
         t0 = time.perf_counter()
         from pipeline.backbones import FeatureExtractor
         t_imports = time.perf_counter()
@@ -66,11 +68,33 @@ class ModelActor:
                 cache_note = CompileCache(compile_cache, key).warm_up(warm_up)
             else:
                 warm_up()
+        if store is not None and warmup_shape:  # measured here, not invented by the report
+            from pipeline.featurestore import device_label
+            store.record_backbone_latency(self.backbone_latency_ms(warmup_shape),
+                                          device_label(self.device), warmup_shape[0])
         if log_startup or cache_note:  # start-up is what a short run's overall rate pays for
             now = time.perf_counter()
             print(f"[model actor] ready in {now - t0:.1f} s: imports {t_imports - t0:.1f} s, "
                   f"models {t_models - t_imports:.1f} s, warm-up {now - t_models:.1f} s"
                   + (f"; compile cache: {cache_note}" if cache_note else ""), flush=True)
+
+    @torch.inference_mode()
+    def backbone_latency_ms(self, shape: tuple[int, ...]) -> dict[str, float]:
+        """{model: ms per clip} of each backbone's forward alone on a batch of zero frames
+        uint8 ``shape`` (B, window, S, S, 3), inputs derived beforehand."""
+        from pipeline.backbones import MODEL_NAMES
+        from pipeline.preprocess import derive_inputs
+        inputs = derive_inputs(torch.zeros(shape, dtype=torch.uint8, device=self.device),
+                               dtype=self.fx.dtype)
+        sync = torch.cuda.synchronize if self.cuda else (lambda: None)
+        out = {}
+        for name in MODEL_NAMES:
+            sync()
+            t0 = time.perf_counter()
+            self.fx.run(name, inputs[name])
+            sync()
+            out[name] = (time.perf_counter() - t0) * 1e3 / shape[0]
+        return out
 
     def _input_buffer(self, shape: tuple) -> torch.Tensor:
         """This thread's uint8 host buffer for input frames (pinned on CUDA, so the copy to the

@@ -6,6 +6,7 @@ the HTML the pipeline writes (report.html, later leaderboard.html).
     image_sizes(path) -> [Img]             every <img> as the browser decoded it (natural size)
     network_requests(path) -> Requests     what the page asked the network for (see below)
     parse_dom(dom) -> Dom                  tagged numbers, <img> sources and text of a DOM
+    lookup(src, key) -> value              a tagged number's ``data-metric`` path in its source
 
 Each call starts a fresh browser with a new temporary profile and the background services
 (sync, component updates, field trials) off, so runs do not share state.
@@ -238,3 +239,12 @@ def parse_dom(dom: str) -> Dom:
     p.close()
     p.dom.text = " ".join(p._text)
     return p.dom
+
+
+def lookup(src, key: str):
+    """The value at the dotted ``key`` of ``src`` (dicts by key, lists by index): what a tagged
+    number's ``data-metric`` names in its ``data-source``."""
+    node = src
+    for part in key.split("."):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node

@@ -2,9 +2,9 @@
 request) built section by section; a section that cannot be drawn says why and the rest renders.
 
 Every number is formatted by ``pipeline.fmt`` and tagged ``<span class="num" data-fmt=KIND>``;
-numbers read from an input also carry ``data-source`` (metrics | floor | details) and
+numbers read from an input also carry ``data-source`` (metrics | floor | details | store) and
 ``data-metric`` (their dotted path there; list items by index), so a test can check the page
-against the source files.
+against the source files (source ``store``: the feature store's meta.json).
 """
 
 from __future__ import annotations
@@ -109,7 +109,11 @@ def summary_section(m: dict, ctx: dict) -> str:
             )
         )
     facts, notes = cost_facts(
-        m, ctx["backbone_latency_ms"], ctx["backbone_gflops"], ctx["backbone_device"]
+        m,
+        ctx["backbone_latency_ms"],
+        ctx["backbone_gflops"],
+        ctx["backbone_device"],
+        ctx["backbone_batch"],
     )
     out.append("<h3>Cost against the teachers it replaces</h3>" + facts_table(facts))
     out += [note(n) for n in notes]
@@ -212,6 +216,8 @@ def side_by_side_section(m: dict, ctx: dict) -> str:
                 "",
             )
         )
+    elif ctx.get("floor_skipped"):
+        out.append(note(f"no floor column: {ctx['floor_skipped']}"))
     else:
         out.append(
             note(
@@ -389,13 +395,23 @@ def cost_section(m: dict, ctx: dict) -> str:
     ]
     conv_facts, _ = cost_facts(m)
     out = [facts_table(facts + conv_facts)]
-    given = [(n, ctx["backbone_latency_ms"].get(n), "ms") for n in ctx["backbone_latency_ms"] or {}]
-    given += [(n, ctx["backbone_gflops"].get(n), "gflop") for n in ctx["backbone_gflops"] or {}]
+    given = [
+        (n, v, "ms", f"backbone_latency_ms.{n}")
+        for n, v in (ctx["backbone_latency_ms"] or {}).items()
+    ]
+    given += [
+        (n, v, "gflop", f"backbone_gflops.{n}") for n, v in (ctx["backbone_gflops"] or {}).items()
+    ]
     if given:
+        batch = ctx["backbone_batch"]
         out.append(
-            "<h3>Backbone figures given to the report "
-            f"({esc(ctx['backbone_device'] or 'device not stated')})</h3>"
-            + table(["model", "per clip"], [[esc(n), num(Fact(n, v, k))] for n, v, k in given])
+            "<h3>Student and teachers, as measured by the extract stage "
+            f"({esc(ctx['backbone_device'] or 'device not stated')}"
+            f"{f', batch {batch}' if batch else ''})</h3>"
+            + table(
+                ["model", "per clip"],
+                [[esc(n), num(Fact(n, v, k, key), "store")] for n, v, k, key in given],
+            )
         )
     return "".join(out)
 

@@ -204,3 +204,46 @@ def class_accuracy_bars(names: list[str], acc: list[float | None]) -> str | None
     ax.set_ylabel("top-1 accuracy (%)", fontsize=8)
     ax.set_title("per-class accuracy, worst first", fontsize=10)
     return _png(fig)
+
+
+def pareto(
+    xs: list[float | None],
+    ys: list[float | None],
+    labels: list[str],
+    front: list[bool],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+) -> str | None:
+    """Cost (x) against fidelity (y), one labelled point per preset; the Pareto-optimal ones
+    (``front``) filled and joined in cost order. Points without both values are left out."""
+    pts = [
+        (x, y, n, f)
+        for x, y, n, f in zip(xs, ys, labels, front, strict=True)
+        if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)
+    ]
+    if not pts:
+        return None
+    fig = _figure(6.0, 4.0)
+    ax = fig.subplots()
+    on = sorted((p for p in pts if p[3]), key=lambda p: p[0])
+    if len(on) > 1:
+        ax.plot([p[0] for p in on], [p[1] for p in on], color=COLORS[0], lw=1, ls="--", zorder=1)
+    for x, y, name, f in pts:
+        ax.scatter(
+            [x],
+            [y],
+            s=40,
+            zorder=2,
+            color=COLORS[0] if f else "white",
+            edgecolors=COLORS[0] if f else COLORS[1],
+            linewidths=1.5,
+        )
+        ax.annotate(name, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.margins(0.15)
+    return _png(fig)

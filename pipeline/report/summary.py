@@ -45,11 +45,62 @@ def target_rows(metrics: dict) -> list[tuple[str, list[Fact]]]:
     return rows
 
 
+def converter_timing(metrics: dict, backbone_device: str | None) -> tuple[float | None, str, int]:
+    """(ms per clip, device, batch) of the converter timed as comparably as metrics.json allows
+    with backbones timed on ``backbone_device``: "like_backbones" (their batch, their device),
+    else batch 1 on CPU (backbones on CPU) or on the evaluation device."""
+    conv = metrics.get("converter") or {}
+    like = conv.get("like_backbones") or {}
+    if backbone_device and like.get("device") == backbone_device:
+        return like.get("latency_ms_per_clip"), backbone_device, int(like.get("batch") or 1)
+    if backbone_device == "cpu":
+        return conv.get("latency_ms_per_clip_cpu", conv.get("latency_ms_per_clip")), "cpu", 1
+    return conv.get("latency_ms_per_clip"), conv.get("latency_device") or "device?", 1
+
+
+def latency_saving(
+    metrics: dict, backbone_latency_ms: dict | None, backbone_device: str | None = None
+) -> tuple[dict | None, str | None]:
+    """From measured backbone latencies: ({"full": student + teachers, "mine": student +
+    converter, "converter", "teachers", "saving", "share", "vs_teachers", "device", "batch"}, None)
+    in ms per clip, or (None, why not)."""
+    if not backbone_latency_ms:
+        return None, (
+            "no measured student/teacher latency given: the saving in latency is not computed"
+        )
+    teachers = teacher_names(metrics)
+    missing = [n for n in ("student", *teachers) if backbone_latency_ms.get(n) is None]
+    mine, dev, batch = converter_timing(metrics, backbone_device)
+    if missing or mine is None:
+        what = ", ".join(missing or ["the converter"])
+        return None, f"latency saving left out: no figure for {what}"
+    if backbone_device is not None and backbone_device != dev:
+        return None, (
+            f"latency saving left out: the converter was timed on {dev}, the student and "
+            f"teachers on {backbone_device}"
+        )
+    teach = sum(float(backbone_latency_ms[t]) for t in teachers)
+    student = float(backbone_latency_ms["student"])
+    full, total = student + teach, student + float(mine)
+    return {
+        "full": full,
+        "mine": total,
+        "converter": float(mine),
+        "teachers": teach,
+        "saving": full - total,
+        "share": (full - total) / full,
+        "vs_teachers": float(mine) / teach,
+        "device": dev,
+        "batch": batch,
+    }, None
+
+
 def cost_facts(
     metrics: dict,
     backbone_latency_ms: dict | None = None,
     backbone_gflops: dict | None = None,
     backbone_device: str | None = None,
+    backbone_batch: int | None = None,
 ) -> tuple[list[Fact], list[str]]:
     """The converter's cost, and (from measured backbone figures, when given) the saving of
     student + converter against student + the teachers it replaces. Returns (facts, notes)."""
@@ -63,14 +114,26 @@ def cost_facts(
             "converter.latency_ms_per_clip",
         )
     ]
-    cpu_key = (
-        "converter.latency_ms_per_clip" if dev == "cpu" else "converter.latency_ms_per_clip_cpu"
-    )
-    cpu_ms = (
-        conv.get("latency_ms_per_clip") if dev == "cpu" else conv.get("latency_ms_per_clip_cpu")
-    )
     if dev != "cpu":
-        facts.append(Fact("converter latency per clip (CPU, batch 1)", cpu_ms, "ms", cpu_key))
+        facts.append(
+            Fact(
+                "converter latency per clip (CPU, batch 1)",
+                conv.get("latency_ms_per_clip_cpu"),
+                "ms",
+                "converter.latency_ms_per_clip_cpu",
+            )
+        )
+    like = conv.get("like_backbones") or {}
+    if like:
+        facts.append(
+            Fact(
+                f"converter latency per clip ({like.get('device')}, batch {like.get('batch')}: "
+                f"as the backbones were timed)",
+                like.get("latency_ms_per_clip"),
+                "ms",
+                "converter.like_backbones.latency_ms_per_clip",
+            )
+        )
     facts.append(
         Fact(
             "converter GFLOP per clip",
@@ -81,46 +144,45 @@ def cost_facts(
     )
     notes = []
     teachers = teacher_names(metrics)
-    # the converter's latency on the device the backbones were timed on (CPU is always measured)
-    conv_dev = "cpu" if backbone_device == "cpu" else dev
-    conv_ms = cpu_ms if backbone_device == "cpu" else conv.get("latency_ms_per_clip")
-    for what, given, mine, kind in (
-        ("latency", backbone_latency_ms, conv_ms, "ms"),
-        ("GFLOP", backbone_gflops, conv.get("gflops_per_clip"), "gflop"),
-    ):
-        if not given:
-            notes.append(
-                f"no measured student/teacher {what} given: the saving in {what} is not computed"
-            )
-            continue
-        missing = [n for n in ("student", *teachers) if given.get(n) is None]
+    n = len(teachers)
+    lat, why = latency_saving(metrics, backbone_latency_ms, backbone_device)
+    if lat is None:
+        notes.append(why)
+    else:
+        facts += [
+            Fact(f"student + {n} teachers (latency)", lat["full"], "ms"),
+            Fact("student + converter (latency)", lat["mine"], "ms"),
+            Fact("saving per clip (latency)", lat["saving"], "ms"),
+            Fact("saving (latency, share of student + teachers)", lat["share"], "pct"),
+            Fact("converter / the teachers it replaces (latency)", lat["vs_teachers"], "pct"),
+        ]
+        notes.append(
+            f"converter timed at batch {lat['batch']} on {lat['device']}; student and teachers "
+            f"measured by the extract stage's model actor on "
+            f"{backbone_device or 'a device not stated'}"
+            + (f" at batch {backbone_batch}" if backbone_batch else "")
+        )
+    if not backbone_gflops:
+        notes.append("no measured student/teacher GFLOP given: the saving in GFLOP is not computed")
+    else:
+        missing = [m for m in ("student", *teachers) if backbone_gflops.get(m) is None]
+        mine = conv.get("gflops_per_clip")
         if missing or mine is None:
             notes.append(
-                f"{what} saving left out: no figure for {', '.join(missing or ['the converter'])}"
+                f"GFLOP saving left out: no figure for {', '.join(missing or ['the converter'])}"
             )
-            continue
-        if what == "latency" and backbone_device is not None and backbone_device != conv_dev:
-            notes.append(
-                f"latency saving left out: the converter was timed on {conv_dev}, the student and "
-                f"teachers on {backbone_device}"
-            )
-            continue
-        teach = sum(float(given[t]) for t in teachers)
-        full, mine_total = float(given["student"]) + teach, float(given["student"]) + float(mine)
-        facts += [
-            Fact(f"student + {len(teachers)} teachers ({what})", full, kind),
-            Fact(f"student + converter ({what})", mine_total, kind),
-            Fact(f"saving per clip ({what})", full - mine_total, kind),
-            Fact(
-                f"saving ({what}, share of student + teachers)", (full - mine_total) / full, "pct"
-            ),
-            Fact(f"converter / the teachers it replaces ({what})", float(mine) / teach, "pct"),
-        ]
-    if backbone_latency_ms:
-        notes.append(
-            f"converter timed at batch 1 on {conv_dev}; student/teacher latencies as given "
-            f"({'on ' + backbone_device if backbone_device else 'device not stated'})"
-        )
+        else:
+            teach = sum(float(backbone_gflops[t]) for t in teachers)
+            full, total = float(backbone_gflops["student"]) + teach, float(
+                backbone_gflops["student"]
+            ) + float(mine)
+            facts += [
+                Fact(f"student + {n} teachers (GFLOP)", full, "gflop"),
+                Fact("student + converter (GFLOP)", total, "gflop"),
+                Fact("saving per clip (GFLOP)", full - total, "gflop"),
+                Fact("saving (GFLOP, share of student + teachers)", (full - total) / full, "pct"),
+                Fact("converter / the teachers it replaces (GFLOP)", float(mine) / teach, "pct"),
+            ]
     return facts, notes
 
 
@@ -210,11 +272,14 @@ def model_card_summary(
     backbone_latency_ms=None,
     backbone_gflops=None,
     backbone_device: str | None = None,
+    backbone_batch: int | None = None,
     export_result: dict | None = None,
     metric: str = "mean_cosine",
     higher_is_better: bool = True,
 ) -> str:
-    """Markdown for the exported model card: the report's summary card, same figures and format."""
+    """Markdown for the exported model card: the report's summary card, same figures and format.
+    Without ``export_result`` (the card is written before export decides) the promotion line says
+    where the decision is recorded and what the evaluation's comparison predicted."""
     lines = [f"## Evaluation summary ({metrics.get('split', '?')} split)", "", "| | |", "|---|---|"]
     lines += [f"| {f.label} | {f.text} |" for f in headline_facts(metrics)]
     rows = target_rows(metrics)
@@ -225,11 +290,24 @@ def model_card_summary(
             "|---|" + "---|" * len(rows[0][1]),
         ]
         lines += [f"| {t} | " + " | ".join(f.text for f in cols) + " |" for t, cols in rows]
-    facts, notes = cost_facts(metrics, backbone_latency_ms, backbone_gflops, backbone_device)
+    facts, notes = cost_facts(
+        metrics, backbone_latency_ms, backbone_gflops, backbone_device, backbone_batch
+    )
     lines += ["", "| cost | |", "|---|---|"] + [f"| {f.label} | {f.text} |" for f in facts]
     lines += [""] + [f"_{n}._" for n in notes]
     verdict, reason = promotion_decision(metrics, export_result, metric, higher_is_better)
-    lines += ["", f"**Promotion:** {verdict}: {reason}."]
+    if export_result:
+        lines += ["", f"**Promotion:** {verdict}: {reason}."]
+    else:
+        predicted = verdict.removeprefix("not exported yet").lstrip(": ") or "no prediction"
+        lines += [
+            "",
+            (
+                f"**Promotion:** decided by the export stage once this version is published "
+                f"(`latest.json` and the report record it); the evaluation predicted: "
+                f"{predicted}: {reason}."
+            ),
+        ]
     if report_url:
         lines += [
             "",
@@ -243,8 +321,10 @@ def model_card_summary(
 
 __all__ = [
     "Fact",
+    "converter_timing",
     "cost_facts",
     "headline_facts",
+    "latency_saving",
     "model_card_summary",
     "promotion_decision",
     "target_rows",

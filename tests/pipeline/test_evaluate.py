@@ -312,3 +312,100 @@ def test_run_evaluate_writes_details_beside_a_small_metrics_json(tmp_path):
     report = storage.read_bytes("runs/ev/eval/report.html").decode()
     assert summary["report_url"] == storage.url("runs/ev/eval/report.html")
     assert 'alt="training curves"' in report and "3 step records" in report
+
+
+def test_store_meta_keeps_measured_latency_while_models_are_the_same(tmp_path):
+    """What the model actor records survives a re-run's write_meta with the same models, and goes
+    with other models (a stale figure would be invented cost)."""
+    from tiny_features import SPECS
+
+    store = make_tiny_store(Storage(str(tmp_path)))
+    store.record_backbone_latency({"student": 2.0, "vivit": 1.0}, "cpu", 4)
+
+    def rewrite(**extra):
+        return store.write_meta(specs=SPECS, dtype="float16", class_names=CLASS_NAMES,
+                                extra=extra)
+    assert rewrite()["backbone_latency_ms"] == {"student": 2.0, "vivit": 1.0}
+    meta = store.read_meta(fresh=True)
+    assert meta["backbone_device"] == "cpu" and meta["backbone_latency_batch"] == 4
+    assert "backbone_latency_ms" not in rewrite(weights="random")
+
+
+def _floor_job(url: str, evaluate: dict | None = None, **train):
+    from pipeline.config import JobConfig
+    return JobConfig.model_validate({
+        "name": "fl", "model_name": "fm", "storage": {"url": url},
+        "train": {"converter": "tokenlearner_small",
+                  "converter_kwargs": {"dim": 32, "num_tokens": 8, "select_hidden": 32,
+                                       "heads": 2},
+                  "epochs": 1, "batch_size": 4, "num_workers": 2, "cpus_per_worker": 0.5,
+                  "optim": {"lr": 0.02, "warmup_steps": 1}, "head": {"hidden": 16},
+                  "shuffle_window": 8, **train},
+        "evaluate": {"batch_size": 4, **(evaluate or {})}})
+
+
+@pytest.mark.integration
+def test_floor_trained_once_reused_retrained_for_another_budget_and_off(ray_cluster, tmp_path):
+    """evaluate.floor=auto trains baseline_interp_linear with the job's budget on Ray Train under
+    runs/<job>/floor/, scores it on the same split (metrics.json "floor" == its own metrics.json,
+    shown in the report's floor column); a re-run reuses it; another budget trains a new run; a
+    setting of how runs execute does not; off skips it."""
+    from browser import lookup, parse_dom
+    from tiny_features import publish_checkpoint
+
+    from pipeline.evaluate import floor_to_train, run_evaluate
+    from pipeline.fmt import FORMATTERS
+
+    storage = Storage(str(tmp_path))
+    make_tiny_store(storage)
+    job = _floor_job(storage.root_url)
+    publish_checkpoint(storage, job)  # the model under evaluation (its own training is not tested)
+
+    def floor_runs():
+        return sorted(n for n in storage.ls("runs/fl/floor/train") if n.startswith("floor-"))
+
+    assert floor_to_train(job, storage)
+    run_evaluate(job, storage)
+    m = storage.read_json("runs/fl/eval/metrics.json")
+    f, own = m["floor"], storage.read_json("runs/fl/floor/eval/metrics.json")
+    assert f["trained_now"] and floor_runs() == ["floor-000"]
+    assert f["converter"]["name"] == own["converter"]["name"] == "baseline_interp_linear"
+    for k in ("mean_cosine", "mean_r2", "mean_mse", "top1", "top5", "targets", "checkpoint",
+              "clips"):
+        assert f[k] == own[k], k
+    assert f["clips"] == m["clips"] == 8  # the same split
+    assert f["checkpoint"].startswith(storage.url("runs/fl/floor/train/floor-000"))
+    sig = storage.read_json("runs/fl/floor/train/floor-000/run.json")
+    assert sig["signature"]["converter"] == "baseline_interp_linear"
+    assert sig["signature"]["converter_kwargs"] == {} and sig["warm_start"] is None
+    for k in ("epochs", "batch_size", "optim", "seed", "head"):  # the job's budget
+        assert sig["signature"][k] == json.loads(job.train.model_dump_json())[k], k
+    page = parse_dom(storage.read_bytes("runs/fl/eval/report.html").decode())
+    shown = {n["attrs"]["data-metric"]: n for n in page.numbers
+             if n["attrs"].get("data-source") == "floor"}
+    assert {"mean_cosine", "targets.videomae.cosine", "converter.params"} <= set(shown)
+    for key, n in shown.items():
+        assert n["text"] == FORMATTERS[n["attrs"]["data-fmt"]](lookup(f, key)), key
+
+    assert not floor_to_train(job, storage)
+    run_evaluate(job, storage)  # a re-run: the finished floor is reused, scored again
+    f2 = storage.read_json("runs/fl/eval/metrics.json")["floor"]
+    assert not f2["trained_now"] and floor_runs() == ["floor-000"]
+    assert {k: f2[k] for k in ("mean_cosine", "targets")} == {k: f[k] for k in ("mean_cosine",
+                                                                                 "targets")}
+    assert not floor_to_train(_floor_job(storage.root_url, log_every_steps=1), storage)
+
+    longer = _floor_job(storage.root_url, epochs=2)  # another budget: another floor
+    assert floor_to_train(longer, storage)
+    run_evaluate(longer, storage)
+    f3 = storage.read_json("runs/fl/eval/metrics.json")["floor"]
+    assert f3["trained_now"] and floor_runs() == ["floor-000", "floor-001"]
+
+    off = _floor_job(storage.root_url, {"floor": "off"})
+    assert not floor_to_train(off, storage)
+    run_evaluate(off, storage)
+    assert storage.read_json("runs/fl/eval/metrics.json")["floor"] == {
+        "skipped": "evaluate.floor is off"}
+    assert floor_runs() == ["floor-000", "floor-001"]
+    assert "no floor column: evaluate.floor is off" in parse_dom(
+        storage.read_bytes("runs/fl/eval/report.html").decode()).text

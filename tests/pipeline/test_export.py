@@ -92,7 +92,18 @@ def test_export_layout_promotion_and_reload(tmp_path):
     assert s1["uri"] == storage.url("models", "tc", "v1")
     assert set(storage.ls("models/tc")) == {"v1", "latest.json"}
     assert set(storage.ls("models/tc/v1")) == EXPECTED_FILES
-    assert "mean_cosine" in storage.read_bytes("models/tc/v1/README.md").decode()
+    card = storage.read_bytes("models/tc/v1/README.md").decode()
+    assert "mean_cosine" in card
+    assert f"[report.html]({storage.url('runs/exp/eval/report.html')})" in card
+    assert "| mean cosine | 0.5000 |" in card  # model_card_summary's figures, pipeline.fmt's format
+    assert "**Promotion:** decided by the export stage" in card
+
+    def decision():  # the report as export re-rendered it
+        from browser import parse_dom
+        page = storage.read_bytes("runs/exp/eval/report.html").decode()
+        return parse_dom(page).text
+    assert "Promotion: promoted: v1 is latest" in decision()
+    assert "first version of the model (mean_cosine 0.5000)" in decision()
 
     with pytest.raises(FileExistsError, match="v1"):  # versions are immutable
         run_export(job, storage)
@@ -101,6 +112,7 @@ def test_export_layout_promotion_and_reload(tmp_path):
     job.export.version = "v2"
     s2 = run_export(job, storage)
     assert not s2["promoted"] and s2["previous"]["version"] == "v1"
+    assert "Promotion: not promoted: v2 published, latest stays v1" in decision()
     assert storage.read_json("models/tc/latest.json")["version"] == "v1"
     assert storage.exists("models/tc/v2/model.safetensors")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browser import dump_dom, image_sizes, network_requests, parse_dom, screenshot
+from browser import dump_dom, image_sizes, lookup, network_requests, parse_dom, screenshot
 from report_inputs import real_evaluation
 
 from pipeline.evaluate import details_json
@@ -262,13 +262,6 @@ def rendered(tmp_path_factory):
     return d, srcs
 
 
-def _lookup(src, key: str):
-    node = src
-    for part in key.split("."):
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    return node
-
-
 def test_dom_shows_the_metrics_as_formatted(rendered):
     d, srcs = rendered
     dom = parse_dom(dump_dom(d / "report.html"))
@@ -277,7 +270,7 @@ def test_dom_shows_the_metrics_as_formatted(rendered):
     for n in dom.numbers:
         a = n["attrs"]
         if "data-metric" in a:  # a figure read from an input: shown as the formatter writes it
-            value = _lookup(srcs[a["data-source"]], a["data-metric"])
+            value = lookup(srcs[a["data-source"]], a["data-metric"])
             assert n["text"] == FORMATTERS[a["data-fmt"]](value), a
             checked.add((a["data-source"], a["data-metric"]))
     targets = list(m["targets"])
@@ -414,7 +407,9 @@ def test_model_card_summary_states_the_report_figures(rendered):
     for f in figures:
         assert f in card, f
     assert "[report.html](https://example.org/runs/j/eval/report.html)" in card
-    assert "**Promotion:** not exported yet: would" in card
+    # written before export decides: where the decision is recorded, and the prediction
+    assert "**Promotion:** decided by the export stage once this version is published" in card
+    assert "the evaluation predicted: would" in card
     assert f"| videomae | {fmt_num(m['targets']['videomae']['cosine'])} |" in card
 
 
@@ -482,3 +477,19 @@ def test_sections_say_what_they_lack_and_broken_input_never_fails(rendered):
         p = write_report(junk)
         assert p.startswith("<!doctype html>") and "</html>" in p
     assert all(math.isfinite(v) for v in srcs["details"]["targets"]["videomae"]["per_clip_cosine"])
+
+
+def test_write_run_report_never_fails_the_stage(rendered, tmp_path, capsys):
+    """Inputs that are not there cost their sections; a report that cannot be written is said and
+    returns None instead of raising."""
+    from pipeline.report import write_run_report
+
+    _, srcs = rendered
+    storage = Storage(str(tmp_path))
+    url = write_run_report(storage, "runs/j", srcs["metrics"])  # no details.json, no train.json
+    page = parse_dom(storage.read_bytes("runs/j/eval/report.html").decode()).text
+    assert url == storage.url("runs/j/eval/report.html")
+    assert "no per-clip details were given" in page and "no training log" in page
+    storage.write_bytes("runs/k/eval", b"a file where the eval directory should be")
+    assert write_run_report(storage, "runs/k", srcs["metrics"]) is None
+    assert "[report] runs/k/eval/report.html not written" in capsys.readouterr().err
