@@ -12,7 +12,8 @@ import html
 import traceback
 
 from . import plots
-from .page import CSS, Fact, esc, figure, note, num, table
+from .markup import CSS, esc, figure, note, num, table
+from .summary import Fact
 
 # (column, row key, metrics.json key, fmt kind)
 COLUMNS = [
