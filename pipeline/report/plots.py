@@ -44,6 +44,8 @@ def line_panels(panels: list[tuple[str, dict[str, tuple[list, list]], str, bool]
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig = _figure(4.2 * cols, 3.0 * rows)
+    from matplotlib.ticker import MaxNLocator  # importable: _figure found matplotlib
+
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, (title, series, xlabel, log_y) in zip(axes.flat, panels, strict=False):
         for i, (label, (xs, ys)) in enumerate(series.items()):
@@ -53,6 +55,7 @@ def line_panels(panels: list[tuple[str, dict[str, tuple[list, list]], str, bool]
             ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel, fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and epochs are whole
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         if len(series) > 1:
