@@ -22,7 +22,8 @@ def _inputs(batch=2, length=37, heads=4, headdim=3, groups=2, dstate=5, dtype=to
 
 def _grads(fn, args, kw, **extra):
     out, last = fn(*args.values(), **extra, **kw, dt_softplus=True, return_final_states=True)
-    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)   # not just sum()
+    # weighted, not just sum(); on the output's device (the CUDA test runs this too)
+    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)
     leaves = {**args, **kw}
     grads = torch.autograd.grad((out * w).sum() + last.square().sum(), list(leaves.values()))
     return out, last, dict(zip(leaves, grads))
