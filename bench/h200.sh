@@ -34,9 +34,9 @@ step() {  # step NAME CMD...: run, log, never stop the other steps
 
 for what in "$@"; do case $what in
   tests)
-    step gpu-tests "${one_gpu[@]}" python -m pytest -q -rs -p no:cacheprovider \
-      tests/tokconv/test_selective_scan_gpu.py tests/pipeline/test_backbones.py \
-      tests/pipeline/test_evaluate.py tests/pipeline/test_extract.py -m gpu ;;
+    # every test marked gpu; the bundle needs pytest, pluggy, iniconfig and scikit-video wheels
+    step gpu-tests "${one_gpu[@]}" python -m pytest -q -rfEs -p no:cacheprovider -o addopts="" \
+      tests -m gpu ;;
   extract)  # the four paths of issue 4 on one GPU (default model settings); keeps the store for `converters`
     step extract-1gpu "${one_gpu[@]}" python bench/extract.py --videos "$VIDEOS" --clips "$CLIPS" \
       --clips-per-video 4 --batch-size 32 --cpus 16 --model-batches 32 --keep-store --workdir "$WORK" \
