@@ -14,13 +14,17 @@ A model directory (local; ``tokconv.io`` files, loadable without Ray)::
 Under the storage root::
 
     models/<name>/<version>/    a published model directory (+ metrics.json, README.md, ...)
+                                and _published.json, uploaded last: a version is complete only
+                                with it (a publish that failed part-way leaves none)
     models/<name>/latest.json   {"version", "uri", "metric", "value", ..., "promoted_at"}
     runs/<job>/train.json       the training run's summary: "checkpoint_rel" names its final
                                 checkpoint (a model directory) relative to the root
     runs/<job>/eval/            the evaluate stage's metrics.json, sample.safetensors, report.html
 
 Versions are immutable; ``latest.json`` is read only through :meth:`ModelRegistry.latest` and
-written after every file of its version, so a reader following it never sees a partial model.
+written after every file of its version, so a reader following it never sees a partial model; a
+reader naming a version gets it only once its ``_published.json`` is there (object stores have no
+atomic directory rename: the marker is the commit).
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ from .storage import Storage, utc_now
 STANDARDIZATION = "standardization.safetensors"
 TRAIN_STATE = "train_state.pt"
 TRAIN_POINTER = "train.json"
+PUBLISHED = "_published.json"
 EVAL_DIR = "eval"
 
 
@@ -151,10 +156,11 @@ class ModelRegistry:
         return self.storage.exists(self.rel(version))
 
     def new_version(self, requested: str | None = None) -> str:
-        """``requested`` (FileExistsError if taken: versions are immutable), else a UTC timestamp
-        (``20261202T100000Z``, ``-1``, ``-2``... appended when taken)."""
+        """``requested`` (FileExistsError if published: versions are immutable; an unfinished
+        upload of it is redone), else a UTC timestamp (``20261202T100000Z``, ``-1``, ``-2``...
+        appended when taken)."""
         if requested:
-            if self.exists(requested):
+            if self.is_published(requested):
                 raise FileExistsError(f"export.version: {self.name}/{requested} already exists at "
                                       f"{self.url(requested)}; versions are immutable")
             return requested
@@ -168,12 +174,24 @@ class ModelRegistry:
         """A JSON file of a published version (config.json, head.json, metrics.json...)."""
         return self.storage.read_json(self.rel(version, file), default=default)
 
+    def is_published(self, version: str) -> bool:
+        """Every file of ``version`` was uploaded (its ``_published.json`` exists)."""
+        return self.storage.exists(self.rel(version, PUBLISHED))
+
     def publish(self, version: str, local_dir: str, files: list[str]) -> str:
-        """Upload ``files`` of ``local_dir`` as ``version``; returns its URL (not promoted)."""
+        """Upload ``files`` of ``local_dir`` as ``version``, then ``_published.json`` (the files
+        and their sizes) last; returns its URL (not promoted). An unfinished earlier upload of the
+        same version is overwritten; a published one is immutable (FileExistsError)."""
+        if self.is_published(version):
+            raise FileExistsError(f"{self.name}/{version} is already published at "
+                                  f"{self.url(version)}; versions are immutable")
         dest = self.storage.path(self.rel(version))
         self.storage.fs.makedirs(dest, exist_ok=True)
         for f in files:
             self.storage.fs.put_file(os.path.join(local_dir, f), posixpath.join(dest, f))
+        sizes = {f: os.path.getsize(os.path.join(local_dir, f)) for f in files}
+        self.storage.write_json(self.rel(version, PUBLISHED),
+                                {"version": version, "files": sizes, "published": utc_now()})
         return self.url(version)
 
     def promote(self, version: str, **record: Any) -> dict[str, Any]:
@@ -189,6 +207,9 @@ class ModelRegistry:
         version = self.resolve(version)
         if not self.exists(version):
             raise FileNotFoundError(f"model {self.name}/{version} not found at {self.url(version)}")
+        if not self.is_published(version):
+            raise FileNotFoundError(f"model {self.name}/{version} at {self.url(version)} is "
+                                    f"incomplete: its upload did not finish (no {PUBLISHED})")
         dest = dest or tempfile.mkdtemp(prefix=f"{self.name}-{version}-")
         return self.storage.download(self.rel(version), dest)
 

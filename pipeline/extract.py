@@ -19,6 +19,13 @@ Videos in the failed manifest are skipped unless ``extract.retry_failed``: a dec
 (corrupt, truncated, too short, no video stream) is a property of the file, so re-trying every run
 wastes decode time; fix the file or set the flag. Invariant, checked and reported at the end:
 every listed video is either complete in the store or in the failed manifest.
+
+Processes that die (SIGKILL, the OOM killer, a lost node): Ray Data restarts a dead model actor
+or writer and re-runs the batches it held, and re-runs a dead decode task (its defaults:
+``max_restarts=-1``, ``max_task_retries=-1``, ``max_retries=-1``; Ray 2.60 deprecates passing
+them); a video whose decode worker died ``DECODE_DEATHS`` times while decoding it is recorded as
+failed (``DecodeLedger``) instead of being re-run forever. A re-run batch gives the same shard
+(content-addressed ids), never a second one.
 """
 from __future__ import annotations
 
@@ -29,6 +36,9 @@ from pipeline.config import ExtractConfig, JobConfig, ModelsConfig
 from pipeline.featurestore import FeatureStore
 from pipeline.model_actor import ModelActor, ShardWriter
 from pipeline.storage import Storage
+
+# a video whose decode worker died this often while decoding it is recorded as failed
+DECODE_DEATHS = 3
 
 # ---------------------------------------------------------------------------------------- the plan
 
@@ -145,11 +155,68 @@ def compile_cache_storage(job: JobConfig, storage: Storage) -> Storage | None:
     return storage.child(where)
 
 
+# ---------------------------------------------------------------------------- decode worker deaths
+
+class DecodeLedger:
+    """A Ray actor (``num_cpus=0``, one per run): per video, decode attempts that never finished,
+    i.e. whose worker died while decoding it. ``begin`` returns each video's count and counts this
+    attempt (``only_if_clean``: only when none has one); ``end`` clears them."""
+
+    def __init__(self):
+        self.open: dict[str, int] = {}
+
+    def begin(self, videos: list[str], only_if_clean: bool) -> list[int]:
+        prior = [self.open.get(v, 0) for v in videos]
+        if not (only_if_clean and any(prior)):
+            for v in videos:
+                self.open[v] = self.open.get(v, 0) + 1
+        return prior
+
+    def end(self, videos: list[str]) -> None:
+        for v in videos:
+            self.open.pop(v, None)
+
+
+def guard_decode(decode, ledger, record_failure, *, max_deaths: int = DECODE_DEATHS):
+    """``decode`` (``decode.make_decode_fn``'s batch fn) with its worker deaths counted per video in
+    ``ledger`` (a ``DecodeLedger`` handle). A clean batch is decoded at once (one ledger call); a
+    re-run one (a death while it ran) video by video, so the next death is charged to the video
+    being decoded, and a video charged ``max_deaths`` times is recorded as failed, not decoded."""
+    import numpy as np
+    import ray
+
+    def decode_batch(batch: dict) -> dict:
+        videos = [str(v) for v in batch["video_id"]]
+        if not any(ray.get(ledger.begin.remote(videos, True))):
+            out = decode(batch)
+            ledger.end.remote(videos)
+            return out
+        parts = []
+        for i, vid in enumerate(videos):
+            one = {k: v[i:i + 1] for k, v in batch.items()}
+            [deaths] = ray.get(ledger.begin.remote([vid], False))
+            if deaths >= max_deaths:
+                record_failure({k: v[0].item() if isinstance(v[0], np.generic) else v[0]
+                                for k, v in one.items()},
+                               f"decode worker died {deaths} times while decoding this video "
+                               f"(killed, out of memory or a crash in the decoder)")
+            else:
+                parts.append(decode(one))
+            ledger.end.remote([vid])
+        parts = [p for p in parts if len(p["frames"])]
+        if len(parts) < 2:  # none (typed 0-row arrays, as decode gives them) or one
+            return parts[0] if parts else decode({k: v[:0] for k, v in batch.items()})
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    return decode_batch
+
+
 # -------------------------------------------------------------------------------------- the dataset
 
 def build_pipeline(job: JobConfig, store: FeatureStore, pending: list[dict], res: dict, *,
-                   compile_cache: Storage | None = None):
-    """The Ray Data pipeline, top to bottom; returns a Dataset of commit rows."""
+                   compile_cache: Storage | None = None, ledger=None):
+    """The Ray Data pipeline, top to bottom; returns a Dataset of commit rows. ``ledger``: a
+    ``DecodeLedger`` handle (``run_extract`` makes one): decode worker deaths counted per video."""
     import ray.data
 
     from pipeline.decode import make_decode_fn
@@ -175,14 +242,17 @@ def build_pipeline(job: JobConfig, store: FeatureStore, pending: list[dict], res
     # The memory request also keeps Ray Data from fusing decode INTO the model actors (it fuses
     # when sizes and resources match, e.g. 1 decoder + 1 CPU actor): fused, CPU decode would run
     # serially with the model forward in one process
+    # A dead decode worker's task is re-run; guard_decode fails a video after DECODE_DEATHS
     decode = make_decode_fn(dc, record_failure=store.record_failure,
                             storage_options=job.sources.storage_options or None)
+    if ledger is not None:
+        decode = guard_decode(decode, ledger, store.record_failure)
     ds = ds.map_batches(decode, batch_size=per_task, num_cpus=ec.cpus_per_decoder,
                         compute=ray.data.TaskPoolStrategy(size=res["decoders"]),
                         memory=_decode_memory(job))
 
     # 2. models: one actor per GPU, each loads the four backbones once and runs `concurrency`
-    # batches at once (a CUDA stream each)
+    # batches at once (a CUDA stream each). A dead actor is restarted and its batches re-run
     warmup_shape = (ec.batch_size, dc.window, dc.short_side, dc.short_side, 3)
     ds = ds.map_batches(
         ModelActor, batch_size=ec.batch_size, batch_format="numpy",
@@ -205,6 +275,7 @@ def build_pipeline(job: JobConfig, store: FeatureStore, pending: list[dict], res
 
 def run_extract(job: JobConfig, storage: Storage) -> dict:
     """List videos, extract the missing clips into the feature store, write meta.json + stats."""
+    import ray
     import ray.data
 
     from pipeline.sources import class_names, list_sources
@@ -250,8 +321,10 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
         print(f"[extract] {res['decoders']} decoders, {res['model_actors']} model actor(s) "
               f"({'GPU' if res['use_gpu'] else 'CPU'}), {res['writers']} writer(s)", flush=True)
         t_start = time.perf_counter()
+        ledger = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(
+            DecodeLedger).remote()
         ds = build_pipeline(job, store, pending, res,
-                            compile_cache=compile_cache_storage(job, storage))
+                            compile_cache=compile_cache_storage(job, storage), ledger=ledger)
         for row in ds.iter_rows():
             clips, nbytes, shards = clips + int(row["rows"]), nbytes + int(row["bytes"]), shards + 1
             dt = time.perf_counter() - t_start

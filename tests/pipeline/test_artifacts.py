@@ -12,6 +12,7 @@ import torch
 from tiny_features import CLASS_NAMES, SPECS, STUDENT, TEACHERS
 
 from pipeline.artifacts import (
+    PUBLISHED,
     STANDARDIZATION,
     LoadedModel,
     ModelRegistry,
@@ -147,7 +148,7 @@ def test_registry_versions_latest_download_and_load(storage, tmp_path):
     assert reg.resolve("latest") == "v1" and reg.resolve("v7") == "v7"
 
     d = reg.download("latest", str(tmp_path / "copy"))
-    assert sorted(os.listdir(d)) == files
+    assert sorted(os.listdir(d)) == sorted([*files, PUBLISHED])
     model = reg.load()
     assert isinstance(model, LoadedModel) and model.version == "v1"
     x = torch.randn(3, STUDENT.tokens, STUDENT.dim)
@@ -160,6 +161,31 @@ def test_registry_versions_latest_download_and_load(storage, tmp_path):
     _model_dir(str(tmp_path / "v2"), seed=2, head=False)
     reg.publish("v2", str(tmp_path / "v2"), sorted(os.listdir(tmp_path / "v2")))
     assert reg.load("v2").head is None and reg.load().version == "v1"
+
+
+def test_a_version_is_complete_only_with_its_marker_and_then_immutable(storage, tmp_path):
+    """A publish that stopped part-way (files up, no _published.json) is not downloadable, its
+    version can be requested again and the re-publish completes it; a published one is refused."""
+    reg = ModelRegistry(storage, "tc")
+    _model_dir(str(tmp_path / "v3"), seed=3)
+    files = sorted(os.listdir(tmp_path / "v3"))
+    dest = storage.path("models", "tc", "v3")
+    storage.fs.makedirs(dest, exist_ok=True)
+    for f in files[:2]:  # an upload cut off after two files
+        storage.fs.put_file(str(tmp_path / "v3" / f), f"{dest}/{f}")
+    assert reg.exists("v3") and not reg.is_published("v3")
+    with pytest.raises(FileNotFoundError, match="v3 .* is incomplete"):
+        reg.download("v3", str(tmp_path / "partial"))
+    assert reg.new_version("v3") == "v3"  # unfinished: redone, not refused
+    reg.publish("v3", str(tmp_path / "v3"), files)
+    marker = reg.read_json("v3", PUBLISHED)
+    assert marker["version"] == "v3" and marker["files"] == {
+        f: os.path.getsize(tmp_path / "v3" / f) for f in files}
+    assert reg.load("v3").version == "v3"
+    with pytest.raises(FileExistsError, match="immutable"):
+        reg.publish("v3", str(tmp_path / "v3"), files)
+    with pytest.raises(FileExistsError, match="immutable"):
+        reg.new_version("v3")
 
 
 def test_new_version_is_a_utc_stamp_and_never_reuses_one(tmp_path):

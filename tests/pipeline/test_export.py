@@ -22,7 +22,7 @@ from pipeline.storage import Storage
 
 EXPECTED_FILES = {"model.safetensors", "config.json", "head.safetensors", "head.json",
                   "metrics.json", "README.md", "standardization.safetensors",
-                  "reference_io.safetensors"}
+                  "reference_io.safetensors", "_published.json"}
 
 
 def _job(url: str, options: dict | None = None, **export) -> JobConfig:
