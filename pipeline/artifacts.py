@@ -175,8 +175,12 @@ class ModelRegistry:
         return self.storage.read_json(self.rel(version, file), default=default)
 
     def is_published(self, version: str) -> bool:
-        """Every file of ``version`` was uploaded (its ``_published.json`` exists)."""
-        return self.storage.exists(self.rel(version, PUBLISHED))
+        """Every file of ``version`` was uploaded: its ``_published.json`` exists, or latest.json
+        names it (written only after its files: versions published before the marker existed)."""
+        if self.storage.exists(self.rel(version, PUBLISHED)):
+            return True
+        latest = self.latest()
+        return latest is not None and latest.get("version") == version
 
     def publish(self, version: str, local_dir: str, files: list[str]) -> str:
         """Upload ``files`` of ``local_dir`` as ``version``, then ``_published.json`` (the files

@@ -188,6 +188,25 @@ def test_a_version_is_complete_only_with_its_marker_and_then_immutable(storage, 
         reg.new_version("v3")
 
 
+def test_a_version_latest_names_loads_without_a_marker(storage, tmp_path):
+    """A registry written before _published.json existed: the version latest.json names (written
+    after its files) loads and stays immutable; another marker-less version does not load."""
+    reg = ModelRegistry(storage, "tc")
+    for v in ("old", "other"):
+        _model_dir(str(tmp_path / v), seed=4)
+        dest = storage.path("models", "tc", v)
+        storage.fs.makedirs(dest, exist_ok=True)
+        for f in sorted(os.listdir(tmp_path / v)):
+            storage.fs.put_file(str(tmp_path / v / f), f"{dest}/{f}")
+    reg.promote("old", metric="mean_cosine", value=0.5)
+    assert reg.is_published("old") and not reg.is_published("other")
+    assert reg.load().version == "old"
+    with pytest.raises(FileExistsError, match="immutable"):
+        reg.new_version("old")
+    with pytest.raises(FileNotFoundError, match="other .* is incomplete"):
+        reg.download("other", str(tmp_path / "dl"))
+
+
 def test_new_version_is_a_utc_stamp_and_never_reuses_one(tmp_path):
     storage = Storage(str(tmp_path))
     reg = ModelRegistry(storage, "tc")
