@@ -396,6 +396,19 @@ class ExportConfig(_Strict):
         return None if v is None else _plain_name(v)
 
 
+class LeaseConfig(_Strict):
+    """The job's leases in storage (``pipeline.lease``): one run at a time per job, store, model."""
+    enabled: bool = Field(
+        True, description="take the job's leases before any stage; False: no guard against a "
+        "concurrent run")
+    ttl_s: float = Field(
+        600.0, ge=1, description="seconds a lease outlives its last heartbeat (every ttl_s/3); "
+        "default 600")
+    wait_s: float = Field(
+        0.0, ge=0, description="seconds to wait for a held lease before skipping the run; "
+        "default 0")
+
+
 class JobConfig(_Strict):
     name: str = Field(
         "job", description="job name: runs/<name>/ holds its checkpoints, metrics and reports")
@@ -414,6 +427,7 @@ class JobConfig(_Strict):
     train: TrainConfig = Field(TrainConfig(), description="train stage")
     evaluate: EvaluateConfig = Field(EvaluateConfig(), description="evaluate stage")
     export: ExportConfig = Field(ExportConfig(), description="export stage")
+    lease: LeaseConfig = Field(LeaseConfig(), description="leases that keep runs from overlapping")
 
     @model_validator(mode="before")
     @classmethod
