@@ -10,14 +10,18 @@ step at a time (and two CLI copies start together in test_schedule.py).
 """
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from tiny_features import make_tiny_store, publish_checkpoint
@@ -334,3 +338,132 @@ def test_lease_settings_are_validated():
         load_job(SMOKE, ["lease.wait_s=-1"])
     with pytest.raises(ConfigError, match="lease.expiry"):
         load_job(SMOKE, ["lease.expiry=5"])
+
+
+# ------------------------------------------------- S3's conditional PUT (moto's server, a proxy)
+
+@pytest.mark.integration
+def test_moto_honours_if_none_match_one_create_of_a_key_wins(s3_server):
+    """Two creates of one key, then 8 clients (threads, each its own s3fs client) PUT each of 60
+    keys at once (a barrier per key): each key won exactly once, and the winner's bytes are the
+    ones stored. moto checks and stores without a lock, so this is its behaviour under the races
+    it gets here (AWS S3 makes the check atomic and answers a conflict 409, retried: below)."""
+    url = f"s3://{s3_server.make_bucket('excl')}/root"
+    storage = Storage(url, s3_server.storage_options)
+    assert create_exclusive(storage, "k.json", b"first")
+    assert not create_exclusive(storage, "k.json", b"second")
+    assert storage.read_bytes("k.json") == b"first"
+    n_clients, n_keys = 8, 60
+    barrier = threading.Barrier(n_clients)
+    wins: dict[int, list[int]] = {c: [] for c in range(n_clients)}
+    errors: list[BaseException] = []
+
+    def client(c: int) -> None:
+        try:
+            own = Storage(url, {**s3_server.storage_options, "skip_instance_cache": True})
+            for i in range(n_keys):
+                barrier.wait(timeout=60)
+                if create_exclusive(own, f"race/{i}.json", f"c{c}".encode()):
+                    wins[c].append(i)
+        except BaseException as e:  # noqa: BLE001 -- reported below
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(n_clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert sorted(w for ws in wins.values() for w in ws) == list(range(n_keys))  # once each
+    for c, ws in wins.items():
+        assert all(storage.read_bytes(f"race/{w}.json") == f"c{c}".encode() for w in ws)
+    assert sum(1 for ws in wins.values() if ws) > 1, "no race happened: one client won every key"
+
+
+class _ConflictProxy(ThreadingHTTPServer):
+    """An HTTP proxy in front of moto that answers the first ``conflicts`` conditional PUTs
+    (``If-None-Match``) 409 ConditionalRequestConflict, what S3 answers while another conditional
+    write to the key is in flight; everything else is forwarded. ``seen``: (method, path, code)."""
+
+    def __init__(self, upstream: str, conflicts: int):
+        self.upstream, self.conflicts, self.seen = urlsplit(upstream), conflicts, []
+        super().__init__(("127.0.0.1", 0), _ConflictHandler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _ConflictHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    def _forward(self):
+        server: _ConflictProxy = self.server
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.command == "PUT" and self.headers.get("If-None-Match") and server.conflicts > 0:
+            server.conflicts -= 1
+            server.seen.append((self.command, self.path, 409))
+            data = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ConditionalRequest'
+                    b'Conflict</Code><Message>A conflicting conditional operation is currently in '
+                    b'progress against this resource. Please try again.</Message></Error>')
+            self.send_response(409)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
+        conn = http.client.HTTPConnection(server.upstream.hostname, server.upstream.port)
+        conn.request(self.command, self.path, body=body, headers={
+            k: v for k, v in self.headers.items() if k.lower() != "expect"})  # answered above
+        resp = conn.getresponse()
+        data = resp.read()
+        server.seen.append((self.command, self.path, resp.status))
+        self.send_response(resp.status)
+        for k, v in resp.getheaders():  # a HEAD's Content-Length is the object's: kept
+            if k.lower() not in ("transfer-encoding", "connection", "date", "server") and not (
+                    k.lower() == "content-length" and self.command != "HEAD"):
+                self.send_header(k, v)
+        if self.command != "HEAD":
+            self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        conn.close()
+
+    do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _forward
+
+
+@pytest.mark.integration
+def test_a_409_conditional_conflict_is_retried_to_its_verdict(s3_server):
+    """Behind the proxy: a create answered 409 twice is retried and creates the key; a create of
+    an existing key answered 409 once is retried and gets its 412 (False); the lease protocol
+    takes a lease through a 409."""
+    bucket = s3_server.make_bucket("conflict")
+    proxy = _ConflictProxy(s3_server.endpoint_url, conflicts=2)
+    try:
+        storage = Storage(f"s3://{bucket}/root", {**s3_server.storage_options,
+                                                  "endpoint_url": proxy.url})
+        assert create_exclusive(storage, "a.json", b"mine")
+        puts = [code for m, p, code in proxy.seen if m == "PUT" and p.endswith("/a.json")]
+        assert puts == [409, 409, 200], proxy.seen
+        assert storage.read_bytes("a.json") == b"mine"
+        proxy.conflicts = 1
+        assert not create_exclusive(storage, "a.json", b"theirs")
+        puts = [code for m, p, code in proxy.seen if m == "PUT" and p.endswith("/a.json")]
+        assert puts == [409, 409, 200, 409, 412], proxy.seen
+        assert storage.read_bytes("a.json") == b"mine"
+        proxy.conflicts = 1
+        lease = _lease(storage)
+        assert lease.acquire() is None
+        assert 409 in [c for m, p, c in proxy.seen if p.endswith("job-j/00000000.json")]
+        lease.release()
+        proxy.conflicts = 6  # more than create_exclusive retries: the error is raised, not hidden
+        with pytest.raises(OSError):
+            create_exclusive(storage, "b.json", b"x")
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
