@@ -3,10 +3,11 @@ server on 127.0.0.1): exclusive creates, one holder at a time, all-or-none for a
 leases, heartbeats, expiry after a crash (a holder SIGKILLed from outside), take-over of a holder
 stalled past its expiry (SIGSTOP from outside), waiting, and a held job skipped by the CLI.
 
-Racing processes are run on the local directory only: moto checks ``If-None-Match`` and then
-stores the object without a lock, so two PUTs arriving in the same instant can both pass there;
-the atomicity of S3's conditional PUT is the service's. On S3 the same protocol is exercised one
-step at a time (and two CLI copies start together in test_schedule.py).
+The lease races between processes run on the local directory. On S3, moto's server honours
+``If-None-Match: *`` (412 for an existing key) and 8 clients racing on 60 keys win each exactly
+once, though moto checks and stores without a lock (AWS makes it atomic); the 409 conflict AWS
+answers to concurrent conditional writes comes from a proxy in front of moto. Two CLI copies
+start together on S3 in test_schedule.py.
 """
 from __future__ import annotations
 
