@@ -11,6 +11,11 @@ writable, sources and model sources present (exit 3); then Ray starts, for the s
 stage <s>: <Type>: <why>`` (exit 1); the traceback too with --traceback or TOKCONV_TRACEBACK=1.
 Credentials in storage options are masked in --print-config and in runs/<name>/summary.json,
 which also records a failed stage.
+
+Runs never overlap: after the checks the job takes its leases in storage (``pipeline.lease``: the
+job, its feature store, its model). A run that finds one held by a live run waits up to
+``lease.wait_s`` and then skips, exit 0, printing ``skipped: lease ... held by ... until ...``
+(also in runs/<name>/skipped.json): right for a scheduled run whose tick was started twice.
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ import traceback
 from .artifacts import job_run_dir
 from .checks import PreflightError, preflight
 from .config import STAGES, ConfigError, JobConfig, format_config, load_job
-from .storage import Storage, mask_secrets
+from .lease import Held, JobLease
+from .storage import Storage, mask_secrets, utc_now
 
 # stage name -> (module, runner); runners take (job, storage) and return a JSON-able summary
 STAGE_RUNNERS = {
@@ -93,18 +99,45 @@ def error_line(e: BaseException) -> str:
 
 
 def run_job(job: JobConfig, stages: list[str] | None = None) -> dict:
-    """Check the outside world (``checks.preflight``), then run the job's stages in order; returns
-    {stage: summary}. Writes runs/<name>/summary.json (credentials masked), also when a stage
+    """Check the outside world (``checks.preflight``), take the job's leases (``pipeline.lease``),
+    then run the job's stages in order; returns {stage: summary}, or {"skipped": why} when another
+    run holds a lease. Writes runs/<name>/summary.json (credentials masked), also when a stage
     fails (its ``failed`` entry names the stage and the error), then re-raises."""
     stages = stages or job.stages
     preflight(job, stages)  # before Ray starts or any stage does work: PreflightError names it
     storage = Storage(job.storage.url, job.storage.options)
+    lease = JobLease.for_job(job, storage) if job.lease.enabled else None
+    held = lease.acquire(wait_s=job.lease.wait_s) if lease else None
+    if held is not None:  # another run of this job, store or model is under way: not an error
+        return _skipped(job, storage, held)
+    try:
+        return _run_stages(job, stages, storage, lease)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _skipped(job: JobConfig, storage: Storage, held: Held) -> dict:
+    """A scheduled run that found its lease held: say so (runs/<job>/skipped.json), do nothing."""
+    record = {"skipped": f"skipped: {held.reason()}", "lease": held.url, "holder": held.owner,
+              "holder_job": held.job, "until": held.expires, "time": utc_now()}
+    print(f"[lease] {record['skipped']}; nothing done (lease.wait_s={job.lease.wait_s:g})",
+          flush=True)
+    storage.write_json(posixpath.join(job_run_dir(job.name), "skipped.json"), record)
+    return {"skipped": record}
+
+
+def _run_stages(job: JobConfig, stages: list[str], storage: Storage,
+                lease: JobLease | None) -> dict:
     started_ray, ray_ready = False, False
     results: dict[str, dict] = {}
-    record = {"job": job.name, "stages": results, "config": mask_secrets(job.model_dump())}
+    record = {"job": job.name, "stages": results, "config": mask_secrets(job.model_dump()),
+              "leases": lease.records() if lease is not None else None}
     where = posixpath.join(job_run_dir(job.name), "summary.json")
     try:
         for i, stage in enumerate(stages, 1):
+            if lease is not None:
+                lease.check(f"stage {stage}")  # a run that stalled past its expiry stops here
             if not ray_ready and _uses_ray(stage, job, storage):
                 started_ray, ray_ready = init_ray(job), True
             module, fn = STAGE_RUNNERS[stage]
@@ -140,7 +173,8 @@ def _print_outcome(job: JobConfig, results: dict) -> None:
         "feature store": results.get("extract", {}).get("store_url"),
         "metrics": results.get("evaluate", {}).get("metrics_url"),
         "exported model": results.get("export", {}).get("uri"),
-        "job summary": storage.url(job_run_dir(job.name), "summary.json"),
+        "job summary": storage.url(job_run_dir(job.name),
+                                   "skipped.json" if "skipped" in results else "summary.json"),
     }
     for what, url in where.items():
         if url:

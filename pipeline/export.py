@@ -42,6 +42,7 @@ from .artifacts import (
 )
 from .config import ExportConfig, JobConfig
 from .featurestore import FeatureStore
+from .lease import check_held
 from .storage import Storage
 
 
@@ -199,6 +200,7 @@ def export_stage(cfg: ExportConfig, storage: Storage, *, store: FeatureStore,
     previous_value, compared_on = _previous_value(cfg, registry, current, metrics)
     promoted = is_better(value, previous_value, cfg.higher_is_better)
     if promoted:
+        check_held(f"moving {name}'s latest")  # a run whose lease was taken over must not promote
         registry.promote(version, metric=cfg.metric, value=value,
                          higher_is_better=cfg.higher_is_better, job=job_name,
                          checkpoint=info["checkpoint"])
@@ -206,7 +208,8 @@ def export_stage(cfg: ExportConfig, storage: Storage, *, store: FeatureStore,
         f"has {cfg.metric}={previous_value} on {compared_on})"
     print(f"[export] {name}/{version}: {cfg.metric}={value:.4f} {verdict} -> {uri}", flush=True)
     result = {"uri": uri, "name": name, "version": version, "files": files, "metric": cfg.metric,
-              "value": value, "promoted": promoted, "previous": current,
+              "value": value, "promoted": promoted,
+              "verdict": f"{cfg.metric}={value:.4f} {verdict}", "previous": current,
               "previous_value": previous_value, "compared_on": compared_on,
               "latest": registry.url("latest.json"), "torchscript_error": ts_error}
     _rerender_report(storage, run_dir, metrics, store, cfg, result)

@@ -20,6 +20,8 @@ import json
 import os
 import posixpath
 import re
+import time
+import uuid
 from typing import Any
 
 import fsspec
@@ -214,3 +216,62 @@ class Storage:
 
     def __repr__(self) -> str:
         return f"Storage({self.root_url!r})"
+
+
+# ------------------------------------------------------------------- conditional writes (leases)
+
+def create_exclusive(storage: Storage, rel: str, data: bytes) -> bool:
+    """Write ``rel`` only if it does not exist yet; True when this call created it, False when it
+    existed. Atomic where it matters: a local path is linked into place from a complete temporary
+    file (``os.link`` fails on an existing name, also on NFS; readers never see a partial file),
+    S3 gets a conditional PUT (``If-None-Match: *``: 412 when the key exists; 409
+    ConditionalRequestConflict while another conditional write to the key is in flight, which AWS
+    says to retry: retried here up to 5 times). Other fsspec backends get their own
+    ``mode="create"`` (fsspec's default checks, then writes: not atomic)."""
+    p = storage.path(rel)
+    if storage.protocol == "file":
+        os.makedirs(posixpath.dirname(p), exist_ok=True)
+        tmp = f"{p}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, p)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+    attempt = 0
+    while True:
+        try:
+            storage.fs.pipe_file(p, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if attempt == 5 or not _conditional_conflict(e):
+                raise
+            time.sleep(0.05 * 2 ** attempt)  # the other write settles: the retry gets 200 or 412
+            attempt += 1
+
+
+def _conditional_conflict(e: OSError) -> bool:
+    """S3's 409 ConditionalRequestConflict (s3fs turns it into a plain OSError; botocore does not
+    retry it)."""
+    resp = getattr(e.__cause__, "response", None) or {}
+    return (resp.get("Error", {}).get("Code") == "ConditionalRequestConflict"
+            or resp.get("ResponseMetadata", {}).get("HTTPStatusCode") == 409)
+
+
+def replace_atomic(storage: Storage, rel: str, data: bytes) -> None:
+    """Overwrite ``rel`` so a reader sees the old or the new bytes, never a mix: a local path is
+    renamed over from a temporary file; an object-store PUT is atomic by itself."""
+    if storage.protocol != "file":
+        storage.write_bytes(rel, data)
+        return
+    p = storage.path(rel)
+    os.makedirs(posixpath.dirname(p), exist_ok=True)
+    tmp = f"{p}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, p)

@@ -26,6 +26,7 @@ from .common import (
     SPLITS,
     STAGES,
     VIDEO_EXTENSIONS,
+    LeaseConfig,
     RayConfig,
     Rewrite,
     Split,
@@ -47,8 +48,8 @@ from .train import (
 __all__ = [
     "MOVED_KEYS", "REMOVED_KEYS", "SPLITS", "STAGES", "VIDEO_EXTENSIONS", "ConfigError",
     "DecodeConfig", "DeficiencyConfig", "EvaluateConfig", "ExportConfig", "ExtractConfig",
-    "HeadConfig", "JobConfig", "LossConfig", "ModelSpec", "ModelsConfig", "OptimConfig",
-    "RayConfig", "Rewrite", "SourcesConfig", "Split", "StorageConfig", "TrainConfig",
+    "HeadConfig", "JobConfig", "LeaseConfig", "LossConfig", "ModelSpec", "ModelsConfig",
+    "OptimConfig", "RayConfig", "Rewrite", "SourcesConfig", "Split", "StorageConfig", "TrainConfig",
     "apply_overrides", "format_config", "load_job", "validate",
 ]
 
@@ -71,6 +72,7 @@ class JobConfig(_Strict):
     train: TrainConfig = Field(TrainConfig(), description="train stage")
     evaluate: EvaluateConfig = Field(EvaluateConfig(), description="evaluate stage")
     export: ExportConfig = Field(ExportConfig(), description="export stage")
+    lease: LeaseConfig = Field(LeaseConfig(), description="leases that keep runs from overlapping")
 
     @model_validator(mode="before")
     @classmethod

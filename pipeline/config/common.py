@@ -84,3 +84,16 @@ class RayConfig(_Strict):
         None, description="object store bytes of a local cluster; None: Ray's")
     runtime_env: dict[str, Any] = Field(
         default_factory=dict, description="Ray runtime_env of the job (env_vars...)")
+
+
+class LeaseConfig(_Strict):
+    """The job's leases in storage (``pipeline.lease``): one run at a time per job, store, model."""
+    enabled: bool = Field(
+        True, description="take the job's leases before any stage; False: no guard against a "
+        "concurrent run")
+    ttl_s: float = Field(
+        600.0, ge=1, description="seconds a lease outlives its last heartbeat (every ttl_s/3); "
+        "default 600")
+    wait_s: float = Field(
+        0.0, ge=0, description="seconds to wait for a held lease before skipping the run; "
+        "default 0")
