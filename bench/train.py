@@ -273,7 +273,7 @@ def main() -> None:
     if storage.exists("runs"):
         storage.fs.rm(storage.path("runs"), recursive=True)
     store = FeatureStore(storage, "features")
-    from pipeline.train_data import clip_bytes, plan_blocks
+    from pipeline.train_plan import clip_bytes, plan_blocks
     blocks = plan_blocks(store, "train")
     names = list(specs)
     tc = job_for(args, storage, "x", "none", 1).train
