@@ -98,12 +98,12 @@ def raw_read(store: FeatureStore, names: list[str]) -> dict:
     return {"clips_per_s": rows / dt, "GB_per_s": nbytes / dt / 1e9, "clips": rows, "seconds": dt}
 
 
-def reader_alone(store, blocks, names, tc, device) -> dict:
+def reader_alone(store, blocks, names, tc, device, direct=None) -> dict:
     """(a'): two epochs of the training reader (the second reported: the first allocates its pinned
-    buffers), batches decoded on the device, no compute."""
+    buffers), batches decoded on the device, no compute; ``direct=False``: the pyarrow path."""
     from pipeline.train_data import ClipReader
     r = ClipReader(store, blocks, names, rank=0, world=1, batch_size=tc.batch_size, device=device,
-                   window=tc.shuffle_window, read_ahead=tc.read_ahead)
+                   window=tc.shuffle_window, read_ahead=tc.read_ahead, direct=direct)
     rates = []
     for epoch in range(2):
         t0, n = time.perf_counter(), 0
@@ -273,7 +273,7 @@ def main() -> None:
     if storage.exists("runs"):
         storage.fs.rm(storage.path("runs"), recursive=True)
     store = FeatureStore(storage, "features")
-    from pipeline.train_data import clip_bytes, plan_blocks
+    from pipeline.train_plan import clip_bytes, plan_blocks
     blocks = plan_blocks(store, "train")
     names = list(specs)
     tc = job_for(args, storage, "x", "none", 1).train
@@ -290,6 +290,8 @@ def main() -> None:
     if "a2" not in skip:
         res["a2_reader"] = reader_alone(store, blocks, names, tc, device)
         print("(a')", res["a2_reader"], flush=True)
+        res["a2_reader_pyarrow"] = reader_alone(store, blocks, names, tc, device, direct=False)
+        print("(a') pyarrow path", res["a2_reader_pyarrow"], flush=True)
     if "b" not in skip:
         res["b_compute"] = compute_ceiling(store, blocks, specs, tc, device, args.iters)
         print("(b)", res["b_compute"], flush=True)
@@ -315,6 +317,7 @@ def main() -> None:
         return res[a]["clips_per_s"] / res[b]["clips_per_s"] if a in res and b in res else None
     res["ratios"] = {"c/a (goal >= 0.8)": ratio("c_stage_streamed", "a_raw_read"),
                      "a'/a": ratio("a2_reader", "a_raw_read"),
+                     "a'(pyarrow)/a": ratio("a2_reader_pyarrow", "a_raw_read"),
                      "d/b (goal >= 0.8)": ratio("d_stage_cached", "b_compute"),
                      "d/e (goal >= 0.9)": ratio("d_stage_cached", "e_torchrun_cached")}
     print(json.dumps(res["ratios"], indent=1))

@@ -52,7 +52,7 @@ from .artifacts import ModelRegistry, job_run_dir, write_trained
 from .config import JobConfig, TrainConfig
 from .featurestore import FeatureStore
 from .storage import Storage
-from .train_data import plan_blocks
+from .train_plan import plan_blocks
 
 # worker-side progress: Ray Train's worker log handler prints each record once on the driver
 # (a plain print() there is both logged and tee'd, i.e. shown twice)
@@ -250,7 +250,7 @@ def _choose_run(storage: Storage, run_dir: str, resume: str,
 def worker_config(tc: TrainConfig, storage: Storage, *, store: FeatureStore,
                   registry: ModelRegistry, run_rel: str, warm_start: str | None = None) -> dict:
     """What every worker needs, as plain data: the train config, storage, store name, layout and
-    stats, the model name, the train and validation blocks (``train_data.plan_blocks``), the
+    stats, the model name, the train and validation blocks (``train_plan.plan_blocks``), the
     run's directory and metrics log."""
     specs = store.specs()
     if "student" not in specs or not teacher_specs(specs):

@@ -1,22 +1,24 @@
 """Training data path: the feature store's raw bytes to the training device, one shard per rank.
 
-* **Plan** (driver, once, ``plan_blocks``): every row group of every committed shard is a *block*;
-  its rows of one split are the block's clips. Only footers (and the ``split`` column of shards
-  that mix splits) are read.
-* **Shard per rank** (``rank_segments``): blocks are dealt out once per run: a seeded permutation,
-  concatenated and cut into ``world`` equal contiguous pieces, so a rank reads only its own row
-  groups and every rank takes the same number of steps.
+* **Plan** (driver, once, ``train_plan.plan_blocks``): every row group of every committed shard
+  is a *block*; its rows of one split are the block's clips. Only footers (and the ``split``
+  column of shards that mix splits) are read.
+* **Shard per rank** (``train_plan.rank_segments``): blocks are dealt out once per run: a seeded
+  permutation, concatenated and cut into ``world`` equal contiguous pieces, so a rank reads only
+  its own row groups and every rank takes the same number of steps.
 * **Epoch order** (``ClipReader.windows``): per epoch a rank permutes its segments and shuffles
   clips within windows of ``shuffle_window``. The order depends on (seed, epoch, rank) only: the
   same under every cache mode, and batch ``k`` of an epoch is known without reading, so a resume
   starts there.
-* **Reader** (``ClipReader.batches``): threads read row groups with pyarrow (each column's stored
-  rows, in any codec, are a uint8 view of the Arrow buffer: ``columns.column_rows``, no
-  per-element work), copy a window's rows into pinned memory (one memcpy), the main thread copies
-  the window to the device on a side stream while the previous window computes, and each batch
-  is gathered on the device and decoded there by ``decode`` (``pipeline.codecs``: raw, fp8,
-  int8). Caches keep a rank's stored rows (codec-sized) after their first read: ``host`` skips
-  the Parquet read, ``device`` (``train.cache: gpu``) the host.
+* **Reader** (``ClipReader.batches``): threads read a window's rows from local shards straight
+  into one of a few reused pinned buffers (``pipeline.chunk_reads``: one preadv per run of rows,
+  one copy from the page cache); other shards (object stores, chunks not plainly encoded) and the
+  ``host`` cache read row groups with pyarrow (each column's stored rows, in any codec, are a
+  uint8 view of the Arrow buffer: ``columns.column_rows``) and copy the rows into pinned memory.
+  The main thread copies the window to the device on a side stream while the previous window
+  computes, and each batch is gathered on the device and decoded there by ``decode``
+  (``pipeline.codecs``: raw, fp8, int8). Caches keep a rank's stored rows (codec-sized) after
+  their first read: ``host`` skips the Parquet read, ``device`` (``train.cache: gpu``) the host.
 """
 from __future__ import annotations
 
@@ -34,53 +36,9 @@ import pyarrow.parquet as pq
 import torch
 
 from . import codecs, columns
+from .chunk_reads import BufferRing, ChunkIndex, read_rows
 from .featurestore import FeatureStore
-
-LABEL = "label_index"
-
-
-# ---------------------------------------------------------------- plan (driver)
-
-def plan_blocks(store: FeatureStore, split: str) -> list[dict]:
-    """Blocks of ``split``: [{"path": shard path in the store, "rg": row group, "rows": [row in
-    it]}], by path and row group."""
-    fs = store.storage.pyarrow_filesystem()
-
-    def blocks_of(rec: dict) -> list[dict]:
-        if split not in rec["sums"]:
-            return []
-        pf = pq.ParquetFile(store.storage.path(rec["path"]), filesystem=fs)
-        mixed = set(rec["sums"]) != {split}
-        col = (pf.read(columns=["split"]).column("split").to_numpy(zero_copy_only=False)
-               if mixed else None)
-        out, start = [], 0
-        for rg in range(pf.num_row_groups):
-            n = pf.metadata.row_group(rg).num_rows
-            rows = np.arange(n) if col is None else np.flatnonzero(col[start:start + n] == split)
-            if len(rows):
-                out.append({"path": rec["path"], "rg": rg, "rows": rows.tolist()})
-            start += n
-        return out
-
-    with ThreadPoolExecutor(8) as pool:  # sorted: the plan must not depend on commit times
-        return sorted((b for blocks in pool.map(blocks_of, store.commits()) for b in blocks),
-                      key=lambda b: (b["path"], b["rg"]))
-
-
-def rank_segments(sizes: list[int], world: int, rank: int, seed: int,
-                  shuffle: bool = True) -> list[tuple]:
-    """This rank's piece of the blocks: [(block, lo, hi)] (clips lo:hi of the block's rows). Pieces
-    are contiguous in a seeded block order and hold ``sum(sizes) // world`` clips each."""
-    n = len(sizes)
-    order = np.random.default_rng([seed, 1]).permutation(n) if shuffle else range(n)
-    per = sum(sizes) // world
-    lo, hi, pos, segs = rank * per, (rank + 1) * per, 0, []
-    for b in order:
-        a, z = max(pos, lo), min(pos + sizes[b], hi)
-        if a < z:
-            segs.append((int(b), a - pos, z - pos))
-        pos += sizes[b]
-    return segs
+from .train_plan import LABEL, rank_segments
 
 
 def decode(raw: torch.Tensor, layout: dict) -> torch.Tensor:
@@ -89,29 +47,6 @@ def decode(raw: torch.Tensor, layout: dict) -> torch.Tensor:
     The one step from stored bytes to training values: the column's codec (``layout["codec"]``;
     fp8/int8 rows carry their per-(clip, channel) scales)."""
     return codecs.decode(raw, layout, torch.float32)
-
-
-def clip_bytes(layouts: dict[str, dict]) -> int:
-    """Stored bytes of one clip over ``layouts`` (``FeatureStore.layouts()``), + its int32 label."""
-    return sum(codecs.row_bytes(v) for v in layouts.values()) + 4
-
-
-def resolve_cache(mode: str, n_clips: int, layouts: dict[str, dict], device: torch.device,
-                  local_world: int = 1) -> str:
-    """``train.cache`` -> "none" | "host" | "device" for ``n_clips`` of ``layouts`` on ``device``.
-    auto: the device when the clips fit in 70% of its free memory, else host when they fit in half
-    the available host memory (shared by the node's workers), else none."""
-    need = n_clips * clip_bytes(layouts)
-    if mode == "gpu":
-        return "device"
-    if mode in ("none", "host"):
-        return mode
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if need <= 0.7 * free:
-            return "device"
-    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return "host" if need <= 0.5 * avail / max(local_world, 1) else "none"
 
 
 # ---------------------------------------------------------------- reader (worker)
@@ -131,13 +66,15 @@ class ClipReader:
     ``batches(epoch, start)`` -> iterator of {name: float32 (B, tokens, dim), "label_index":
     int64 (B,)}; ``steps_per_epoch`` batches per epoch (the last may be smaller), the same on
     every rank.
-    ``cache``: "none" | "host" | "device" (``resolve_cache``).
+    ``cache``: "none" | "host" | "device" (``resolve_cache``). ``direct``: read local shards
+    straight into ``ring_slots`` reused window buffers (None: when the store is local and the cache
+    is not ``host``); the same batches either way.
     """
 
     def __init__(self, store: FeatureStore, blocks: list[dict], names: list[str], *, rank: int,
                  world: int, batch_size: int, device: torch.device, seed: int = 0,
                  shuffle: bool = True, window: int = 128, cache: str = "none",
-                 read_ahead: int = 8):
+                 read_ahead: int = 8, direct: bool | None = None, ring_slots: int = 3):
         layouts = store.layouts()
         self.store, self.blocks, self.names, self.device = store, blocks, list(names), device
         self.layouts = {n: layouts[n] for n in self.names}
@@ -159,6 +96,12 @@ class ClipReader:
         self._host_has = np.zeros(self.num_clips, bool)
         self._host_lock = threading.Lock()
         self._dev_has = np.zeros(self.num_clips, bool)
+        local = store.storage.protocol == "file"
+        self.direct = (local and cache != "host") if direct is None else direct
+        if self.direct and (not local or cache == "host"):
+            raise ValueError("ClipReader(direct=True) reads local shards, without the host cache")
+        self.ring_slots = ring_slots
+        self._index = ChunkIndex({n: codecs.row_bytes(v) for n, v in self.layouts.items()}, LABEL)
 
     # ------------------------------------------------------------ order
     def windows(self, epoch: int) -> list[_Window]:
@@ -202,6 +145,8 @@ class ClipReader:
                         # the next window's copy overlaps this one's steps
                         nxt = self._upload(self._get(q))
                     yield self._batch(cur, j)
+                if cur.get("ring") is not None:  # CPU: the window's host buffer is free again
+                    cur["ring"].give(cur.pop("buf"))
                 if nxt is None and i + 1 < len(wins):
                     nxt = self._upload(self._get(q))
         finally:
@@ -229,18 +174,21 @@ class ClipReader:
     # ------------------------------------------------------------ main thread: device side
     def _upload(self, item) -> dict:
         """Host window -> device window {"t": tensors, "order": rows in training order, "event"}."""
-        kind, win, tensors = item
+        kind, win, tensors, ring, buf = item
         if kind == "cached":  # every clip already on the device: gather from the cache itself
             order = self._to_device(torch.as_tensor(win.canon[win.perm]))
             return {"t": self._dev, "order": order, "event": None, "fill": None}
         perm = torch.as_tensor(win.perm)
         if not self._cuda:
-            return {"t": tensors, "order": perm, "event": None, "fill": win.canon}
+            return {"t": tensors, "order": perm, "event": None, "fill": win.canon, "ring": ring,
+                    "buf": buf}
         with torch.cuda.stream(self._copy_stream):
             t = {k: v.to(self.device, non_blocking=True) for k, v in tensors.items()}
             order = self._to_device(perm)
             event = torch.cuda.Event()
             event.record(self._copy_stream)
+        if ring is not None:  # the buffer is free once the copy is done
+            ring.give(buf, event)
         return {"t": t, "order": order, "event": event, "fill": win.canon}
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -268,6 +216,8 @@ class ClipReader:
         """Reads run ``read_ahead`` row groups ahead; each window's row copies run in parallel on a
         second pool while the next window's reads go on; windows are handed over in order."""
         try:
+            if self.direct:
+                return self._load_direct(wins, q, stop)
             plans, reads = self._plan_reads(wins)
             with ThreadPoolExecutor(self.read_ahead, thread_name_prefix="clip-read") as readers, \
                     ThreadPoolExecutor(self.read_ahead, thread_name_prefix="clip-copy") as copiers:
@@ -275,7 +225,7 @@ class ClipReader:
                 last, stored, pending = None, {}, deque()
                 for win, plan in zip(wins, plans):
                     if plan is None:
-                        pending.append((("cached", win, None), []))
+                        pending.append((("cached", win, None, None, None), []))
                     else:
                         item, copies, last = self._assemble(win, plan, blocks, last, copiers,
                                                             stored)
@@ -284,16 +234,58 @@ class ClipReader:
                         item, copies = pending.popleft()
                         for f in copies:
                             f.result()
-                        while not stop.is_set():
-                            try:
-                                q.put(item, timeout=0.1)
-                                break
-                            except queue.Full:
-                                pass
-                        if stop.is_set():
+                        if not _put(q, item, stop):
                             return
         except BaseException as e:  # noqa: BLE001  (re-raised in the consumer)
             q.put(e)
+
+    def _load_direct(self, wins: list[_Window], q: queue.Queue, stop: threading.Event) -> None:
+        """Each window's rows read in parallel straight into a ring buffer, in order."""
+        ring = BufferRing(self.window, self._shapes(), self.ring_slots, self._cuda)
+        with ThreadPoolExecutor(self.read_ahead, thread_name_prefix="clip-read") as pool:
+            for win in wins:
+                if self.cache == "device" and self._dev_has[win.canon].all():
+                    item = ("cached", win, None, None, None)
+                else:
+                    buf = ring.take(stop)
+                    if buf is None:
+                        return
+                    out = {k: v[:len(win.canon)] for k, v in buf.items()}
+                    for f in [pool.submit(*task) for task in self._direct_tasks(win, out)]:
+                        f.result()
+                    item = ("host", win, out, ring, buf)
+                if not _put(q, item, stop):
+                    return
+
+    def _direct_tasks(self, win: _Window, out: dict) -> Iterator[tuple]:
+        """(fn, *args) reading each part of ``win`` into ``out`` at its offset: direct reads of
+        up to 8 rows of one column each, or pyarrow for a row group that cannot be read so."""
+        off = 0
+        for s, a, z in win.parts:
+            b, lo, _ = self.segs[s]
+            block = self.blocks[b]
+            path = self.store.storage.path(block["path"])
+            rows = np.asarray(block["rows"][lo + a:lo + z])
+            pages = self._index.pages(path, block["rg"])
+            if pages is None:
+                yield self._arrow_part, out, off, s, a, z
+            else:
+                out[LABEL][off:off + len(rows)] = torch.from_numpy(
+                    self._index.labels(path, block["rg"], rows))
+                for n in self.layouts:
+                    for c in range(0, len(rows), 8):
+                        dst = out[n][off + c:off + min(c + 8, len(rows))].numpy()
+                        yield _read_direct, path, pages[n], rows[c:c + 8], dst
+            off += len(rows)
+
+    def _arrow_part(self, out: dict, off: int, s: int, a: int, z: int) -> None:
+        data = self._read_segment(s)
+        self._copy_rows(out, off, data, data["_rows"][a:z])
+
+    def _shapes(self) -> dict:
+        shapes = {k: ((codecs.row_bytes(v),), torch.uint8) for k, v in self.layouts.items()}
+        shapes[LABEL] = ((), torch.int32)
+        return shapes
 
     def _plan_reads(self, wins: list[_Window]) -> tuple[list, list[int]]:
         """Per window None (all on the device) or, per part, "host" (in the host cache), "read" (a
@@ -343,8 +335,7 @@ class ClipReader:
         """The window's clips in read order into pinned host memory: one copy of each row, the
         copies submitted to ``copiers``. Returns (item, copy futures, last segment read)."""
         n = len(win.canon)
-        shapes = {k: ((codecs.row_bytes(v),), torch.uint8) for k, v in self.layouts.items()}
-        shapes[LABEL] = ((), torch.int32)
+        shapes = self._shapes()
         out = {k: torch.empty((n, *s), dtype=d, pin_memory=self._cuda)
                for k, (s, d) in shapes.items()}
         copies, off = [], 0
@@ -361,7 +352,7 @@ class ClipReader:
                 data = last[1]
                 copies.append(copiers.submit(self._copy_rows, out, off, data, data["_rows"][a:z]))
             off += k
-        return ("host", win, out), copies, last
+        return ("host", win, out, None, None), copies, last
 
     @staticmethod
     def _copy_rows(out: dict, off: int, data: dict, rows: torch.Tensor) -> None:
@@ -383,6 +374,25 @@ class ClipReader:
         for name, t in self._host.items():
             torch.index_select(data[name], 0, data["_rows"], out=t[lo:hi])
         self._host_has[lo:hi] = True
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Hand ``item`` over unless ``stop`` is set first; whether it was."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            pass
+    return False
+
+
+def _read_direct(path: str, pages: list, rows: np.ndarray, out: np.ndarray) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        read_rows(fd, pages, rows, out)
+    finally:
+        os.close(fd)
 
 
 def _read_ahead(pool: ThreadPoolExecutor, fn, keys: list, depth: int) -> Iterator:

@@ -36,7 +36,8 @@ from .config import TrainConfig
 from .featurestore import FeatureStore
 from .storage import Storage
 from .train import _TrainModule, build_models, teacher_specs
-from .train_data import ClipReader, resolve_cache
+from .train_data import ClipReader
+from .train_plan import resolve_cache
 from .train_step import (
     Objective,
     finite,

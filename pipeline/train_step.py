@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .train import _TrainModule
-from .train_data import LABEL, ClipReader
+from .train_data import ClipReader
+from .train_plan import LABEL
 
 _log = logging.getLogger(__name__)
 

@@ -4,6 +4,8 @@ an fp8 store decoded by the reader as the host decodes it, within the codec's bo
 it encoded."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -13,13 +15,8 @@ from tiny_features import SPECS, STUDENT, make_tiny_store
 from pipeline import codecs
 from pipeline.featurestore import FeatureStore
 from pipeline.storage import Storage
-from pipeline.train_data import (
-    ClipReader,
-    clip_bytes,
-    plan_blocks,
-    rank_segments,
-    resolve_cache,
-)
+from pipeline.train_data import ClipReader
+from pipeline.train_plan import clip_bytes, plan_blocks, rank_segments, resolve_cache
 
 NAMES = list(SPECS)
 
@@ -41,6 +38,10 @@ def _reader(store, mode, rank, world=2, **kw) -> ClipReader:
 
 def _epochs(reader, n=3, start=0):
     return [list(reader.batches(e, start=start if e == 0 else 0)) for e in range(n)]
+
+
+def _flat(epochs):
+    return [b for e in epochs for b in e]
 
 
 def _same(a, b) -> bool:
@@ -191,3 +192,57 @@ def test_device_cache_on_cuda_matches_streaming_on_cpu(tmp_path, codec):
     for e in range(2):
         got = [{k: v.to(cpu) for k, v in b.items()} for b in on_gpu.batches(e)]
         assert _same(got, ref[e])
+
+
+@pytest.mark.parametrize("codec", [None, "fp8"])
+def test_direct_reads_yield_the_pyarrow_batches(tmp_path, codec):
+    """Rows read straight from the shards into the reader's ring buffers (one preadv per run of
+    rows) = the pyarrow path's batches, tensor for tensor, for every rank, epoch and a mid-epoch
+    start, a shard that mixes splits included; a ring of one buffer gives the same."""
+    store = _store(Storage(str(tmp_path)), codec)
+    for rank in (0, 1):
+        direct = _reader(store, "none", rank)
+        assert direct.direct
+        arrow = _reader(store, "none", rank, direct=False)
+        assert _same(_flat(_epochs(direct)), _flat(_epochs(arrow)))
+        assert _same(list(direct.batches(1, start=2)), list(arrow.batches(1, start=2)))
+        one = _reader(store, "none", rank, ring_slots=1)
+        assert _same(list(one.batches(0)), list(arrow.batches(0)))
+    index = direct._index
+    block = plan_blocks(store, "train")[0]
+    pages = index.pages(store.storage.path(block["path"]), block["rg"])
+    assert pages is not None and set(pages) == set(NAMES)
+
+
+def test_shards_that_cannot_be_read_directly_go_through_pyarrow(tmp_path):
+    """A shard rewritten with zstd (compressed pages) has no direct layout; the reader reads it with
+    pyarrow and its batches stay those of the original store."""
+    store = _store(Storage(str(tmp_path)))
+    want = _epochs(_reader(store, "none", 0, direct=False), 2)
+    path = store.storage.path(plan_blocks(store, "train")[0]["path"])
+    table = pq.read_table(path)
+    pq.write_table(table, path, compression="zstd", row_group_size=6)
+    reader = _reader(store, "none", 0)
+    assert reader.direct and reader._index.pages(path, 0) is None
+    assert _same(_flat(_epochs(reader, 2)), _flat(want))
+
+
+def test_direct_reads_check_each_row_length(tmp_path):
+    """A row whose stored length is not the layout's width fails with an error naming it."""
+    from pipeline.chunk_reads import read_rows
+    store = _store(Storage(str(tmp_path)))
+    block = plan_blocks(store, "train")[0]
+    path = store.storage.path(block["path"])
+    reader = _reader(store, "none", 0)
+    pages = reader._index.pages(path, block["rg"])["student"]
+    width = codecs.row_bytes(store.layouts()["student"])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        out = np.empty((2, width), np.uint8)
+        read_rows(fd, pages, np.array([0, 1]), out)
+        r0, n, off = pages[0]
+        shifted = [(r0, n, off + 4)]  # the lengths now fall inside the values
+        with pytest.raises(ValueError, match=f"not {width}-byte values"):
+            read_rows(fd, shifted, np.array([0, 1]), out)
+    finally:
+        os.close(fd)
