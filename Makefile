@@ -44,7 +44,7 @@ lint: install
 	$(VENV)/bin/ruff check tokconv pipeline tests bench
 
 bench-converters: install
-	$(PY) bench/converters.py
+	$(PY) bench/converters.py cost $(ARGS)
 
 clean:
 	rm -rf runs/smoke .pytest_cache

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind bench/RESULTS.md, one step per argument, on the device host from the
 # repo root, after `source .gpu-bundle/gpu-env.sh .gpu-bundle [--mamba]`:
-#   OUT=/tmp/out bash bench/h200.sh tests profile extract loops converters pipeline-long cold-start
+#   OUT=/tmp/out bash bench/h200.sh tests profile extract loops pipeline-long cold-start converters
 #     (one H200: GPU 0, 16 cores)
 #   OUT=/tmp/out bash bench/h200.sh models decode-types disk scaling   (model variants; 2 GPUs, 32 cores)
 # Videos: VIDEOS (default .bench-videos: 10 s h264 loops of the sample videos at 360p/720p and
@@ -37,7 +37,7 @@ for what in "$@"; do case $what in
     # every test marked gpu; the bundle needs pytest, pluggy, iniconfig and scikit-video wheels
     step gpu-tests "${one_gpu[@]}" python -m pytest -q -rfEs -p no:cacheprovider -o addopts="" \
       tests -m gpu ;;
-  extract)  # the four paths of issue 4 on one GPU (default model settings); keeps the store for `converters`
+  extract)  # the four paths of issue 4 on one GPU (default model settings)
     step extract-1gpu "${one_gpu[@]}" python bench/extract.py --videos "$VIDEOS" --clips "$CLIPS" \
       --clips-per-video 4 --batch-size 32 --cpus 16 --model-batches 32 --keep-store --workdir "$WORK" \
       --out "$OUT/extract-1gpu.json" "${extra[@]}" ;;
@@ -46,11 +46,47 @@ for what in "$@"; do case $what in
     step loops "${one_gpu[@]}" python bench/extract.py --videos "$VIDEOS" --clips "$CLIPS" \
       --clips-per-video 4 --batch-size 32 --cpus 16 --phases loop,loop-old,stock,pipeline \
       --loop-old-clips "${OCLIPS:-384}" --workdir "$WORK-o" --out "$OUT/loops.json" "${extra[@]}" ;;
-  converters)
-    step converters "${one_gpu[@]}" python bench/converters.py \
-      --store "$(ls -d "$WORK"/store-* | tail -1)" --device cuda --dtype bfloat16 --steps 200 \
-      --batch-size 16 --train-clips 512 --eval-clips 128 --latency-batch 32 \
-      --out "$OUT/converters-h200.json" ;;
+  converters)  # issue 18 in one GPU call: the footage store (FOOTAGE: `python bench/footage.py --out
+    # build/footage` on the dev host, carried), then in parallel one quality process per preset
+    # (QPRESETS globs, QEXTRA variants ';'-separated lists of `preset[k=v;k=v]` joined by ' '), the
+    # sweep (SPRESET, split into SGROUPS processes) and torch.compile warm-ups of the CCOMPILE presets
+    # (inductor's cache), each under QTIME s; then the cost alone on the GPU, eager and compiled
+    local_store=${CSTORE:-/tmp/tokconv-conv-store}; name=${CSTORE_NAME:-features-v1}
+    read -ra qpresets <<<"${QPRESETS:-*}"; read -ra qextra <<<"${QEXTRA:-}"
+    read -ra sgroups <<<"${SGROUPS:-0,1,2 3,4,5 6,7}"; cc=${CCOMPILE:-}
+    qargs=(--store "$local_store" --store-name "$name" --steps "${QSTEPS:-2000}")
+    [[ -d $local_store/features/$name ]] || step converters-extract python -m pipeline run \
+      "${CJOB:-jobs/full.yaml}" --stages extract models.weights="${CWEIGHTS:-random}" \
+      sources.manifest="$(realpath "${FOOTAGE:-build/footage}")/manifest.csv" sources.labels=manifest \
+      storage.url="$local_store" decode.clips_per_video=1 models.compile=[] \
+      extract.compile_cache=null ${CJOB_ARGS:-}
+    pids=(); i=0; rm -f /tmp/conv-[qsw]*
+    for p in "${qpresets[@]}" "${qextra[@]}"; do
+      if [[ $p == *"["* ]]; then sel=(--presets "" --extra "$p" --no-floor); else sel=(--presets "$p"); fi
+      [[ $i -gt 0 && $p != *"["* ]] && sel+=(--no-floor)
+      timeout "${QTIME:-330}" python bench/converters.py quality "${qargs[@]}" "${sel[@]}" \
+        --out "/tmp/conv-q$i.json" >"/tmp/conv-q$i.log" 2>&1 & pids+=($!); i=$((i + 1))
+    done
+    for g in "${!sgroups[@]}"; do
+      timeout "${QTIME:-330}" python bench/converters.py sweep "${qargs[@]}" --steps "${SSTEPS:-400}" \
+        --preset "${SPRESET:-convmix_small}" --settings "${sgroups[$g]}" --out "/tmp/conv-s$g.json" \
+        >"/tmp/conv-s$g.log" 2>&1 & pids+=($!)
+    done
+    if [[ -n $cc ]]; then
+      IFS=, read -ra ccs <<<"$cc"
+      for c in "${ccs[@]}"; do  # warm-ups: timings thrown away, kernels kept in inductor's cache
+        timeout "${QTIME:-330}" python bench/converters.py cost --presets "$c" --compile "$c" \
+          --iters 1 --student-iters 1 --device "${CDEVICE:-cuda}" >"/tmp/conv-w-$c.log" 2>&1 &
+        pids+=($!)
+      done
+    fi
+    wait "${pids[@]}"
+    { tail -n 4 /tmp/conv-q*.log /tmp/conv-s*.log /tmp/conv-w-*.log
+      python bench/converters.py merge quality /tmp/conv-q*.json --out "$OUT/converters-quality.json"
+      python bench/converters.py merge sweep /tmp/conv-s*.json --out "$OUT/converters-sweep.json"
+    } >"$OUT/converters-train.log" 2>&1; tail -n 40 "$OUT/converters-train.log"
+    step converters-cost python bench/converters.py cost --compile "$cc" --device "${CDEVICE:-cuda}" \
+      --iters "${CITERS:-20}" ${CCOST_ARGS:-} --out "$OUT/converters-cost.json" ;;
   scaling)  # same per-GPU resources (16 cores each): 1 GPU vs 2 GPUs, pipeline end to end
     step scaling-2gpu python bench/extract.py --videos "$VIDEOS" --clips $((2 * PCLIPS)) --clips-per-video 4 \
       --batch-size 32 --cpus 32 --num-gpus 2 --phases decode,pipeline --workdir "$WORK-2" \

@@ -179,7 +179,7 @@ def test_tokenlearner_summaries_are_softmax_weighted_sums_of_the_tokens():
     model = create_converter("tokenlearner_small", student=TINY_STUDENT,
                              targets=TINY_TARGETS).double().eval()
     x = torch.randn(2, TINY_STUDENT.tokens, TINY_STUDENT.dim, dtype=torch.float64)
-    z, _ = model.encode(x)
+    z, _, _ = model.encode(x)
     h = model.in_proj(model.in_norm(x)) + model.in_pos(TINY_STUDENT.grid)
     w = model.select(model.select_norm(h)).softmax(dim=1)            # (B, Ns, K): over the tokens
     expect = torch.einsum("bnk,bnd->bkd", w, h)
@@ -188,6 +188,26 @@ def test_tokenlearner_summaries_are_softmax_weighted_sums_of_the_tokens():
     torch.testing.assert_close(z, expect)
     torch.testing.assert_close(model.selection_weights(h).sum(-1),
                                torch.ones(2, w.shape[-1], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["perceiver_small", "tokenlearner_small"])
+def test_output_skip_adds_a_resampled_linear_map_of_the_normalised_student(name):
+    torch.manual_seed(0)
+    model = create_converter(name, student=TINY_STUDENT, targets=TINY_TARGETS).double().eval()
+    assert sorted(model.skip) == ["12", "16", "20"]              # one map per target width
+    x = torch.randn(2, TINY_STUDENT.tokens, TINY_STUDENT.dim, dtype=torch.float64)
+    with torch.no_grad():
+        out = model.forward_all(x)
+        xn = model.in_norm(x)
+        skips = {n: model.resample[n](model.skip[str(s.dim)](xn))
+                 for n, s in TINY_TARGETS.items()}
+        model.skip = None
+        plain = model.forward_all(x)
+    for n in TINY_TARGETS:
+        assert skips[n].abs().max() > 1e-3
+        torch.testing.assert_close(out[n], plain[n] + skips[n])
+    lowrank = create_converter(name, student=TINY_STUDENT, targets=TINY_TARGETS, rank=4)
+    assert all(m.rank == 4 for m in lowrank.skip.values())      # the deficiency bottleneck too
 
 
 def test_bad_constructor_arguments_name_the_input():

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from ..deficiency import LowRankLinear, mask_tokens, nuclear_norm
-from ..layers import GridResample
+from ..layers import GridResample, make_projection
 from ..targets import STUDENT, TEACHERS, TargetSpec, specs_to_dict
 
 
@@ -139,13 +139,35 @@ class QueryDecodeMixin:
     (memory (B, M, d_mem), local (B, Ns, d)): each target token's query is its coordinate query
     + the target embedding + ``local`` resampled to its position (mean-pooled for a global
     target), so the decoder adds global context to what the student says at that place
-    (Perceiver IO's content-carrying output queries)."""
+    (Perceiver IO's content-carrying output queries). The state's third part (``skip_paths``,
+    or None) adds a full-width linear map of the student, resampled, to every output."""
 
     def decode(self, state, name: str) -> torch.Tensor:
-        memory, local = state
+        memory, local, skip = state
         grid = self.targets[name].grid
         q = self.queries(grid) + self.target_embed[name] + self.resample[name](local)
-        return self.out[name](self.decoder(q, memory))                       # (B, Nt, Dt)
+        out = self.out[name](self.decoder(q, memory))                        # (B, Nt, Dt)
+        if skip is not None:
+            out = out + self.resample[name](skip[str(self.targets[name].dim)])
+        return out
+
+    def skip_paths(self, x: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """Normalised student tokens (B, Ns, Ds) -> {str(Dt): (B, Ns, Dt)} through ``skip``, one
+        map per target width, shared by the targets of that width; None without ``skip``."""
+        if self.skip is None:
+            return None
+        return {d: proj(x) for d, proj in self.skip.items()}
+
+
+def skip_projections(student_dim: int, targets: dict[str, TargetSpec], rank: int | None,
+                     enabled: bool) -> nn.ModuleDict | None:
+    """The query decoders' output skip: Ds -> Dt per distinct target width (low rank with
+    ``rank``), so a full-width linear map of the student reaches every output (the design
+    document's output alignment affine); its resampled result is added to the decoder's."""
+    if not enabled:
+        return None
+    return nn.ModuleDict({str(d): make_projection(student_dim, d, rank=rank)
+                          for d in sorted({s.dim for s in targets.values()})})
 
 
 class TargetOutput(nn.Module):

@@ -10,6 +10,8 @@
          to the summaries, at width ``d_dec`` (default d)               (B, Nt, d_dec)
       -> per-target output affine                                       (B, Nt, Dt)
 
+With ``skip`` (the presets) a shared full-width linear map of the normalised student is
+resampled to each target grid and added to the output (as in perceiver.py).
 The normalised entropy of each summary's selection weights over the student tokens is recorded
 as the "selection" regulariser (low entropy = each summary picks few tokens).
 """
@@ -27,6 +29,7 @@ from .base import (
     QueryDecodeMixin,
     build_preset,
     param_budget,
+    skip_projections,
     target_embeddings,
     target_outputs,
 )
@@ -38,7 +41,8 @@ class TokenLearnerConverter(QueryDecodeMixin, Converter):
                  num_tokens: int = 256, select_hidden: int = 256, depth: int = 1,
                  heads: int = 6, mlp_ratio: float = 2.0, d_dec: int | None = None,
                  dec_heads: int | None = None, dec_mlp_ratio: float = 1.0,
-                 query_hidden: int = 256, pos_hidden: int = 128, drop_path: float = 0.0):
+                 query_hidden: int = 256, pos_hidden: int = 128, drop_path: float = 0.0,
+                 skip: bool = False):
         super().__init__(student=student, targets=targets, rank=rank, mask_ratio=mask_ratio)
         self.in_norm = nn.LayerNorm(student.dim)
         self.in_proj = make_projection(student.dim, dim, rank=rank)
@@ -55,6 +59,7 @@ class TokenLearnerConverter(QueryDecodeMixin, Converter):
         self.decoder = AttentionBlock(dim=d_dec, kv_dim=dim, num_heads=dec_heads or heads,
                                       mlp_ratio=dec_mlp_ratio)
         self.out = target_outputs(d_dec, self.targets)
+        self.skip = skip_projections(student.dim, self.targets, rank, skip)
 
     def selection_weights(self, h: torch.Tensor) -> torch.Tensor:
         """(B, Ns, d) embedded tokens -> (B, K, Ns) weights, softmax over the tokens."""
@@ -63,30 +68,35 @@ class TokenLearnerConverter(QueryDecodeMixin, Converter):
         return self.select(self.select_norm(h)).transpose(1, 2).softmax(dim=-1)
 
     def encode(self, x: torch.Tensor):
-        """-> (summaries (B, K, d), local (B, Ns, d))."""
-        h = self.in_proj(self.in_norm(x)) + self.in_pos(self.student.grid)   # (B, Ns, d)
+        """-> (summaries (B, K, d), local (B, Ns, d_dec), skip_paths or None)."""
+        xn = self.in_norm(x)
+        h = self.in_proj(xn) + self.in_pos(self.student.grid)   # (B, Ns, d)
         w = self.selection_weights(h)                                         # (B, K, Ns)
         self.add_regulariser("selection", selection_penalty(w, "entropy", dim=-1))
         z = w @ h                                                             # (B, K, d)
         for blk in self.blocks:
             z = blk(z)
-        return z, self.local(h)
+        return z, self.local(h), self.skip_paths(xn)
 
 
 @register_converter
 @param_budget(3.0e6, 4.0e6)
 def tokenlearner_base(*, student: TargetSpec = STUDENT, targets=None, **kwargs) -> Converter:
-    """~3.8M params: K=256 summaries of width 384, one summary self-attention block."""
+    """~3.8M params: K=256 summaries of width 384, one summary self-attention block, decode
+    width 256, the output skip."""
     return build_preset(TokenLearnerConverter, "tokenlearner_base", student=student,
-                        targets=targets, defaults={"dim": 384, "num_tokens": 256, "depth": 1},
+                        targets=targets, defaults={"dim": 384, "num_tokens": 256, "depth": 1,
+                                                   "d_dec": 256, "dec_heads": 4, "skip": True},
                         overrides=kwargs)
 
 
 @register_converter
 @param_budget(1.5e6, 2.5e6)
 def tokenlearner_small(*, student: TargetSpec = STUDENT, targets=None, **kwargs) -> Converter:
-    """~2.0M params: K=128 summaries of width 256, one summary self-attention block."""
+    """~2.3M params: K=128 summaries of width 256, one summary self-attention block, decode
+    width 160, the output skip."""
     return build_preset(TokenLearnerConverter, "tokenlearner_small", student=student,
                         targets=targets, defaults={"dim": 256, "num_tokens": 128, "depth": 1,
-                                                   "heads": 4, "select_hidden": 192},
+                                                   "heads": 4, "select_hidden": 128, "d_dec": 160,
+                                                   "dec_heads": 4, "skip": True},
                         overrides=kwargs)
