@@ -12,7 +12,7 @@ import torch
 
 from pipeline.artifacts import stats_tensors
 from pipeline.storage import utc_now
-from pipeline.train_data import LABEL
+from pipeline.train_plan import LABEL
 from tokconv import STUDENT, TEACHERS, TargetSpec, create_converter, list_converters
 
 BASELINE = "baseline_interp_linear"
