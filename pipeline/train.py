@@ -4,8 +4,9 @@ residual classification head on the feature store.
 ``run_train(job, storage)`` (the CLI's entry) unpacks the job into ``train_stage(tc: TrainConfig,
 storage, *, store: FeatureStore, registry: ModelRegistry, run_dir: "runs/<job>")``: the stage
 reads only its own sub-config. The per-worker loop is ``pipeline.train_loop`` (data path:
-``pipeline.train_data``); this module holds the model pieces, the driver and the Ray Train
-wiring. Layout under the storage root (model directories: ``pipeline.artifacts``)::
+``pipeline.train_data``; the worker's entry: ``pipeline.train_worker``); this module holds the
+model pieces, the driver and the Ray Train wiring. Layout under the storage root (model
+directories: ``pipeline.artifacts``)::
 
     runs/<job>/train/<job>-<NNN>/    one training run (Ray Train's run directory)
         run.json                     settings a resume must share (written before training)
@@ -25,6 +26,7 @@ records after its checkpoint's step; ``pipeline.report.trainlog`` reads it)::
 
     {"kind": "step", "step", "epoch", "time" (unix s), "loss", "loss.<target>", "loss.head",
      "reg.<name>", "w.<name>", "lr", "grad_norm", "clips_per_s", "data_wait_frac"}
+        (a worker's first step after a start also has "start.<phase>": unix times of its start-up)
     {"kind": "val", "step", "epoch", "val.<target>.cosine", "val.<target>.r2",
      "val.top1" (or null), "val.mean_cosine"}
 
@@ -260,6 +262,7 @@ def train_stage(tc: TrainConfig, storage: Storage, *, store: FeatureStore,
     from .train_worker import train_loop_per_worker
 
     t_start = time.time()
+    _start_coordinator()
     num_workers = resolve_num_workers(tc)
     config = worker_config(tc, storage, store=store, registry=registry, run_rel="")
     specs, class_names = specs_from_dict(config["specs"]), config["class_names"]
@@ -335,6 +338,19 @@ def train_stage(tc: TrainConfig, storage: Storage, *, store: FeatureStore,
     print(f"[train] done: loss {metrics.get('loss')}, {summary['clips_per_s'] or 0:.1f} clips/s, "
           f"checkpoint {summary['checkpoint']}", flush=True)
     return summary
+
+
+def _start_coordinator() -> None:
+    """Start Ray's autoscaling coordinator (a detached actor the Train controller's first call
+    waits for, ~2 s of process start) now, while the driver plans the run; its get-or-create is
+    the one the controller calls. A Ray without it: nothing to do."""
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+    except ImportError:
+        return
+    get_or_create_autoscaling_coordinator()
 
 
 def _check_validation(tc: TrainConfig, targets: list[str], n_val: int) -> None:
