@@ -197,7 +197,8 @@ RAY_EVENTS = {"Attempting to start training worker group": "worker group start a
               "Train context initialized": "train context initialized",
               "after_worker_group_start callbacks": "process group set up (callbacks)",
               "Train function launched": "train function launched"}
-WORKER_EVENTS = {"process": "worker process started", "entry": "train function entered",
+WORKER_EVENTS = {"process": "worker process started (Ray may hand over an idle one)",
+                 "entry": "train function entered",
                  "imports": "training modules imported", "reader": "first window read started",
                  "models": "models built, on the device", "ddp": "DDP ready",
                  "ready": "optimiser, log, validation reader ready",
