@@ -181,29 +181,68 @@ def job_for(args, storage: Storage, name: str, cache: str, epochs: int) -> JobCo
 
 
 def stage(args, storage, name, cache, epochs) -> dict:
-    """(c)/(d): the train stage under Ray Train; with Ray Train's own start-up phases (its DEBUG
-    log) and the stage summary's own rate (first step to last checkpoint)."""
+    """(c)/(d): the train stage under Ray Train; with the stage summary's own rate (first step to
+    last checkpoint) and where its time to the first step went (``startup``)."""
     from pipeline.train import run_train
     s = run_train(job_for(args, storage, name, cache, epochs), storage)
     rates = log_rates(storage, s["metrics_log"], s["started"], args.train_clips, args.batch_size)
+    events, lines = startup_events(storage, s)
     return {**rates, "cache": cache, "summary_clips_per_s": s["clips_per_s"],
-            "ray_train_startup": ray_train_startup(s["run_name"])}
+            "startup": events, "ray_train_startup": lines}
 
 
-def ray_train_startup(run_name: str) -> list[str]:
-    """The controller's "[Worker Group Initialization] ... in N s" lines for ``run_name``."""
+# the controller's lines that mark a phase of the worker group's start (Ray Train's DEBUG log)
+RAY_EVENTS = {"Attempting to start training worker group": "worker group start asked",
+              "worker actors created": "worker actors created",
+              "Train context initialized": "train context initialized",
+              "after_worker_group_start callbacks": "process group set up (callbacks)",
+              "Train function launched": "train function launched"}
+WORKER_EVENTS = {"process": "worker process started (Ray may hand over an idle one)",
+                 "entry": "train function entered",
+                 "imports": "training modules imported", "reader": "first window read started",
+                 "models": "models built, on the device", "ddp": "DDP ready",
+                 "ready": "optimiser, log, validation reader ready",
+                 "first_batch": "first batch in"}
+
+
+def startup_events(storage: Storage, s: dict) -> tuple[list, list[str]]:
+    """[(what, seconds after the stage started)] in time order, from the driver's summary, the
+    controller's log (first record: the controller is up) and rank 0's first step record, up to
+    that step's end; and the controller's "[Worker Group Initialization] ... in N s" lines."""
     import glob
 
     import ray
+    t0 = s["started"]
+    ev = {"stage started (driver)": t0, "trainer.fit called": s["fit_called"]}
     logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs", "train")
-    out = []
+    lines = []
     for path in glob.glob(os.path.join(logs, "ray-train-sys-controller-*.log")):
         with open(path) as f:
-            for line in f:
-                rec = json.loads(line)
-                if rec.get("run_name") == run_name and "Initialization]" in rec["message"]:
-                    out.append(rec["message"].split("\n")[0])
-    return out
+            recs = [r for r in map(json.loads, f) if r.get("run_name") == s["run_name"]]
+        for r in recs:
+            t = r["timestamp_ns"] / 1e9
+            ev.setdefault("controller up (first log record)", t)
+            for key, what in RAY_EVENTS.items():
+                if key in r["message"]:
+                    ev.setdefault(what, t)
+            if "Initialization]" in r["message"]:
+                lines.append(r["message"].split("\n")[0])
+    recs = [json.loads(x) for x in storage.read_bytes(s["metrics_log"]).decode().splitlines()]
+    first = next(r for r in recs if r["kind"] == "step")
+    for key, what in WORKER_EVENTS.items():
+        if f"start.{key}" in first:
+            ev[what] = first[f"start.{key}"]
+    ev["first step done"] = first["time"]
+    return sorted(((k, round(v - t0, 3)) for k, v in ev.items()), key=lambda kv: kv[1]), lines
+
+
+def print_startup(name: str, events: list) -> None:
+    print(f"{name}: time to the first step, phase by phase (s after the stage started, +since the "
+          f"previous)")
+    last = 0.0
+    for what, t in events:
+        print(f"  {t:7.2f}  +{t - last:6.2f}  {what}")
+        last = t
 
 
 def torchrun(args, storage, name, cache, epochs) -> dict:
@@ -324,6 +363,8 @@ def main() -> None:
     for k in ("c_stage_streamed", "d_stage_cached", "e_torchrun_cached"):
         if k in res:
             print(f"{k}: first step after {res[k]['first_step_s']:.1f} s (goal <= 20 s)")
+            if "startup" in res[k]:
+                print_startup(k, res[k]["startup"])
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=1, default=str))

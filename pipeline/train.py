@@ -4,8 +4,9 @@ residual classification head on the feature store.
 ``run_train(job, storage)`` (the CLI's entry) unpacks the job into ``train_stage(tc: TrainConfig,
 storage, *, store: FeatureStore, registry: ModelRegistry, run_dir: "runs/<job>")``: the stage
 reads only its own sub-config. The per-worker loop is ``pipeline.train_loop`` (data path:
-``pipeline.train_data``); this module holds the model pieces, the driver and the Ray Train
-wiring. Layout under the storage root (model directories: ``pipeline.artifacts``)::
+``pipeline.train_data``; the worker's entry: ``pipeline.train_worker``); this module holds the
+model pieces, the driver and the Ray Train wiring. Layout under the storage root (model
+directories: ``pipeline.artifacts``)::
 
     runs/<job>/train/<job>-<NNN>/    one training run (Ray Train's run directory)
         run.json                     settings a resume must share (written before training)
@@ -25,6 +26,7 @@ records after its checkpoint's step; ``pipeline.report.trainlog`` reads it)::
 
     {"kind": "step", "step", "epoch", "time" (unix s), "loss", "loss.<target>", "loss.head",
      "reg.<name>", "w.<name>", "lr", "grad_norm", "clips_per_s", "data_wait_frac"}
+        (a worker's first step after a start also has "start.<phase>": unix times of its start-up)
     {"kind": "val", "step", "epoch", "val.<target>.cosine", "val.<target>.r2",
      "val.top1" (or null), "val.mean_cosine"}
 
@@ -151,39 +153,6 @@ def _warm_start_version(registry: ModelRegistry, converter, head) -> str | None:
 
 # ---------------------------------------------------------------- Ray Train wiring
 
-class _RaySession:
-    """``pipeline.train_loop``'s view of Ray Train: rank, device, last checkpoint, report."""
-
-    def __init__(self):
-        import ray.train
-        import ray.train.torch
-        ctx = ray.train.get_context()
-        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
-        self.local_world_size = ctx.get_local_world_size()
-        self.device = ray.train.torch.get_device()
-
-    def restore(self) -> dict | None:
-        import ray.train
-
-        from .train_loop import load_state
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return None
-        with ckpt.as_directory() as d:
-            return load_state(d)
-
-    def report(self, metrics: dict, directory: str | None, name: str) -> None:
-        import ray.train
-        ckpt = ray.train.Checkpoint.from_directory(directory) if directory else None
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
-
-
-def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker; ``config`` is plain data (``worker_config``)."""
-    from .train_loop import run_worker
-    run_worker(config, _RaySession())
-
-
 def resolve_num_workers(tc: TrainConfig) -> int:
     """``train.num_workers`` (auto: one per GPU with use_gpu, else one per node), checked against
     what the cluster can ever hold: the autoscaler's maximum when it publishes one, else the
@@ -290,7 +259,10 @@ def train_stage(tc: TrainConfig, storage: Storage, *, store: FeatureStore,
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from .train_worker import train_loop_per_worker
+
     t_start = time.time()
+    _start_coordinator()
     num_workers = resolve_num_workers(tc)
     config = worker_config(tc, storage, store=store, registry=registry, run_rel="")
     specs, class_names = specs_from_dict(config["specs"]), config["class_names"]
@@ -334,6 +306,7 @@ def train_stage(tc: TrainConfig, storage: Storage, *, store: FeatureStore,
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=tc.use_gpu,
                                                resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=run_config)
+    t_fit = time.time()
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} finished without a checkpoint")
@@ -355,7 +328,7 @@ def train_stage(tc: TrainConfig, storage: Storage, *, store: FeatureStore,
         "head_params": sum(p.numel() for p in head.parameters()) if head is not None else 0,
         "class_names": class_names, "train_clips": n_train, "val_clips": n_val,
         "num_workers": num_workers, "warm_start": warm, "specs": specs_to_dict(specs),
-        "started": t_start,
+        "started": t_start, "fit_called": t_fit,
     }
     storage.write_json(posixpath.join(run_rel, "result.json"), summary)
     pointer = write_trained(storage, run_dir, summary)
@@ -365,6 +338,19 @@ def train_stage(tc: TrainConfig, storage: Storage, *, store: FeatureStore,
     print(f"[train] done: loss {metrics.get('loss')}, {summary['clips_per_s'] or 0:.1f} clips/s, "
           f"checkpoint {summary['checkpoint']}", flush=True)
     return summary
+
+
+def _start_coordinator() -> None:
+    """Start Ray's autoscaling coordinator (a detached actor the Train controller's first call
+    waits for, ~2 s of process start) now, while the driver plans the run; its get-or-create is
+    the one the controller calls. A Ray without it: nothing to do."""
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+    except ImportError:
+        return
+    get_or_create_autoscaling_coordinator()
 
 
 def _check_validation(tc: TrainConfig, targets: list[str], n_val: int) -> None:

@@ -125,38 +125,32 @@ class ClipReader:
                 for p, c in out]
 
     # ------------------------------------------------------------ batches
-    def batches(self, epoch: int, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """Batches ``start``.. of ``epoch`` (a resume passes the position it stopped at)."""
+    def batches(self, epoch: int, start: int = 0) -> _Batches:
+        """Batches ``start``.. of ``epoch`` (a resume passes the position it stopped at). Reading
+        starts at the call, not at the first ``next``: a worker asks before building its model."""
         per_window = self.window // self.batch_size
         wins = self.windows(epoch)[start // per_window:]
-        skip = start % per_window
         q: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
         loader = threading.Thread(target=self._load, args=(wins, q, stop), daemon=True,
                                   name="clip-loader")
         loader.start()
-        try:
-            nxt = self._upload(self._get(q)) if wins else None
-            for i, win in enumerate(wins):
-                cur, nxt = self._ready(nxt), None
-                n_b = -(-len(win.perm) // self.batch_size)
-                for j in range(skip if i == 0 else 0, n_b):
-                    if nxt is None and i + 1 < len(wins) and not q.empty():
-                        # the next window's copy overlaps this one's steps
-                        nxt = self._upload(self._get(q))
-                    yield self._batch(cur, j)
-                if cur.get("ring") is not None:  # CPU: the window's host buffer is free again
-                    cur["ring"].give(cur.pop("buf"))
-                if nxt is None and i + 1 < len(wins):
+        return _Batches(self._yield(wins, start % per_window, q), q, stop, loader)
+
+    def _yield(self, wins: list[_Window], skip: int, q: queue.Queue) -> Iterator[dict]:
+        nxt = self._upload(self._get(q)) if wins else None
+        for i, win in enumerate(wins):
+            cur, nxt = self._ready(nxt), None
+            n_b = -(-len(win.perm) // self.batch_size)
+            for j in range(skip if i == 0 else 0, n_b):
+                if nxt is None and i + 1 < len(wins) and not q.empty():
+                    # the next window's copy overlaps this one's steps
                     nxt = self._upload(self._get(q))
-        finally:
-            stop.set()
-            while loader.is_alive():
-                try:
-                    q.get(timeout=0.1)
-                except queue.Empty:
-                    pass
-            loader.join()
+                yield self._batch(cur, j)
+            if cur.get("ring") is not None:  # CPU: the window's host buffer is free again
+                cur["ring"].give(cur.pop("buf"))
+            if nxt is None and i + 1 < len(wins):
+                nxt = self._upload(self._get(q))
 
     @staticmethod
     def _get(q: queue.Queue):
@@ -374,6 +368,37 @@ class ClipReader:
         for name, t in self._host.items():
             torch.index_select(data[name], 0, data["_rows"], out=t[lo:hi])
         self._host_has[lo:hi] = True
+
+
+class _Batches:
+    """An epoch's batches (an iterator) with its loader thread, stopped at the end, at ``close()``
+    or when dropped."""
+
+    def __init__(self, gen: Iterator[dict], q: queue.Queue, stop: threading.Event,
+                 loader: threading.Thread):
+        self.gen, self.q, self.stop, self.loader = gen, q, stop, loader
+
+    def __iter__(self) -> _Batches:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        try:
+            return next(self.gen)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self.gen.close()
+        self.stop.set()
+        while self.loader.is_alive():
+            try:
+                self.q.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        self.loader.join()
+
+    __del__ = close
 
 
 def _put(q: queue.Queue, item, stop: threading.Event) -> bool:

@@ -162,11 +162,13 @@ class Progress:
     train_seconds: float = 0.0         # first step to last checkpoint, restarts' lost work excluded
 
 
-def run_worker(cfg: dict, session) -> None:
+def run_worker(cfg: dict, session, started: dict | None = None) -> None:
     """Train on this rank; ``cfg`` is plain data (``pipeline.train.worker_config``), ``session``
     gives rank / world / device, ``restore() -> train state | None`` and ``report(metrics, dir,
-    name)``."""
+    name)``. ``started``: unix times of the worker's start-up so far (``pipeline.train_worker``);
+    rank 0 logs them with the later ones on its first step record as ``start.<phase>``."""
     t_enter = time.perf_counter()
+    started = {**(started or {}), "loop": time.time()}
     tc = TrainConfig.model_validate(cfg["train"])
     storage = Storage(cfg["storage_url"], cfg["storage_options"])
     store = FeatureStore(storage, cfg["store"])
@@ -177,26 +179,10 @@ def run_worker(cfg: dict, session) -> None:
         torch.cuda.set_device(device)
     bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
 
-    torch.manual_seed(tc.seed)  # same init on every rank
-    converter, head = build_models(tc, specs, cfg["num_classes"])
-    module = _TrainModule(converter=converter, head=head)
     state = session.restore()
     prog = Progress(**state["progress"]) if state else Progress()
-    if state:
-        module.load_state_dict(state["model"])
-        prog.resumed_from_step = prog.step
-    elif cfg.get("warm_start_version"):
-        with tempfile.TemporaryDirectory() as d:
-            ModelRegistry(storage, cfg["model_name"]).download(cfg["warm_start_version"], d)
-            load_weights(module.converter, module.head, d)
-        prog.warm_started_from = cfg["warm_start_version"]
     if prog.finished:
         return
-    module.to(device)
-    t_model = time.perf_counter() - t_enter
-    model = wrap_ddp(module, device, world, (specs["student"].tokens, specs["student"].dim))
-    params = [p for p in module.parameters() if p.requires_grad]
-
     names = ["student", *targets]
     local = getattr(session, "local_world_size", 1)
     layouts = {n: store.layouts()[n] for n in names}
@@ -205,6 +191,28 @@ def run_worker(cfg: dict, session) -> None:
                         batch_size=tc.batch_size, device=device, seed=tc.seed,
                         window=tc.shuffle_window, read_ahead=tc.read_ahead,
                         cache=resolve_cache(tc.cache, n_rank, layouts, device, local))
+    # the first window reads while the model is built, loaded and wrapped
+    first = reader.batches(prog.epoch, start=prog.pos) if prog.epoch < tc.epochs else None
+    started["reader"] = time.time()
+
+    torch.manual_seed(tc.seed)  # same init on every rank
+    converter, head = build_models(tc, specs, cfg["num_classes"])
+    module = _TrainModule(converter=converter, head=head)
+    if state:
+        module.load_state_dict(state["model"])
+        prog.resumed_from_step = prog.step
+    elif cfg.get("warm_start_version"):
+        with tempfile.TemporaryDirectory() as d:
+            ModelRegistry(storage, cfg["model_name"]).download(cfg["warm_start_version"], d)
+            load_weights(module.converter, module.head, d)
+        prog.warm_started_from = cfg["warm_start_version"]
+    module.to(device)
+    t_model = time.perf_counter() - t_enter
+    started["models"] = time.time()
+    model = wrap_ddp(module, device, world, (specs["student"].tokens, specs["student"].dim))
+    started["ddp"] = time.time()
+    params = [p for p in module.parameters() if p.requires_grad]
+
     val = None
     if rank == 0 and cfg["val_blocks"]:
         n_val = sum(len(b["rows"]) for b in cfg["val_blocks"])
@@ -285,7 +293,7 @@ def run_worker(cfg: dict, session) -> None:
         model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         stop = False
-        batches = reader.batches(prog.epoch, start=prog.pos)
+        batches, first = first or reader.batches(prog.epoch, start=prog.pos), None
         try:
             while not stop:
                 t0 = time.perf_counter()
@@ -295,10 +303,14 @@ def run_worker(cfg: dict, session) -> None:
                 t1 = time.perf_counter()
                 if t_enter is not None:  # where a worker's start-up went
                     clock["since"] = t0
+                    unix = time.time() - time.perf_counter()
+                    started.update(ready=unix + t0, first_batch=unix + t1)
                     if rank == 0:
                         _log.info("[train] rank 0: first batch %.1f s after the loop started "
                                   "(models on the device %.1f s)", t1 - t_enter, t_model)
                     t_enter = None
+                else:
+                    started = {}
                 seed_step(tc.seed, rank, prog.step)
                 weights = objective.weights(prog.step)
                 loss, terms, grad_norm = step_once(model, objective, optimizer, params, batch,
@@ -314,7 +326,8 @@ def run_worker(cfg: dict, session) -> None:
                               "time": time.time(), "lr": lr,
                               **{f"w.{k}": v for k, v in weights.items() if f"reg.{k}" in terms},
                               "clips_per_s": batch["student"].shape[0] * world / dt,
-                              "data_wait_frac": (t1 - t0) / dt},
+                              "data_wait_frac": (t1 - t0) / dt,
+                              **{f"start.{k}": v for k, v in started.items() if v is not None}},
                              {"loss": loss, **terms, "grad_norm": grad_norm})
                     if prog.step % tc.log_every_steps == 0:
                         log.flush()

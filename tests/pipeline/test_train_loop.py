@@ -27,6 +27,7 @@ from pipeline.train_loop import LocalSession, MetricsLog, load_state, run_worker
 from tokconv.targets import TargetSpec
 
 TARGETS = ("videomae", "timesformer", "vivit")
+START_PHASES = ("loop", "reader", "models", "ddp", "ready", "first_batch")
 STEP_KEYS = {"kind", "step", "epoch", "time", "loss", *(f"loss.{t}" for t in TARGETS),
              "loss.head", "lr", "grad_norm", "clips_per_s", "data_wait_frac"}
 
@@ -116,8 +117,14 @@ def test_metrics_log_and_validation_records(storage, tmp_path):
     steps = [r for r in records if r["kind"] == "step"]
     vals = [r for r in records if r["kind"] == "val"]
     assert [r["step"] for r in steps] == list(range(1, 10))
+    # the first step carries the worker's start-up, phase by phase, in time order up to its end
+    start = {k: v for k, v in steps[0].items() if k.startswith("start.")}
+    assert list(start) == [f"start.{k}" for k in START_PHASES], sorted(start)
+    assert list(start.values()) == sorted(start.values()) and start["start.first_batch"] <= \
+        steps[0]["time"]
     for r in steps:
-        assert set(r) == STEP_KEYS | {"reg.nuclear", "w.nuclear"}, sorted(r)
+        assert set(r) - set(start) == STEP_KEYS | {"reg.nuclear", "w.nuclear"}, sorted(r)
+        assert r is steps[0] or not set(r) & set(start)
         assert r["epoch"] == (r["step"] - 1) // 3 and 0.0 <= r["data_wait_frac"] <= 1.0
         assert r["clips_per_s"] > 0
         assert all(np.isfinite(r[k]) for k in r if k != "kind")
