@@ -14,18 +14,23 @@ run, raw first as the reference:
   token cosine against the raw values; and the **scale granularity** the codecs chose (one scale
   per clip and channel) against one per token and one per clip, in standardised units;
 * **the train stage's streamed clips/s** and **converter fidelity on held-out sources**: the job's
-  train stage on the codec's store, then its evaluate stage on the RAW store's held-out split (the
-  same targets for every codec), with the same job, preset and budget for every codec (one
-  function, ``train_and_evaluate``; ``train.cache=none`` unless overridden, so every epoch
-  streams from the store).
+  train stage on the codec's store, then the evaluate stage's scoring (``score_run``, in this
+  process: no floor) on the RAW store's held-out split (the same targets for every codec), with
+  the same job, preset and budget for every codec (one function, ``train_and_evaluate``;
+  ``train.cache=none`` unless overridden, so every epoch streams from the store).
+
+Results are written to ``--out`` after each codec (a run cut short keeps what it measured).
 
 Goals (issue 15), checked in the last table: bytes <= 0.5x raw, mean cosine within 0.5% of raw
 (relative), train clips/s >= 0.8 x the byte ratio's inverse. The store's held-out split must be
 held out by source footage (e.g. a manifest from bench/footage.py), not copies of one video.
 
-H200 (a store extracted with full-size random-weight models):
-    python bench/codecs.py jobs/bench.yaml --codecs fp8,int8 --device cuda --reencode-device cuda \\
-        --train-overrides train.use_gpu=true train.num_workers=1 --out bench/results/codecs.json
+H200 (a store extracted with full-size random-weight models from held-out-by-source footage,
+``python bench/footage.py --out build/footage`` first): ``bash bench/h200.sh codecs``, i.e.
+    python bench/codecs.py jobs/full.yaml storage.url=/tmp/codecs models.weights=random \\
+        sources.manifest=build/footage/manifest.csv sources.labels=manifest \\
+        decode.clips_per_video=1 models.compile=[] --extract --codecs fp8z,fp8,int8 \\
+        --device cuda --reencode-device cuda --train-overrides train.num_workers=1 --out OUT.json
 CPU dry run (the smoke job's tiny models; extracts first):
     python bench/codecs.py jobs/smoke.yaml storage.url=/tmp/codecs-dry --extract \\
         --train-overrides train.epochs=1
@@ -39,11 +44,13 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
@@ -51,7 +58,9 @@ import yaml
 
 from bench.common import sync
 from pipeline import codecs
+from pipeline.artifacts import job_run_dir
 from pipeline.config import load_job
+from pipeline.evaluate import score_run
 from pipeline.featurestore import FeatureStore
 from pipeline.reencode import reencode
 from pipeline.storage import Storage
@@ -63,20 +72,23 @@ def pipeline_cli(job: str, overrides: list[str], stages: str) -> None:
     subprocess.run(cmd, cwd=REPO, check=True)
 
 
-def train_and_evaluate(job: str, overrides: list[str], *, store: str, eval_store: str,
-                       run_name: str, storage: Storage) -> dict:
-    """The train stage on ``store``, then evaluate on ``eval_store``'s held-out split.
+def train_and_evaluate(job: str, overrides: list[str], *, store: str, eval_store: FeatureStore,
+                       run_name: str, storage: Storage, device: torch.device) -> dict:
+    """The train stage on ``store``, then the evaluate stage's scoring on ``eval_store``'s
+    held-out split (``evaluate.split``).
 
     ``python -m pipeline run JOB store=S name=N --stages train`` trains on store S and leaves
     runs/N/summary.json with the stage's ``clips_per_s`` (clips trained over rank 0's time from
     its first step to its last checkpoint: start-up excluded) and ``seconds`` (the whole stage);
-    ``--stages evaluate`` on the same name reads runs/N/train.json and writes
-    runs/N/eval/metrics.json."""
+    ``score_run`` reads runs/N/train.json's checkpoint and scores it as ``--stages evaluate``
+    does (here without the floor and the registry's latest: the codecs compare among
+    themselves)."""
     pipeline_cli(job, [*overrides, f"store={store}", f"name={run_name}"], "train")
     summary = storage.read_json(f"runs/{run_name}/summary.json")["stages"]["train"]
     rate = summary["clips_per_s"]
-    pipeline_cli(job, [*overrides, f"store={eval_store}", f"name={run_name}"], "evaluate")
-    metrics = storage.read_json(f"runs/{run_name}/eval/metrics.json")
+    cfg = load_job(job, overrides).evaluate
+    metrics, *_ = score_run(cfg, storage, store=eval_store, run_dir=job_run_dir(run_name),
+                            device=device.type)
     return {"train_clips_per_s": rate, "train_seconds": summary["seconds"],
             "mean_cosine": metrics["mean_cosine"], "mean_r2": metrics["mean_r2"],
             "targets": {t: {"cosine": m["cosine"], "r2": m["r2"]}
@@ -137,22 +149,37 @@ def encode_rate(raw: FeatureStore, codec: str, device: torch.device, max_clips: 
     return len(batch["student"]) / (time.perf_counter() - t0)
 
 
-def feature_error(raw: FeatureStore, coded: FeatureStore, split: str) -> dict:
+def decoded_clips(store: FeatureStore, split: str, device: torch.device
+                  ) -> Iterator[tuple[tuple[str, int], dict[str, torch.Tensor]]]:
+    """((video_id, clip_index), {column: (N, D) in the layout's dtype on ``device``}) for every
+    clip of ``split``: stored rows decoded on the device, as the training reader does."""
+    layouts, fs = store.layouts(), store.storage.pyarrow_filesystem()
+    for p in store.shard_paths():
+        t = pq.read_table(p, filesystem=fs)
+        t = t.filter(pc.equal(t.column("split"), split))
+        for i in range(0, t.num_rows, 8):
+            b = t.slice(i, 8)
+            rows = {k: v.to(device) for k, v in store.stored_rows(b).items()}
+            vals = {k: codecs.decode(v, layouts[k]) for k, v in rows.items()}
+            keys = zip(b.column("video_id").to_pylist(), b.column("clip_index").to_pylist())
+            for j, key in enumerate(keys):
+                yield key, {k: v[j] for k, v in vals.items()}
+
+
+def feature_error(raw: FeatureStore, coded: FeatureStore, split: str, device: torch.device
+                  ) -> dict:
     """Per column: mean |x^ - x| / mean |x|, max |x^ - x| and mean token cosine on ``split``."""
-    ref = {(v, int(c)): {k: b[k][i] for k in raw.layouts()}
-           for b in raw.iter_torch(split=split, batch_size=8)
-           for i, (v, c) in enumerate(zip(b["video_id"], b["clip_index"]))}
+    ref = dict(decoded_clips(raw, split, device))
     acc: dict[str, list[float]] = {}
-    for b in coded.iter_torch(split=split, batch_size=8):
-        for i, (v, c) in enumerate(zip(b["video_id"], b["clip_index"])):
-            for k, x in ref[(v, int(c))].items():
-                x, y = x.double(), b[k][i].double()
-                a = acc.setdefault(k, [0.0, 0.0, 0.0, 0.0, 0])
-                a[0] += float((y - x).abs().sum())
-                a[1] += float(x.abs().sum())
-                a[2] = max(a[2], float((y - x).abs().max()))
-                a[3] += float(F.cosine_similarity(y, x, dim=-1).mean())
-                a[4] += 1
+    for key, cols in decoded_clips(coded, split, device):
+        for k, x in ref[key].items():
+            x, y = x.double(), cols[k].double()
+            a = acc.setdefault(k, [0.0, 0.0, 0.0, 0.0, 0])
+            a[0] += float((y - x).abs().sum())
+            a[1] += float(x.abs().sum())
+            a[2] = max(a[2], float((y - x).abs().max()))
+            a[3] += float(F.cosine_similarity(y, x, dim=-1).mean())
+            a[4] += 1
     return {k: {"rel_mean_err": e / max(m, 1e-30), "max_err": mx, "token_cosine": cs / n}
             for k, (e, m, mx, cs, n) in acc.items()}
 
@@ -167,7 +194,8 @@ def _quantise(x: torch.Tensor, kind: str, axis: str) -> torch.Tensor:
     return (y.to(torch.float8_e4m3fn).float() if kind == "fp8" else y.round()) * s
 
 
-def scale_granularity(raw: FeatureStore, split: str, max_clips: int = 64) -> dict:
+def scale_granularity(raw: FeatureStore, split: str, device: torch.device, max_clips: int = 64
+                      ) -> dict:
     """Per column (more than one token) and 8-bit kind: the error of each scale granularity in
     standardised units (error / the channel's std over the split: what the converter learns),
     mean and worst channel, on up to ``max_clips`` clips of ``split``."""
@@ -180,7 +208,7 @@ def scale_granularity(raw: FeatureStore, split: str, max_clips: int = 64) -> dic
             break
     out = {}
     for k, xs in parts.items():
-        x = torch.cat(xs)[:max_clips]
+        x = torch.cat(xs)[:max_clips].to(device)
         std = x.reshape(-1, x.shape[-1]).std(0).clamp_min(1e-12)
         for kind in ("fp8", "int8"):
             for axis in ("channel", "token", "clip"):
@@ -226,7 +254,7 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("job", help="job YAML: its storage.url and store name the raw (fp16) store")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides of the job (every run)")
-    p.add_argument("--codecs", default="fp8,int8",
+    p.add_argument("--codecs", default="fp8z,fp8,int8",
                    help="comma list of codecs, or ';'-separated extract.codec specs (YAML)")
     p.add_argument("--extract", action="store_true", help="run the job's extract stage first (raw)")
     p.add_argument("--train-overrides", nargs="*", default=[],
@@ -251,22 +279,23 @@ def main() -> None:
         raise SystemExit(f"{raw}: the reference must be a raw store, holds "
                          f"{raw.read_meta()['codec']}")
     specs = [s.strip() for s in args.codecs.split(";" if ";" in args.codecs else ",") if s.strip()]
-    stores = {"raw": raw}
+    stores, converted = {"raw": raw}, {}
     for spec in specs:
         codec = yaml.safe_load(spec)
         label = spec if isinstance(codec, str) else "+".join(f"{k}={v}" for k, v in codec.items())
         name = f"{job.store}-{label.replace('=', '_').replace('+', '_')}"
         stores[label] = FeatureStore(storage, name)
         s = reencode(raw, stores[label], codec, workers=args.workers, device=args.reencode_device)
+        converted[label] = {k: s[k] for k in ("shards_written", "seconds")}
         print(f"[codecs] {label}: {s['shards_written']} shards converted in {s['seconds']} s",
               flush=True)
 
-    granularity = scale_granularity(raw, args.split)
+    device = torch.device(args.device)
+    granularity = scale_granularity(raw, args.split, device)
     for k, per in granularity.items():
         print(f"[codecs] scale granularity, {k} (standardised rms error, mean / worst channel): "
               + ", ".join(f"{g} {v['mean']:.4f}/{v['worst']:.4f}" for g, v in per.items()),
               flush=True)
-    device = torch.device(args.device)
     train_overrides = [*args.overrides, "train.warm_start=false", "train.cache=none",
                        *args.train_overrides]
     results: dict[str, dict] = {}
@@ -278,24 +307,25 @@ def main() -> None:
                **read_rate(store, args.read_passes),
                "decode_clips_per_s": decode_rate(store, device, args.decode_clips)}
         if label != "raw":
-            res["feature_error"] = feature_error(raw, store, args.split)
+            res["reencode"] = converted[label]
+            res["feature_error"] = feature_error(raw, store, args.split, device)
             if isinstance(yaml.safe_load(label), str):
                 res["encode_clips_per_s"] = {
                     d: encode_rate(raw, label, torch.device(d), args.decode_clips // 8)
                     for d in dict.fromkeys(["cpu", args.device])}
         if not args.skip_train:
             res.update(train_and_evaluate(args.job, train_overrides, store=store.name,
-                                          eval_store=raw.name, run_name=f"codecs-{store.name}",
-                                          storage=storage))
+                                          eval_store=raw, run_name=f"codecs-{store.name}",
+                                          storage=storage, device=device))
         results[label] = res
         print(f"[codecs] {label}: {json.dumps(res)}", flush=True)
-    lines = table(results, device, skip_train=args.skip_train)
+        lines = table(results, device, skip_train=args.skip_train)
+        if args.out:  # after every codec: a run cut short keeps what it measured
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(
+                {"argv": sys.argv, "results": results, "scale_granularity": granularity,
+                 "table": lines}, indent=2))
     print("\n".join(lines))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"argv": sys.argv, "results": results,
-                                              "scale_granularity": granularity, "table": lines},
-                                             indent=2))
 
 
 if __name__ == "__main__":
