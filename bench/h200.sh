@@ -91,7 +91,7 @@ for what in "$@"; do case $what in
     # store extracted from held-out-by-source footage (FOOTAGE: `python bench/footage.py --out
     # build/footage` on the dev host, carried) with the full-size random-weight models
     step codecs "${one_gpu[@]}" python bench/codecs.py jobs/full.yaml models.weights=random \
-      storage.url="${CODEC_STORE:-/tmp/tokconv-codecs}" sources.labels=manifest \
+      storage.url="${CODEC_STORE:-/tmp/tokconv-codecs}" sources.labels=manifest sources.uri="$(realpath "${FOOTAGE:-build/footage}")" \
       sources.manifest="$(realpath "${FOOTAGE:-build/footage}")/manifest.csv" decode.clips_per_video=1 \
       models.compile=[] extract.compile_cache=null extract.shard_clips=64 --extract \
       --codecs "${CODECS:-fp8z,fp8,int8}" --device cuda --reencode-device cuda \
