@@ -334,16 +334,29 @@ def main() -> None:
     train_overrides = [*args.overrides, "train.warm_start=false", "train.cache=none",
                        *args.train_overrides]
     results: dict[str, dict] = {}
+
+    def save(label: str) -> list[str]:
+        print(f"[codecs] {label}: {json.dumps(results[label])}", flush=True)
+        lines = table(results, device, skip_train=args.skip_train)
+        if args.out:  # after every measure: a run cut short keeps what it measured
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(
+                {"argv": sys.argv, "results": results, "scale_granularity": granularity,
+                 "table": lines}, indent=2))
+        return lines
+
+    # the cheap measures of every codec first, then the train stages (the costly part)
     for label, store in stores.items():
         commits = store.commits()
         clips = sum(r["rows"] for r in commits)
-        res = {"store": store.name, "clips": clips,
-               "bytes_per_clip": sum(r["bytes"] for r in commits) / clips,
-               **read_rate(store, args.read_passes),
-               "reader_clips_per_s": reader_alone(store, plan_blocks(store, "train"),
-                                                  list(store.layouts()), job.train,
-                                                  device)["clips_per_s"],
-               "decode_clips_per_s": decode_rate(store, device, args.decode_clips)}
+        res = results[label] = {
+            "store": store.name, "clips": clips,
+            "bytes_per_clip": sum(r["bytes"] for r in commits) / clips,
+            "reader_clips_per_s": reader_alone(store, plan_blocks(store, "train"),
+                                               list(store.layouts()), job.train,
+                                               device)["clips_per_s"],
+            **read_rate(store, args.read_passes),
+            "decode_clips_per_s": decode_rate(store, device, args.decode_clips)}
         if label != "raw":
             res["reencode"] = converted[label]
             res["feature_error"] = feature_error(raw, store, args.split, device)
@@ -351,19 +364,14 @@ def main() -> None:
                 res["encode_clips_per_s"] = {
                     d: encode_rate(raw, label, torch.device(d), args.decode_clips // 8)
                     for d in dict.fromkeys(["cpu", args.device])}
+        lines = save(label)
+    for label, store in stores.items():
         trained = args.train_codecs is None or label in args.train_codecs.split(",")
         if not args.skip_train and trained:
-            res.update(train_and_evaluate(args.job, train_overrides, store=store.name,
-                                          eval_store=raw, run_name=f"codecs-{store.name}",
-                                          storage=storage, device=device))
-        results[label] = res
-        print(f"[codecs] {label}: {json.dumps(res)}", flush=True)
-        lines = table(results, device, skip_train=args.skip_train)
-        if args.out:  # after every codec: a run cut short keeps what it measured
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(
-                {"argv": sys.argv, "results": results, "scale_granularity": granularity,
-                 "table": lines}, indent=2))
+            results[label].update(train_and_evaluate(
+                args.job, train_overrides, store=store.name, eval_store=raw,
+                run_name=f"codecs-{store.name}", storage=storage, device=device))
+            lines = save(label)
     print("\n".join(lines))
 
 
