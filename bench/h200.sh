@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind bench/RESULTS.md, one step per argument, on the device host from the
 # repo root, after `source .gpu-bundle/gpu-env.sh .gpu-bundle [--mamba]`:
-#   OUT=/tmp/out bash bench/h200.sh tests profile extract loops pipeline-long cold-start converters
+#   OUT=/tmp/out bash bench/h200.sh tests profile extract loops pipeline-long cold-start converters codecs
 #     (one H200: GPU 0, 16 cores)
 #   OUT=/tmp/out bash bench/h200.sh models decode-types disk scaling   (model variants; 2 GPUs, 32 cores)
 # Videos: VIDEOS (default .bench-videos: 10 s h264 loops of the sample videos at 360p/720p and
@@ -87,6 +87,15 @@ for what in "$@"; do case $what in
     } >"$OUT/converters-train.log" 2>&1; tail -n 40 "$OUT/converters-train.log"
     step converters-cost python bench/converters.py cost --compile "$cc" --device "${CDEVICE:-cuda}" \
       --iters "${CITERS:-20}" ${CCOST_ARGS:-} --out "$OUT/converters-cost.json" ;;
+  codecs)  # issue 15: raw fp16 against the codecs (CODECS, default fp8z,fp8,int8) in one run, on a
+    # store extracted from held-out-by-source footage (FOOTAGE: `python bench/footage.py --out
+    # build/footage` on the dev host, carried) with the full-size random-weight models
+    step codecs "${one_gpu[@]}" python bench/codecs.py jobs/full.yaml models.weights=random \
+      storage.url="${CODEC_STORE:-/tmp/tokconv-codecs}" sources.labels=manifest sources.uri="$(realpath "${FOOTAGE:-build/footage}")" \
+      sources.manifest="$(realpath "${FOOTAGE:-build/footage}")/manifest.csv" decode.clips_per_video=1 \
+      models.compile=[] extract.compile_cache=null extract.shard_clips=64 --extract \
+      --codecs "${CODECS:-fp8z,fp8,int8}" --device cuda --reencode-device cuda \
+      --train-overrides train.num_workers=1 ${CODEC_TRAIN:-} --out "$OUT/codecs.json" ;;
   scaling)  # same per-GPU resources (16 cores each): 1 GPU vs 2 GPUs, pipeline end to end
     step scaling-2gpu python bench/extract.py --videos "$VIDEOS" --clips $((2 * PCLIPS)) --clips-per-video 4 \
       --batch-size 32 --cpus 32 --num-gpus 2 --phases decode,pipeline --workdir "$WORK-2" \

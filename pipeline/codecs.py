@@ -15,7 +15,15 @@ fp8    D float32 scales s_c = absmax_c / 448 over the  |x^ - x| <= 2^-4 |x| + 2^
        round(x / s_c), W = 4*D + N*D                   then rounding to the output dtype
 int8   D float32 scales s_c = absmax_c / 127, then     |x^ - x| <= s_c / 2, then rounding to the
        N*D int8 codes round(x / s_c), W = 4*D + N*D    output dtype
+fp8z   fp8's row, its Parquet column chunks zstd-      fp8's (the compression is lossless)
+       compressed (``compression``): W as fp8's, the
+       file smaller by the codes' entropy
 =====  ==============================================  ===========================================
+
+``Codec.compression`` is the Parquet compression of the column's chunks: the writer
+(``FeatureStore.write_shard``) applies it per column (``parquet_compression``), pyarrow's readers
+undo it on their threads (the training reader's direct preadv path then uses pyarrow for those row
+groups), so decoding sees the same rows. Bytes per clip and speeds: bench/RESULTS.md (Codecs).
 
 Scales are per (clip, channel), over the clip's tokens: channels of one model differ by orders of
 magnitude, tokens of one channel much less (measured on real feature pairs: bench/RESULTS.md).
@@ -47,6 +55,7 @@ class Codec:
     encode: Callable[[torch.Tensor], torch.Tensor]
     decode: Callable[[torch.Tensor, tuple[int, int], str, torch.dtype], torch.Tensor]
     scaled: bool = False  # stores a scale per (clip, channel): pointless for single-token columns
+    compression: str = "none"  # Parquet compression of the column chunks (a pyarrow codec name)
 
 
 CODECS: dict[str, Codec] = {}
@@ -145,6 +154,10 @@ register_codec(Codec("fp8", "|x^ - x| <= 2^-4 |x| + 2^-10 s_c, s_c = absmax_c / 
                      _scaled_row_bytes, _fp8_encode, _fp8_decode, scaled=True))
 register_codec(Codec("int8", "|x^ - x| <= s_c / 2, s_c = absmax_c / 127",
                      _scaled_row_bytes, _int8_encode, _int8_decode, scaled=True))
+# fp8's rows, zstd-compressed by Parquet: e4m3 codes of one channel use few of the 256 byte values
+# unevenly (lossless: the entropy coder's gain, no match finding needed)
+register_codec(Codec("fp8z", CODECS["fp8"].bound, _scaled_row_bytes, _fp8_encode, _fp8_decode,
+                     scaled=True, compression="zstd"))
 
 
 # ---------------------------------------------------------------------------- store layouts
@@ -178,6 +191,13 @@ def row_bytes(layout: Mapping) -> int:
     """Bytes of one clip's stored row for ``layout`` {"shape": [N, D], "dtype", "codec"?}."""
     codec = get_codec(layout.get("codec", DEFAULT))
     return codec.row_bytes(tuple(layout["shape"]), layout["dtype"])
+
+
+def parquet_compression(layouts: Mapping[str, Mapping], others: list[str]) -> dict[str, str]:
+    """pyarrow's per-column ``compression`` for a shard: each tensor column's codec's
+    (``layouts``: column -> layout), "none" for ``others`` (the id columns)."""
+    return {**dict.fromkeys(others, "none"),
+            **{k: get_codec(v.get("codec", DEFAULT)).compression for k, v in layouts.items()}}
 
 
 def encode(x: torch.Tensor, codec: str) -> torch.Tensor:

@@ -46,18 +46,20 @@ def cli(tmp_path: Path, *args: str) -> list[str]:
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
-def test_reencode_converts_within_the_bound_and_a_second_run_changes_nothing(tmp_path):
+@pytest.mark.parametrize("codec", ["fp8", "fp8z"])
+def test_reencode_converts_within_the_bound_and_a_second_run_changes_nothing(tmp_path, codec):
+    """fp8, and fp8z (the same rows, zstd-compressed by the writer: fewer file bytes)."""
     storage = Storage(str(tmp_path))
     src = make_tiny_store(storage, n_train=12, n_val=4, shard_clips=4)
     src.record_failure({"video_id": "bad", "path": "/v/bad.mp4"}, "truncated")
-    tgt = FeatureStore(storage, "features-fp8")
-    first = reencode(src, tgt, "fp8", log=lambda _: None)
+    tgt = FeatureStore(storage, f"features-{codec}")
+    first = reencode(src, tgt, codec, log=lambda _: None)
     assert (first["shards"], first["shards_written"], first["clips"]) == (4, 4, 16)
     # rows of 4*D scale bytes + N*D codes (vivit raw): 1344 instead of 2344 bytes per clip
     widths = sum(map(codecs.row_bytes, tgt.layouts().values()))
     assert widths == (64 + 512) + (48 + 216) + (48 + 432) + 24
     assert first["bytes_per_clip_after"] < 0.7 * first["bytes_per_clip_before"]
-    assert tgt.read_meta()["codec"] == {"student": "fp8", "videomae": "fp8", "timesformer": "fp8",
+    assert tgt.read_meta()["codec"] == {"student": codec, "videomae": codec, "timesformer": codec,
                                         "vivit": "raw"}
     assert tgt.storage.read_json("stats.json") == src.storage.read_json("stats.json")
     assert tgt.done_clips() == src.done_clips() and set(tgt.failed()) == {"bad"}
@@ -75,17 +77,17 @@ def test_reencode_converts_within_the_bound_and_a_second_run_changes_nothing(tmp
             b = 2**-4 * x.abs() + 2**-10 * x.abs().amax(0) / 448 + 2**-11 * x_hat.abs() + 2**-25
             assert bool(((x_hat - x).abs() <= b).all()), (key, k)
 
-    before = snapshot(tmp_path / "features" / "features-fp8")
-    second = reencode(src, tgt, "fp8", log=lambda _: None)
+    before = snapshot(tmp_path / "features" / f"features-{codec}")
+    second = reencode(src, tgt, codec, log=lambda _: None)
     assert (second["shards_written"], second["shards_skipped"]) == (0, 4)
-    assert snapshot(tmp_path / "features" / "features-fp8") == before
+    assert snapshot(tmp_path / "features" / f"features-{codec}") == before
 
     # shards extracted into the source since are converted by the next run
     make_tiny_store(storage, "more", n_train=2, n_val=0, seed=3)  # rows in the source's layout
     extra = next(FeatureStore(storage, "more").iter_torch(batch_size=2))
     src.write_shard({**extra, "video_id": ["new0", "new1"]})
     src.compute_stats()
-    third = reencode(src, tgt, "fp8", log=lambda _: None)
+    third = reencode(src, tgt, codec, log=lambda _: None)
     assert third["shards_written"] == 1 and tgt.num_clips() == 18
     assert tgt.storage.read_json("stats.json") == src.storage.read_json("stats.json")
 
@@ -99,11 +101,12 @@ def test_reencode_converts_within_the_bound_and_a_second_run_changes_nothing(tmp
             assert torch.equal(again[key][k], x), (key, k)
 
 
-def test_reencode_resumes_after_a_kill_and_ends_as_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("codec", ["int8", "fp8z"])
+def test_reencode_resumes_after_a_kill_and_ends_as_an_uninterrupted_run(tmp_path, codec):
     storage = Storage(str(tmp_path))
     src = make_tiny_store(storage, n_train=90, n_val=30, shard_clips=1)
-    commits = tmp_path / "features" / "features-int8" / "commits"
-    proc = subprocess.Popen(cli(tmp_path, "--codec", "int8", "--workers", "1"), cwd=REPO, env=ENV,
+    commits = tmp_path / "features" / f"features-{codec}" / "commits"
+    proc = subprocess.Popen(cli(tmp_path, "--codec", codec, "--workers", "1"), cwd=REPO, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
@@ -116,25 +119,25 @@ def test_reencode_resumes_after_a_kill_and_ends_as_an_uninterrupted_run(tmp_path
     killed_at = len(list(commits.glob("*.json")))
     assert 8 <= killed_at < 120
 
-    rerun = subprocess.run(cli(tmp_path, "--codec", "int8", "--workers", "2"), cwd=REPO, env=ENV,
+    rerun = subprocess.run(cli(tmp_path, "--codec", codec, "--workers", "2"), cwd=REPO, env=ENV,
                            capture_output=True, text=True, timeout=600, check=False)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     out = rerun.stdout
     summary = json.loads(out[out.index("\n{") + 1:out.rindex("}") + 1])  # after the progress lines
     assert summary["shards_skipped"] >= killed_at
     assert summary["shards_written"] == 120 - summary["shards_skipped"]
-    tgt = FeatureStore(storage, "features-int8")
+    tgt = FeatureStore(storage, f"features-{codec}")
     assert len(tgt.commits()) == 120 and tgt.duplicates() == {} and tgt.cleanup() == []
     assert tgt.done_clips() == src.done_clips()
     assert tgt.storage.read_json("stats.json") == src.storage.read_json("stats.json")
     # the same shards, byte for byte in their tensor columns, as an uninterrupted conversion
     clean = FeatureStore(storage, "clean")
-    reencode(src, clean, "int8", log=lambda _: None)
+    reencode(src, clean, codec, log=lambda _: None)
     for rec in clean.commits():
         a = pq.read_table(clean.storage.path(rec["path"]))
         b = pq.read_table(tgt.storage.path(rec["path"]))
         assert a.equals(b), rec["shard"]
-    assert "int8" in summary["target"] and summary["codec"]["vivit"] == "raw"
+    assert codec in summary["target"] and summary["codec"]["vivit"] == "raw"
 
 
 def test_reencode_refuses_bad_requests_before_any_work(tmp_path):
