@@ -17,9 +17,9 @@
   uint8 view of the Arrow buffer: ``columns.column_rows``) and copy the rows into pinned memory.
   The main thread copies the window to the device on a side stream while the previous window
   computes, and each batch is gathered on the device and decoded there by ``decode``
-  (``pipeline.codecs``: any registered codec; a compressed one, e.g. fp8z, is
-  decompressed by pyarrow on the read-ahead threads). Caches keep a rank's stored rows (codec-sized) after
-  their first read: ``host`` skips the Parquet read, ``device`` (``train.cache: gpu``) the host.
+  (``pipeline.codecs``: any registered codec; a compressed one, e.g. fp8z, is decompressed by
+  pyarrow on the read-ahead threads). Caches keep a rank's stored rows (codec-sized) after their
+  first read: ``host`` skips the Parquet read, ``device`` (``train.cache: gpu``) the host.
 """
 from __future__ import annotations
 
