@@ -295,10 +295,10 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
     for line in listing.report():
         print(f"[extract] {line}", flush=True)
     # a failed storage call names the store's URL and the cause (not botocore's http URL)
+    specs = model_specs(job.models)
     with storage_errors("feature store", store.storage.url()):
         commits = store.commits()
         orphans = store.cleanup(commits)
-        specs = model_specs(job.models)
         _check_layout(store, specs, ec.out_dtype, has_commits=bool(commits))
         store.write_meta(specs=specs, dtype=ec.out_dtype, codec=ec.codec,
                          class_names=class_names(records),
