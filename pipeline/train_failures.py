@@ -13,6 +13,7 @@ from which step training resumed (``recovery_line``).
 """
 from __future__ import annotations
 
+import logging
 import posixpath
 from typing import Any
 
@@ -21,6 +22,7 @@ import ray.train
 from .storage import Storage, utc_now
 
 FAILURES = "failures.json"
+_log = logging.getLogger(__name__)
 
 
 def describe(e: BaseException) -> str:
@@ -48,12 +50,16 @@ class FailureLog(ray.train.UserCallback):
             self.last_step = metrics[0].get("step", self.last_step)
 
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
-        if self.records is None:
-            self.records = self.storage.read_json(self.rel, default=[])
-        self.records.append({
-            "time": utc_now(), "after_checkpoint_step": self.last_step,
-            "ranks": {str(r): describe(e) for r, e in sorted(worker_exceptions.items())}})
-        self.storage.write_json(self.rel, self.records)
+        record = {"time": utc_now(), "after_checkpoint_step": self.last_step,
+                  "ranks": {str(r): describe(e) for r, e in sorted(worker_exceptions.items())}}
+        try:  # the story must never be what stops training (the storage may be the failure)
+            if self.records is None:
+                self.records = self.storage.read_json(self.rel, default=[])
+            self.records.append(record)
+            self.storage.write_json(self.rel, self.records)
+        except Exception as e:  # noqa: BLE001
+            _log.warning("could not record the failure %s in %s: %s", record,
+                         self.storage.url(self.rel), describe(e))
 
 
 def read_failures(storage: Storage, run_rel: str) -> list[dict]:

@@ -91,14 +91,17 @@ def test_killed_worker_and_flaky_checkpoint_uploads_in_a_cli_job(ray_cluster, s3
     assert n is not None and 3 <= n < STEPS and train["metrics"]["step"] == STEPS, train
     [failure] = train["failures"]  # the kill only
     assert failure["after_checkpoint_step"] == n, failure
-    [why] = [w for w in failure["ranks"].values() if "ActorDiedError" in w]
-    assert why.startswith("WorkerHealthCheckFailedError: A worker health check failed"), why
+    # the killed rank as Ray's health check saw it, and its peer whose collective broke off
+    # (the peer alone when its error reached the controller's poll before the death did)
+    ranks = failure["ranks"]
+    died = [w for w in ranks.values() if "ActorDiedError" in w]
+    assert all(w.startswith("WorkerHealthCheckFailedError: A worker health check failed")
+               for w in died), died
+    assert died or any("Connection reset by peer" in w for w in ranks.values()), ranks
     assert direct.read_json(f"{run_rel}/failures.json") == [failure]
-    # the killed rank and the others (a peer's collective broke off): each rank, why
-    rank = next(r for r, w in failure["ranks"].items() if w == why)
     story = train["recovery"]
     assert story.startswith(f"the worker group failed 1 time ({failure['time']} rank "), story
-    assert f"rank {rank}: {why}" in story and story.endswith(
+    assert all(f"rank {r}: {w}" in story for r, w in ranks.items()) and story.endswith(
         f"; training resumed from step {n} (its last checkpoint)"), story
     assert f"[train] {story}" in log  # the stage's log line
     printed = re.search(rf"recovered: train: .*training resumed from step {n} ", log + " ")
