@@ -24,6 +24,7 @@ import importlib
 import json
 import os
 import posixpath
+import re
 import sys
 import time
 import traceback
@@ -86,16 +87,42 @@ def error_line(e: BaseException) -> str:
     """One line for a failed job: the stage (from the note run_job adds), the error's type and the
     first line of its message, with Ray's wrappers (task errors, training worker errors) opened."""
     stage = next((n[7:] for n in getattr(e, "__notes__", ()) if n.startswith("stage: ")), None)
-    inner = e
+    where = f"stage {stage}: " if stage else ""
+    inner, wrappers = e, []
     for _ in range(10):  # RayTaskError.cause, WorkerGroupError.worker_failures, ControllerError
         failures = getattr(inner, "worker_failures", None)
         nxt = next(iter(failures.values()), None) if isinstance(failures, dict) else None
         nxt = nxt or getattr(inner, "cause", None) or getattr(inner, "controller_failure", None)
+        if nxt is None and any(c.__name__ == "UserCodeException" for c in type(inner).__mro__):
+            # Ray Data's "UDF failed to process a data block", raised from the UDF's error: that
+            # error is lost on the way from the worker, its traceback text is kept by the wrapper
+            nxt = inner.__cause__
+            line = None if nxt is not None else _udf_error(wrappers)
+            if line:
+                return f"{where}{line}"
         if not isinstance(nxt, BaseException):
             break
+        wrappers.append(inner)
         inner = nxt
     text = next((ln.strip() for ln in str(inner).splitlines() if ln.strip()), "")
-    return f"{f'stage {stage}: ' if stage else ''}{type(inner).__name__}: {text}"
+    return f"{where}{type(inner).__name__}: {text}"
+
+
+# "pipeline.storage.StorageError: writing a shard ...": an exception line of a traceback
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception)): (.+)$")
+
+
+def _udf_error(wrappers: list[BaseException]) -> str | None:
+    """``Type: message`` of the UDF's error in a Ray task error's remote traceback: the last
+    exception line before the UserCodeException raised from it (the last chained part)."""
+    for w in wrappers:
+        parts = str(w).split("The above exception was the direct cause")
+        if len(parts) < 2:
+            continue
+        found = [m for ln in parts[-2].splitlines() if (m := _EXCEPTION_LINE.match(ln.strip()))]
+        if found:
+            return f"{found[-1].group(1)}: {found[-1].group(2)}"
+    return None
 
 
 def run_job(job: JobConfig, stages: list[str] | None = None) -> dict:
@@ -179,6 +206,9 @@ def _print_outcome(job: JobConfig, results: dict) -> None:
     for what, url in where.items():
         if url:
             print(f"{what:>15}: {url}")
+    for stage, s in results.items():  # what failed during a stage and how it recovered
+        if isinstance(s, dict) and s.get("recovery"):
+            print(f"{'recovered':>15}: {stage}: {s['recovery']}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -190,7 +190,7 @@ class ModelRegistry:
             raise FileExistsError(f"{self.name}/{version} is already published at "
                                   f"{self.url(version)}; versions are immutable")
         dest = self.storage.path(self.rel(version))
-        self.storage.fs.makedirs(dest, exist_ok=True)
+        self.storage.makedirs(dest)
         for f in files:
             self.storage.fs.put_file(os.path.join(local_dir, f), posixpath.join(dest, f))
         sizes = {f: os.path.getsize(os.path.join(local_dir, f)) for f in files}

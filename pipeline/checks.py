@@ -21,6 +21,8 @@ import posixpath
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from pipeline.storage import error_reason
+
 if TYPE_CHECKING:
     from pipeline.config import JobConfig
     from pipeline.storage import Storage
@@ -181,23 +183,6 @@ def check_job(job: JobConfig) -> list[str]:
 
 
 # ---------------------------------------------------------------------- the outside world
-
-def error_reason(e: BaseException) -> str:
-    """A storage error as a short cause: missing credentials, an unreachable endpoint, access
-    denied, or the error's own first line."""
-    kinds = {c.__name__ for c in type(e).__mro__}
-    text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
-    if "NoCredentialsError" in kinds or "PartialCredentialsError" in kinds:
-        return (f"no credentials ({text}): set key/secret in the options, AWS_ACCESS_KEY_ID/"
-                f"AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role")
-    if kinds & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError"}:
-        return f"endpoint unreachable: {text}"
-    if isinstance(e, PermissionError):
-        return f"access denied: {text}"
-    if isinstance(e, FileNotFoundError):
-        return f"does not exist ({text})" if text else "does not exist"
-    return f"{type(e).__name__}: {text}"
-
 
 def _at(storage: Storage) -> str:
     endpoint = storage.options.get("endpoint_url") or \

@@ -35,7 +35,7 @@ from typing import Any
 from pipeline.config import ExtractConfig, JobConfig, ModelsConfig
 from pipeline.featurestore import FeatureStore
 from pipeline.model_actor import ModelActor, ShardWriter
-from pipeline.storage import Storage
+from pipeline.storage import Storage, storage_errors
 
 # a video whose decode worker died this often while decoding it is recorded as failed
 DECODE_DEATHS = 3
@@ -243,10 +243,13 @@ def build_pipeline(job: JobConfig, store: FeatureStore, pending: list[dict], res
     # when sizes and resources match, e.g. 1 decoder + 1 CPU actor): fused, CPU decode would run
     # serially with the model forward in one process
     # A dead decode worker's task is re-run; guard_decode fails a video after DECODE_DEATHS
-    decode = make_decode_fn(dc, record_failure=store.record_failure,
+    def record_failure(record: dict, reason: str) -> None:  # a storage error names the store
+        with storage_errors("recording a failed video in", store.storage.url()):
+            store.record_failure(record, reason)
+    decode = make_decode_fn(dc, record_failure=record_failure,
                             storage_options=job.sources.storage_options or None)
     if ledger is not None:
-        decode = guard_decode(decode, ledger, store.record_failure)
+        decode = guard_decode(decode, ledger, record_failure)
     ds = ds.map_batches(decode, batch_size=per_task, num_cpus=ec.cpus_per_decoder,
                         compute=ray.data.TaskPoolStrategy(size=res["decoders"]),
                         memory=_decode_memory(job))
@@ -291,19 +294,22 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
     records = listing.records
     for line in listing.report():
         print(f"[extract] {line}", flush=True)
-    commits = store.commits()
-    orphans = store.cleanup(commits)
+    # a failed storage call names the store's URL and the cause (not botocore's http URL)
     specs = model_specs(job.models)
-    _check_layout(store, specs, ec.out_dtype, has_commits=bool(commits))
-    store.write_meta(specs=specs, dtype=ec.out_dtype, codec=ec.codec,
-                     class_names=class_names(records),
-                     sources={n: getattr(job.models, n).source for n in specs},
-                     extra={"weights": job.models.weights, "decode": job.decode.model_dump()})
-    todo = plan(records, store, clips_per_video=cpv, retry_failed=ec.retry_failed, commits=commits)
-    pending = todo["pending"][: ec.limit_videos] if ec.limit_videos else todo["pending"]
-    for r in pending:
-        if r["video_id"] in todo["retried"]:
-            store.clear_failure(r["video_id"])
+    with storage_errors("feature store", store.storage.url()):
+        commits = store.commits()
+        orphans = store.cleanup(commits)
+        _check_layout(store, specs, ec.out_dtype, has_commits=bool(commits))
+        store.write_meta(specs=specs, dtype=ec.out_dtype, codec=ec.codec,
+                         class_names=class_names(records),
+                         sources={n: getattr(job.models, n).source for n in specs},
+                         extra={"weights": job.models.weights, "decode": job.decode.model_dump()})
+        todo = plan(records, store, clips_per_video=cpv, retry_failed=ec.retry_failed,
+                    commits=commits)
+        pending = todo["pending"][: ec.limit_videos] if ec.limit_videos else todo["pending"]
+        for r in pending:
+            if r["video_id"] in todo["retried"]:
+                store.clear_failure(r["video_id"])
     print(f"[extract] {len(records)} videos listed: {len(todo['done'])} done, "
           f"{len(todo['skipped_failed'])} failed earlier (skipped), {len(pending)} to process"
           + (f", {len(orphans)} orphaned shard(s) removed" if orphans else ""), flush=True)
@@ -311,9 +317,10 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
     # the pipeline, driven by its commit rows
     clips = nbytes = shards = 0
     res: dict = {}
-    failed_before = set(store.failed())
-    for r in (r for r in pending if r.get("error")):  # unreadable (broken symlink...): not decoded
-        store.record_failure(r, r["error"])
+    with storage_errors("feature store", store.storage.url()):
+        failed_before = set(store.failed())
+        for r in (r for r in pending if r.get("error")):  # unreadable (broken symlink...)
+            store.record_failure(r, r["error"])
     pending = [r for r in pending if not r.get("error")]
     if pending:
         ray.data.DataContext.get_current().enable_progress_bars = True
@@ -334,9 +341,10 @@ def run_extract(job: JobConfig, storage: Storage) -> dict:
             print(f"[extract] Ray Data stats:\n{ds.stats()}", flush=True)
 
     # the summary, and the invariant: every listed video stored or failed, no clip twice
-    commits, failed_after = store.commits(), store.failed()
-    stats = store.compute_stats(commits) if commits else {}
-    check = check_complete(records, store, cpv, commits=commits, failed=failed_after)
+    with storage_errors("feature store", store.storage.url()):
+        commits, failed_after = store.commits(), store.failed()
+        stats = store.compute_stats(commits) if commits else {}
+        check = check_complete(records, store, cpv, commits=commits, failed=failed_after)
     elapsed = time.perf_counter() - t0
     summary = {
         "store_url": store.storage.url(),

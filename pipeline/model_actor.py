@@ -27,7 +27,7 @@ from pipeline.compile_cache import CompileCache, cache_key
 from pipeline.config import ModelsConfig
 from pipeline.dtypes import TORCH_DTYPES
 from pipeline.featurestore import SQ_PREFIX, SUM_PREFIX, FeatureStore, id_columns, tensor_to_binary
-from pipeline.storage import Storage
+from pipeline.storage import Storage, storage_errors
 
 
 class ModelActor:
@@ -172,7 +172,8 @@ class ShardWriter:
         if table.num_rows == 0:
             return {"shard": np.array([], dtype=object), "rows": np.array([], np.int64),
                     "bytes": np.array([], np.int64), "videos": np.array([], np.int64)}
-        info = self.store.write_shard(table)
+        with storage_errors("writing a shard to", self.store.storage.url()):
+            info = self.store.write_shard(table)
         n_videos = len(set(table.column("video_id").to_pylist()))
         return {"shard": np.array([info["shard"]]), "rows": np.array([info["rows"]]),
                 "bytes": np.array([info["bytes"]]), "videos": np.array([n_videos])}

@@ -12,9 +12,12 @@ botocore retries throttling, 5xx responses and connection errors with backoff (m
 ``standard``, ``adaptive``; by default ``legacy``, 5 attempts); s3fs itself retries timeouts and
 broken connections of a call (its class attribute ``retries``, 5). ``mask_secrets`` hides the
 credentials among these options wherever a config or summary is printed or stored.
+``storage_errors(what, url)`` turns a failed storage call into one ``StorageError`` line naming
+the URL (botocore's own messages name the endpoint's http URL) and the cause (``error_reason``).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -100,6 +103,57 @@ def url_problem(url: str) -> str | None:
     return None
 
 
+# ------------------------------------------------------------------------------------ errors
+
+def error_reason(e: BaseException) -> str:
+    """A storage error as a short cause: missing credentials, an unreachable endpoint, access
+    denied, or the error's own first line."""
+    kinds = {c.__name__ for c in type(e).__mro__}
+    text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    if "NoCredentialsError" in kinds or "PartialCredentialsError" in kinds:
+        return (f"no credentials ({text}): set key/secret in the options, AWS_ACCESS_KEY_ID/"
+                f"AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role")
+    if kinds & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError"}:
+        return f"endpoint unreachable: {text}"
+    if isinstance(e, PermissionError):
+        return f"access denied: {text}"
+    if isinstance(e, FileNotFoundError):
+        return f"does not exist ({text})" if text else "does not exist"
+    return f"{type(e).__name__}: {text}"
+
+
+class StorageError(OSError):
+    """A storage call failed: one line, ``<what> <url>: <cause>`` (``storage_errors``)."""
+
+
+class StorageNotFoundError(StorageError, FileNotFoundError):
+    """A StorageError whose cause is a missing object or bucket (still a FileNotFoundError)."""
+
+
+# where the errors of storage clients come from (s3fs re-raises botocore's connection errors)
+_STORAGE_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "urllib3")
+
+
+def _from_storage(e: BaseException) -> bool:
+    return isinstance(e, OSError) or any(c.__module__.split(".")[0] in _STORAGE_MODULES
+                                         for c in type(e).__mro__)
+
+
+@contextlib.contextmanager
+def storage_errors(what: str, url: str):
+    """Re-raise an error of a storage client inside the block as ``StorageError("<what> <url>:
+    <cause>")`` (the original as its ``__cause__``); other errors pass as they are."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as e:
+        if not _from_storage(e):
+            raise
+        kind = StorageNotFoundError if isinstance(e, FileNotFoundError) else StorageError
+        raise kind(f"{what} {url}: {error_reason(e)}") from e
+
+
 def _s3fs_options(options: dict[str, Any]) -> dict[str, Any]:
     """Accept the short form ``endpoint_url`` (as users write it) and pass it the way s3fs wants."""
     opts = dict(options)
@@ -181,10 +235,16 @@ class Storage:
     def exists(self, *parts: str) -> bool:
         return self.fs.exists(self.path(*parts))
 
+    def makedirs(self, path: str) -> None:
+        """Make the directory ``path`` (a filesystem path) for a local root; nothing elsewhere:
+        object stores need no directories, and s3fs would create a missing (e.g. removed) bucket
+        instead of failing."""
+        if self.protocol == "file":
+            self.fs.makedirs(path, exist_ok=True)
+
     def write_bytes(self, rel: str, data: bytes) -> None:
         p = self.path(rel)
-        if self.protocol == "file":  # object stores need no directories; s3fs would make a bucket
-            self.fs.makedirs(posixpath.dirname(p), exist_ok=True)
+        self.makedirs(posixpath.dirname(p))
         with self.fs.open(p, "wb") as f:
             f.write(data)
 

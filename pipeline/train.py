@@ -14,6 +14,7 @@ directories: ``pipeline.artifacts``)::
                                      directory + train_state.pt (optimiser, scheduler, progress)
         best-<step>/  best.json      the best validated model directory, and what made it best
         metrics.jsonl                the per-step log (below)
+        failures.json                each failure of the worker group (``pipeline.train_failures``)
         result.json                  written when the run finished: a finished run is never resumed
     runs/<job>/train.json            pointer for evaluate/export: checkpoint, metrics, model config
 
@@ -259,6 +260,7 @@ def train_stage(tc: TrainConfig, storage: Storage, *, store: FeatureStore,
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from .train_failures import FailureLog, read_failures, recovery_line
     from .train_worker import train_loop_per_worker
 
     t_start = time.time()
@@ -294,7 +296,8 @@ def train_stage(tc: TrainConfig, storage: Storage, *, store: FeatureStore,
         name=run_name, storage_path=runs_dir,
         storage_filesystem=storage.pyarrow_filesystem() if storage.protocol != "file" else None,
         failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints))
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+        callbacks=[FailureLog(storage, run_rel)])  # each failure of the group -> failures.json
     config.update(run_rel=run_rel, metrics_log=posixpath.join(run_rel, "metrics.jsonl"),
                   warm_start_version=warm)
     print(f"[train] {tc.converter}: {n_train} train / {n_val} {tc.val_split} clips, "
@@ -316,6 +319,7 @@ def train_stage(tc: TrainConfig, storage: Storage, *, store: FeatureStore,
     metrics = {k: v for k, v in result.metrics.items()
                if isinstance(v, (int, float, str, list, type(None)))}
     train_s = metrics.get("train_seconds") or 0.0
+    failures = read_failures(storage, run_rel)
     summary = {
         "run": storage.url(run_rel), "run_name": run_name, "resumed": resumed is not None,
         "checkpoint": storage.url(ckpt_rel), "checkpoint_rel": ckpt_rel,
@@ -329,12 +333,15 @@ def train_stage(tc: TrainConfig, storage: Storage, *, store: FeatureStore,
         "class_names": class_names, "train_clips": n_train, "val_clips": n_val,
         "num_workers": num_workers, "warm_start": warm, "specs": specs_to_dict(specs),
         "started": t_start, "fit_called": t_fit,
+        "failures": failures, "recovery": recovery_line(failures, metrics),
     }
     storage.write_json(posixpath.join(run_rel, "result.json"), summary)
     pointer = write_trained(storage, run_dir, summary)
     # short CLI summary
     summary = {k: v for k, v in summary.items() if k not in ("specs", "class_names")}
     summary["pointer"] = pointer
+    if summary["recovery"]:
+        print(f"[train] {summary['recovery']}", flush=True)
     print(f"[train] done: loss {metrics.get('loss')}, {summary['clips_per_s'] or 0:.1f} clips/s, "
           f"checkpoint {summary['checkpoint']}", flush=True)
     return summary

@@ -12,10 +12,13 @@ plain answer on a seeded random share of them, at most ``Rule.count`` times and 
 
 A rule's faults take its ``kinds`` in turn, so a small ``count`` still covers each kind; which
 matching requests get them is drawn from ``random.Random(f"{seed}:{rule.match}")`` in arrival
-order. ``stop()`` takes the endpoint down (the listening socket closed, open connections reset:
-clients get connection refused / reset); ``start()`` brings it back on the same port.
+order; ``add(rule)`` adds one later. ``stop()`` takes the endpoint down (the listening socket
+closed, open connections reset: clients get connection refused / reset); ``start()`` brings it
+back on the same port.
 ``down_after(match, n)``: once the n-th request matching ``match`` is answered, the endpoint goes
-down. ``faults`` lists what was injected: ``(rule match, kind, method, path)``.
+down. ``on_answer(match, n, fn)``: the n-th request matching ``match`` is done by moto, then
+``fn()`` runs (e.g. the bucket removed behind the client's back), then the client gets its answer.
+``faults`` lists what was injected: ``(rule match, kind, method, path)``.
 """
 from __future__ import annotations
 
@@ -148,8 +151,7 @@ class FaultProxy:
         self._lock = threading.Lock()
         self.faults: list[tuple[str, str, str, str]] = []
         self.requests = 0
-        self._down_after: tuple[re.Pattern, int] | None = None
-        self._down_hits = 0
+        self._hooks: list[list] = []  # [pattern, n, fn, hits]
         self.is_down = False
         self.port = 0
         self._server: _Server | None = None
@@ -176,9 +178,24 @@ class FaultProxy:
             server.shutdown()
             server.server_close()
 
+    def add(self, rule: Rule) -> None:
+        """One more rule (its time window starts at its first match)."""
+        with self._lock:
+            self.rules.append(rule)
+            self._rng[rule.match] = random.Random(f"{self.seed}:{rule.match}")
+
     def down_after(self, match: str, n: int) -> None:
         """Go down once the ``n``-th request matching ``match`` has been answered by moto."""
-        self._down_after, self._down_hits = (re.compile(match), n), 0
+        def down() -> None:
+            self.is_down = True  # this answer and every later request: reset
+            threading.Thread(target=self.stop, daemon=True).start()
+        self.on_answer(match, n, down)
+
+    def on_answer(self, match: str, n: int, fn) -> None:
+        """Run ``fn()`` once moto has done the ``n``-th request matching ``match``, before the
+        client gets the answer."""
+        with self._lock:
+            self._hooks.append([re.compile(match), n, fn, 0])
 
     def __enter__(self) -> Self:
         return self.start()
@@ -208,15 +225,15 @@ class FaultProxy:
             return kind, rule.delay_s
 
     def _answered(self, method: str, path: str) -> None:
-        if self._down_after is None:
-            return
-        pattern, n = self._down_after
+        due = []
         with self._lock:
-            if pattern.search(f"{method} {path}"):
-                self._down_hits += 1
-                if self._down_hits == n:
-                    self.is_down = True  # this answer and every later request: reset
-                    threading.Thread(target=self.stop, daemon=True).start()
+            for hook in self._hooks:
+                if hook[0].search(f"{method} {path}"):
+                    hook[3] += 1
+                    if hook[3] == hook[1]:
+                        due.append(hook[2])
+        for fn in due:
+            fn()
 
     def injected(self, match: str | None = None) -> list[tuple[str, str, str, str]]:
         """The faults injected (by the rule ``match``, or all)."""

@@ -167,3 +167,26 @@ def test_error_line_opens_rays_wrappers():
                              {0: RuntimeError("rank 0: CUDA out of memory")})
     group.add_note("stage: train")
     assert error_line(group) == "stage train: RuntimeError: rank 0: CUDA out of memory"
+
+
+def test_error_line_finds_a_udf_error_lost_on_the_way_from_the_worker():
+    """Ray Data raises UserCodeException from a UDF's error; the error itself does not cross
+    processes (no ``__cause__`` on the driver), its traceback text does: the line names it."""
+    import traceback
+
+    from ray.exceptions import RayTaskError, UserCodeException
+
+    from pipeline.storage import StorageError
+    try:
+        try:
+            try:
+                raise ConnectionError("Could not connect to the endpoint URL: http://127.0.0.1:9/b")
+            except ConnectionError as e:
+                raise StorageError("writing a shard to s3://b/p: endpoint unreachable: ...") from e
+        except StorageError as e:
+            raise UserCodeException("UDF failed to process a data block.") from e
+    except UserCodeException as e:
+        text = "".join(traceback.format_exception(e))
+    task = RayTaskError("submit", text, UserCodeException("UDF failed to process a data block."))
+    assert error_line(task.as_instanceof_cause()) == \
+        "StorageError: writing a shard to s3://b/p: endpoint unreachable: ..."

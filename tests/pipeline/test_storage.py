@@ -54,3 +54,34 @@ def test_is_remote_and_utc_now():
         t = dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ" if "-" in stamp else "%Y%m%dT%H%M%SZ")
         now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
         assert abs((now - t).total_seconds()) < 60
+
+
+def test_storage_errors_name_the_url_and_the_cause(tmp_path, s3_server):
+    """A failed storage call inside ``storage_errors`` becomes one line naming the storage URL
+    (not only botocore's http URL) and the cause; a missing object stays a FileNotFoundError;
+    errors that are not the storage's pass unchanged."""
+    import socket
+
+    from pipeline.storage import StorageError, StorageNotFoundError, storage_errors
+    local = Storage(str(tmp_path))
+    with pytest.raises(StorageNotFoundError) as err, storage_errors("reading", local.url()):
+        local.read_bytes("missing.json")
+    assert isinstance(err.value, FileNotFoundError)
+    assert str(err.value).startswith(f"reading {tmp_path}: does not exist (")
+    with pytest.raises(ValueError, match="^not storage$"), storage_errors("x", "y"):
+        raise ValueError("not storage")
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    down = Storage("s3://some-bucket/p", {"endpoint_url": f"http://127.0.0.1:{port}", "key": "k",
+                                          "secret": "s", "config_kwargs": {
+                                              "retries": {"max_attempts": 1}}})
+    with pytest.raises(StorageError) as err, storage_errors("writing to", down.url()):
+        down.write_bytes("a.json", b"{}")
+    assert str(err.value).startswith("writing to s3://some-bucket/p: endpoint unreachable: Could "
+                                     f"not connect to the endpoint URL: \"http://127.0.0.1:{port}")
+    gone = Storage(f"s3://no-such-bucket-{port}/p", s3_server.storage_options)
+    with pytest.raises(StorageNotFoundError, match="does not exist"), \
+            storage_errors("writing to", gone.url()):
+        gone.write_bytes("a.json", b"{}")

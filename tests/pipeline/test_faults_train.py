@@ -1,0 +1,119 @@
+"""Faults during training (issue 20 item 3) in a job run through the CLI, on a real local Ray
+cluster with a tiny feature store (2 CPU workers x batch 2, 6 steps per epoch, 2 epochs, a
+checkpoint every 3 steps), the run's storage on the moto S3 endpoint behind the tests' fault proxy:
+
+* transient S3 faults on the checkpoint uploads (500/503, resets after moto stored the file,
+  answers slower than the read timeout): retried by botocore, never a restart of the worker group;
+  each step logged once, each checkpoint written once and whole;
+* a training worker SIGKILLed mid-epoch from outside (its PID from Ray's actor table): the job
+  completes, and its log, its printed summary and runs/<job>/summary.json say that the worker
+  group failed, why, and the step training resumed from (the Ray Train callback
+  ``pipeline.train_failures.FailureLog`` on the controller records it in the run's
+  failures.json).
+Both in one run: a training run's start-up is most of its CI time."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import tempfile
+
+import pytest
+import torch
+import yaml
+from fault_proxy import FaultProxy, Rule
+from test_train import _in_thread, _kill_a_worker_once
+from tiny_features import make_tiny_store
+
+from pipeline.artifacts import TRAIN_STATE
+from pipeline.storage import Storage
+
+pytestmark = pytest.mark.integration
+
+RETRIES = {"retries": {"max_attempts": 8, "mode": "standard"}, "connect_timeout": 2,
+           "read_timeout": 3}
+STEPS = 12  # 24 train clips / (2 workers x batch 2) = 6 steps per epoch, 2 epochs
+
+
+def _job_dict(name: str, url: str, options: dict, **train) -> dict:
+    return {"name": name, "model_name": "tc", "storage": {"url": url, "options": options},
+            "train": {"epochs": 2, "batch_size": 2, "num_workers": 2, "cpus_per_worker": 0.5,
+                      "max_failures": 1, "checkpoint_every_steps": 3, "warm_start": False,
+                      "optim": {"lr": 0.02, "warmup_steps": 2}, "head": {"hidden": 16},
+                      "shuffle_window": 8, **train},
+            "evaluate": {"batch_size": 4, "report_html": False}, "export": {"version": "v1"}}
+
+
+def _steps(storage: Storage, run_rel: str) -> list[int]:
+    lines = storage.read_bytes(f"{run_rel}/metrics.jsonl").decode().splitlines()
+    return [r["step"] for r in map(json.loads, lines) if r["kind"] == "step"]
+
+
+@pytest.mark.timeout(360)
+def test_killed_worker_and_flaky_checkpoint_uploads_in_a_cli_job(ray_cluster, s3_server,
+                                                                 tmp_path):
+    """``python -m pipeline run job.yaml --stages train``, the run's storage on S3 behind the
+    proxy, which answers half the checkpoint files' uploads (8 in all) with 500, 503, a reset after
+    moto stored the file, or a slow answer; a training worker is SIGKILLed right after the
+    checkpoint of step 3 is registered. The job exits 0. The one failure of the worker group is
+    the kill (the upload faults were retried, not restarted): its log, its printed summary and
+    runs/<job>/summary.json say the group failed once (each rank and why: the killed one by Ray's
+    health check, the dead actor) and that training resumed from step N, N the train state's; the
+    run's failures.json names the checkpoint it restarted from. Steps 1..12 are logged once; the
+    four checkpoints are there once each, each loading with its own step."""
+    from pipeline.__main__ import main
+    bucket = s3_server.make_bucket("ftr")
+    direct = Storage(f"s3://{bucket}/p", s3_server.storage_options)
+    make_tiny_store(direct)
+    run_rel = "runs/fk/train/fk-000"
+    rule = Rule(rf"^PUT [^?]*/{run_rel}/step-\d+/", share=0.5, count=8, within_s=240,
+                delay_s=4.0)
+    with FaultProxy(s3_server.endpoint_url, [rule], seed=2) as proxy:
+        opts = {**s3_server.storage_options, "endpoint_url": proxy.endpoint_url,
+                "config_kwargs": RETRIES}
+        job_file = tmp_path / "job.yaml"
+        job_file.write_text(yaml.safe_dump(_job_dict("fk", direct.root_url, opts,
+                                                     keep_checkpoints=8)))
+        killer, killed = _in_thread(_kill_a_worker_once, direct, run_rel, 3)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            rc = main(["run", str(job_file), "--stages", "train"])
+        killer.join()
+        faults = proxy.injected()
+    log = out.getvalue()
+    assert rc == 0 and "error" not in killed, (killed, log[-3000:])
+    assert {k for _, k, _, _ in faults} == {"500", "503", "reset", "delay"}, faults
+
+    train = direct.read_json("runs/fk/summary.json")["stages"]["train"]
+    n = train["metrics"]["resumed_from_step"]
+    assert n is not None and 3 <= n < STEPS and train["metrics"]["step"] == STEPS, train
+    [failure] = train["failures"]  # the kill only
+    assert failure["after_checkpoint_step"] == n, failure
+    # the killed rank as Ray's health check saw it, and its peer whose collective broke off
+    # (the peer alone when its error reached the controller's poll before the death did)
+    ranks = failure["ranks"]
+    died = [w for w in ranks.values() if "ActorDiedError" in w]
+    assert all(w.startswith("WorkerHealthCheckFailedError: A worker health check failed")
+               for w in died), died
+    assert died or any("Connection reset by peer" in w for w in ranks.values()), ranks
+    assert direct.read_json(f"{run_rel}/failures.json") == [failure]
+    story = train["recovery"]
+    assert story.startswith(f"the worker group failed 1 time ({failure['time']} rank "), story
+    assert all(f"rank {r}: {w}" in story for r, w in ranks.items()) and story.endswith(
+        f"; training resumed from step {n} (its last checkpoint)"), story
+    assert f"[train] {story}" in log  # the stage's log line
+    printed = re.search(rf"recovered: train: .*training resumed from step {n} ", log + " ")
+    assert printed, log[-2000:]  # the job's printed summary
+
+    assert _steps(direct, run_rel) == list(range(1, STEPS + 1))
+    direct.fs.invalidate_cache()
+    ckpts = [c for c in direct.ls(run_rel) if c.startswith("step-")]
+    assert ckpts == [f"step-{k:08d}" for k in (3, 6, 9, 12)], ckpts
+    for name in ckpts:
+        with tempfile.TemporaryDirectory() as d:
+            direct.download(f"{run_rel}/{name}", d)
+            state = torch.load(os.path.join(d, TRAIN_STATE), weights_only=False)
+        assert state["progress"]["step"] == int(name[5:]), name
+    assert train["checkpoint"] == f"s3://{bucket}/p/{run_rel}/step-{STEPS:08d}"
