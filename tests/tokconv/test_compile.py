@@ -13,10 +13,16 @@ DESIGNS = ["baseline_interp_linear", "convmix_small", "perceiver_small", "ssm_sm
            "tokenlearner_small"]
 
 
-@pytest.mark.parametrize("name", DESIGNS)
-def test_compiled_forward_and_backward_equal_eager(name):
+# A's and D's cheap decode (factored skip, shared decode) too
+CASES = [(n, {}) for n in DESIGNS] + [
+    ("perceiver_small", {"skip_rank": 4, "shared_decode": True}),
+    ("tokenlearner_small", {"skip_rank": 4, "shared_decode": True})]
+
+
+@pytest.mark.parametrize("name,kw", CASES, ids=lambda v: ",".join(v) if isinstance(v, dict) else v)
+def test_compiled_forward_and_backward_equal_eager(name, kw):
     torch.manual_seed(0)
-    eager = create_converter(name, student=TINY_STUDENT, targets=TINY_TARGETS).train()
+    eager = create_converter(name, student=TINY_STUDENT, targets=TINY_TARGETS, **kw).train()
     compiled = copy.deepcopy(eager)
     compiled.compile()
     x = torch.randn(2, TINY_STUDENT.tokens, TINY_STUDENT.dim)
