@@ -43,4 +43,6 @@ def test_compiled_forward_and_backward_equal_eager(name, kw):
     assert sorted(grad_c) == sorted(grad_e)
     for k, g in grad_e.items():
         assert g is not None and grad_c[k] is not None, k
-        torch.testing.assert_close(grad_c[k], g, rtol=1e-3, atol=1e-5, msg=k)
+        # weight gradients sum over every token: fp32 rounding scales with their largest entry
+        atol = 1e-5 + 1e-6 * float(g.abs().max())
+        torch.testing.assert_close(grad_c[k], g, rtol=1e-3, atol=atol, msg=k)
