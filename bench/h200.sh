@@ -52,7 +52,8 @@ for what in "$@"; do case $what in
     # '+' share a process), the sweep (SPRESET, split into SGROUPS processes; SGROUPS=none: no
     # sweep) and torch.compile warm-ups of the CCOMPILE presets or variants (inductor's cache), each
     # under QTIME s; then the cost alone on the GPU, eager and compiled: the floor, every QEXTRA
-    # variant, then CEXTRA (presets or variants) and the CPRESETS globs (default all; "": none)
+    # variant, then CEXTRA (presets or variants) and the CPRESETS globs (default all; "": none);
+    # CCOST=0: no cost step
     local_store=${CSTORE:-/tmp/tokconv-conv-store}; name=${CSTORE_NAME:-features-v1}
     read -ra qpresets <<<"${QPRESETS:-*}"; read -ra qextra <<<"${QEXTRA:-}"
     read -ra sgroups <<<"${SGROUPS:-0,1,2 3,4,5 6,7}"; cc=${CCOMPILE:-}
@@ -95,7 +96,7 @@ for what in "$@"; do case $what in
       [[ ${#sgroups[@]} -gt 0 ]] && python bench/converters.py merge sweep /tmp/conv-s*.json \
         --out "$OUT/converters-sweep.json"
     } >"$OUT/converters-train.log" 2>&1; tail -n 40 "$OUT/converters-train.log"
-    step converters-cost python bench/converters.py cost --presets "${CPRESETS-*}" "${cextra[@]}" \
+    [[ ${CCOST:-1} == 1 ]] && step converters-cost python bench/converters.py cost --presets "${CPRESETS-*}" "${cextra[@]}" \
       --compile "$cc" --device "${CDEVICE:-cuda}" --iters "${CITERS:-20}" ${CCOST_ARGS:-} \
       --out "$OUT/converters-cost.json" ;;
   scaling)  # same per-GPU resources (16 cores each): 1 GPU vs 2 GPUs, pipeline end to end
