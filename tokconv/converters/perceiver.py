@@ -15,8 +15,8 @@ student says at that place (Perceiver IO builds its optical-flow queries from th
 the same way): with position-only queries every output token had to be rebuilt from 256
 latents, and held-out fidelity fell far below the floor (issue 18).
 With ``skip`` (the presets) a shared full-width linear map of the normalised student
-(Ds -> Dt, per target width) is resampled to each target grid and added to the output: the
-decoder's rank-``d_dec`` output alone lost TimeSformer to the floor's full-rank map (issue 18).
+(Ds -> Dt, per target width) is resampled to each target grid and added to the output;
+``skip_rank`` and ``shared_decode`` make the decode cheaper (query_decode.py).
 In training the encode attention weights (latents over student tokens) of the first
 ``SELECTION_CLIPS`` clips are computed explicitly and their normalised entropy is recorded as the
 "selection" regulariser (an estimate of the batch mean; the outputs always use SDPA's kernels).

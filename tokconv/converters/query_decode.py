@@ -3,8 +3,9 @@
 Each target token's query is the coordinate query of its place on the decode grid (+ a target
 embedding) + the student's local features resampled to that place, and it cross-attends to the
 trunk's memory (Perceiver IO's content-carrying output queries). Then the per-target output
-affine, plus (``skip``) a full-width linear map of the normalised student, resampled: the
-decoder's rank-``d_dec`` output alone lost TimeSformer to the floor's full-rank map (issue 18).
+affine, plus (``skip``) a full-width linear map of the normalised student, resampled (added
+because A and D lost TimeSformer to the floor's full-rank map, issue 18; whether it helps:
+bench/RESULTS.md).
 
 * decode grid: the target's own grid, or with ``shared_decode`` (T', H, W) with
   T' = min(T, student T): targets that differ only in frame count (VideoMAE (8,14,14),

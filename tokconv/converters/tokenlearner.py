@@ -11,7 +11,8 @@
       -> per-target output affine                                       (B, Nt, Dt)
 
 With ``skip`` (the presets) a shared full-width linear map of the normalised student is
-resampled to each target grid and added to the output (as in perceiver.py).
+resampled to each target grid and added to the output (as in perceiver.py); ``skip_rank`` and
+``shared_decode`` as there (query_decode.py).
 The normalised entropy of each summary's selection weights over the student tokens is recorded
 as the "selection" regulariser (low entropy = each summary picks few tokens).
 """
