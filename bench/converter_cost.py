@@ -45,20 +45,36 @@ def student_ms(batch: int, device: torch.device, iters: int) -> dict[str, float]
     return out
 
 
-def top_kernels(fn, n: int = 4) -> list[list]:
-    """[kernel, share of the device time] of the ``n`` costliest kernels of one ``fn()``."""
+def kernel_label(name: str) -> str:
+    """A CUDA kernel's function name without namespaces, templates and arguments."""
+    base = name.split("(")[0] if not name.startswith("void ") else name[5:].split("(")[0]
+    return base.split("<")[0].split("::")[-1][:60] or name[:60]
+
+
+def top_kernels(fn, n: int = 6) -> dict[str, list]:
+    """One profiled ``fn()``: {"kernels": [[kernel, share of the device time]...], "ops":
+    [[aten op, share of the device time of the kernels it launched itself]...]}, ``n`` each."""
     from torch.profiler import ProfilerActivity, profile
     cuda = torch.cuda.is_available()
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
         fn()
         if cuda:
             torch.cuda.synchronize()
     time_of = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
-    events = [e for e in prof.key_averages()
-              if time_of(e) > 0 and (not cuda or e.device_type.name == "CUDA")]
-    total = sum(time_of(e) for e in events) or 1.0
-    events.sort(key=lambda e: -time_of(e))
-    return [[e.key[:70], round(time_of(e) / total, 3)] for e in events[:n]]
+    avgs = prof.key_averages()
+    kern = [e for e in avgs if time_of(e) > 0 and (not cuda or e.device_type.name == "CUDA")]
+    ops = [e for e in avgs if e.key.startswith("aten::") and time_of(e) > 0
+           and e.device_type.name == "CPU"]
+    out = {}
+    for key, events, label in (("kernels", kern, kernel_label), ("ops", ops, str)):
+        total = sum(time_of(e) for e in events) or 1.0
+        shares: dict[str, float] = {}
+        for e in events:
+            shares[label(e.key)] = shares.get(label(e.key), 0.0) + time_of(e) / total
+        out[key] = [[k, round(v, 3)] for k, v in sorted(shares.items(), key=lambda kv: -kv[1])[:n]]
+    out["device_ms"] = round(sum(time_of(e) for e in kern) / 1e3, 3)
+    return out
 
 
 def train_step_fn(model, x: torch.Tensor, mode: str):
@@ -92,7 +108,8 @@ def timed(cpu_model, x: torch.Tensor, iters: int, *, compiled: bool, modes=("aut
         row["compile_s"] = round(time.perf_counter() - t0, 1)
         row["fwd_ms"] = ms_per_call(fwd, device, iters, 3)
         if kernels:
-            row["fwd_kernels"] = top_kernels(fwd)
+            row["fwd_profile"] = top_kernels(fwd)
+            row["fwd_kernels"] = row["fwd_profile"]["kernels"]
     for mode in modes:
         model = copy.deepcopy(cpu_model).to(device).train()
         if mode == "bf16":
@@ -106,7 +123,7 @@ def timed(cpu_model, x: torch.Tensor, iters: int, *, compiled: bool, modes=("aut
             row["compile_s"] += round(time.perf_counter() - t0, 1)
         row[f"fwdbwd_ms_{mode}"] = ms_per_call(step, device, iters, 2)
         if kernels and mode == "autocast":
-            row["fwdbwd_kernels"] = top_kernels(step)
+            row["fwdbwd_profile"] = top_kernels(step)
         del model, step
     return row
 
@@ -124,7 +141,7 @@ def preset_cost(name: str, batch: int, device: torch.device, iters: int, compile
     eager.pop("compile_s")
     row.update(eager)
     if compiled:
-        comp = timed(cpu_model, x, iters, compiled=True)
+        comp = timed(cpu_model, x, iters, compiled=True, kernels=True)
         out = comp.pop("fwd_out")
         # bf16 outputs of the compiled forward against the eager ones (same weights and input)
         comp["max_abs_diff"] = max(float((out[k] - ref[k]).abs().max()) for k in ref)
@@ -143,7 +160,8 @@ def cmd_cost(args) -> dict:
     ref = res["student_ms"]["stock_eager"]
     print(f"[cost] student forward, batch {args.batch}: {res['student_ms']}", flush=True)
     for name in names:
-        compiled = any(fnmatch.fnmatch(name, p) for p in args.compile.split(",") if p)
+        # a variant `preset[k=v]` is named exactly (fnmatch reads its brackets as a set)
+        compiled = any(name == p or fnmatch.fnmatch(name, p) for p in args.compile.split(",") if p)
         try:
             r = res["rows"][name] = preset_cost(name, args.batch, device, args.iters, compiled)
         except Exception as e:  # noqa: BLE001 -- one failing preset is reported, the others still run
@@ -157,7 +175,9 @@ def cmd_cost(args) -> dict:
         c = r.get("compiled")
         print(f"[cost] {name}: fwd {r['fwd_ms']:.2f} ms ({r['fwd_pct_student']:.2f}%), fwd+bwd "
               f"{r['fwdbwd_ms_autocast']:.2f} ms ({r['fwdbwd_pct_student']:.2f}%), bf16 "
-              f"{r['fwdbwd_ms_bf16']:.2f}; top fwd {r['fwd_kernels'][:2]}"
+              f"{r['fwdbwd_ms_bf16']:.2f}; fwd ops {r['fwd_profile']['ops'][:4]}; fwd+bwd ops "
+              f"{r['fwdbwd_profile']['ops'][:6]}; fwd+bwd kernels "
+              f"{r['fwdbwd_profile']['kernels'][:4]}"
               + (f"; compiled fwd {c['fwd_ms']:.2f} ({c['fwd_pct_student']:.2f}%), fwd+bwd "
                  f"{c['fwdbwd_ms_autocast']:.2f} ({c['fwdbwd_pct_student']:.2f}%), "
                  f"compile {c['compile_s']} s, max |diff| {c['max_abs_diff']:.3g}" if c else ""),

@@ -48,14 +48,16 @@ def cost_table(res: dict) -> str:
               f"with the pipeline's rewrites {res['student_ms']['pipeline_eager']:.1f} ms"), "",
              ("| preset | params (M) | GFLOP/clip | fwd ms | % student | fwd+bwd ms | % student "
               "| fwd+bwd bf16 ms | compiled fwd ms | % student | compiled fwd+bwd ms | % student "
-              "| compile s | 1 clip GPU ms | 1 clip CPU ms | top forward kernels |"),
-             "|---|" + "---:|" * 14 + "---|"]
+              "| compile s | 1 clip GPU ms | 1 clip CPU ms | top fwd ops | top fwd+bwd ops |"),
+             "|---|" + "---:|" * 14 + "---|---|"]
     for name, r in res["rows"].items():
         c = r.get("compiled")
         comp = ("- | - | - | - | -" if not c else
                 f"{c['fwd_ms']:.2f} | {c['fwd_pct_student']:.2f} | {c['fwdbwd_ms_autocast']:.2f} "
                 f"| {c['fwdbwd_pct_student']:.2f} | {c['compile_s']:.0f}")
-        kern = "; ".join(f"{k[:40]} {100 * v:.0f}%" for k, v in r["fwd_kernels"][:2])
+        top = lambda prof: "; ".join(f"{k.removeprefix('aten::')} {100 * v:.0f}%"
+                                     for k, v in prof["ops"][:3])
+        kern = f"{top(r['fwd_profile'])} | {top(r['fwdbwd_profile'])}"
         lines.append(f"| {name} | {r['params'] / 1e6:.2f} | {r['gflops']:.2f} | "
                      f"{r['fwd_ms']:.2f} | {r['fwd_pct_student']:.2f} | "
                      f"{r['fwdbwd_ms_autocast']:.2f} | {r['fwdbwd_pct_student']:.2f} | "

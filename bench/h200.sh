@@ -47,13 +47,20 @@ for what in "$@"; do case $what in
       --clips-per-video 4 --batch-size 32 --cpus 16 --phases loop,loop-old,stock,pipeline \
       --loop-old-clips "${OCLIPS:-384}" --workdir "$WORK-o" --out "$OUT/loops.json" "${extra[@]}" ;;
   converters)  # issue 18 in one GPU call: the footage store (FOOTAGE: `python bench/footage.py --out
-    # build/footage` on the dev host, carried), then in parallel one quality process per preset
-    # (QPRESETS globs, QEXTRA variants ';'-separated lists of `preset[k=v;k=v]` joined by ' '), the
-    # sweep (SPRESET, split into SGROUPS processes) and torch.compile warm-ups of the CCOMPILE presets
-    # (inductor's cache), each under QTIME s; then the cost alone on the GPU, eager and compiled
+    # build/footage` on the dev host, carried), then in parallel one quality process per element of
+    # QPRESETS (comma lists of globs) and of QEXTRA (variants `preset[k=v;k=v]`, several joined by
+    # '+' share a process), the sweep (SPRESET, split into SGROUPS processes; SGROUPS=none: no
+    # sweep) and torch.compile warm-ups of the CCOMPILE presets or variants (inductor's cache), each
+    # under QTIME s; then the cost alone on the GPU, eager and compiled: the floor, every QEXTRA
+    # variant, then CEXTRA (presets or variants) and the CPRESETS globs (default all; "": none);
+    # CCOST=0: no cost step
     local_store=${CSTORE:-/tmp/tokconv-conv-store}; name=${CSTORE_NAME:-features-v1}
     read -ra qpresets <<<"${QPRESETS:-*}"; read -ra qextra <<<"${QEXTRA:-}"
     read -ra sgroups <<<"${SGROUPS:-0,1,2 3,4,5 6,7}"; cc=${CCOMPILE:-}
+    [[ ${sgroups[*]} == none ]] && sgroups=()
+    cextra=(); for p in "${qextra[@]}"; do IFS=+ read -ra vs <<<"$p"
+      for v in "${vs[@]}"; do cextra+=(--extra "$v"); done; done
+    read -ra ce <<<"${CEXTRA:-}"; for v in "${ce[@]}"; do cextra+=(--extra "$v"); done
     qargs=(--store "$local_store" --store-name "$name" --steps "${QSTEPS:-2000}")
     [[ -d $local_store/features/$name ]] || step converters-extract python -m pipeline run \
       "${CJOB:-jobs/full.yaml}" --stages extract models.weights="${CWEIGHTS:-random}" \
@@ -62,7 +69,9 @@ for what in "$@"; do case $what in
       extract.compile_cache=null ${CJOB_ARGS:-}
     pids=(); i=0; rm -f /tmp/conv-[qsw]*
     for p in "${qpresets[@]}" "${qextra[@]}"; do
-      if [[ $p == *"["* ]]; then sel=(--presets "" --extra "$p" --no-floor); else sel=(--presets "$p"); fi
+      if [[ $p == *"["* ]]; then IFS=+ read -ra vs <<<"$p"; sel=(--presets "" --no-floor)
+        for v in "${vs[@]}"; do sel+=(--extra "$v"); done
+      else sel=(--presets "$p"); fi
       [[ $i -gt 0 && $p != *"["* ]] && sel+=(--no-floor)
       timeout "${QTIME:-330}" python bench/converters.py quality "${qargs[@]}" "${sel[@]}" \
         --out "/tmp/conv-q$i.json" >"/tmp/conv-q$i.log" 2>&1 & pids+=($!); i=$((i + 1))
@@ -75,18 +84,21 @@ for what in "$@"; do case $what in
     if [[ -n $cc ]]; then
       IFS=, read -ra ccs <<<"$cc"
       for c in "${ccs[@]}"; do  # warm-ups: timings thrown away, kernels kept in inductor's cache
-        timeout "${QTIME:-330}" python bench/converters.py cost --presets "$c" --compile "$c" \
-          --iters 1 --student-iters 1 --device "${CDEVICE:-cuda}" >"/tmp/conv-w-$c.log" 2>&1 &
+        if [[ $c == *"["* ]]; then sel=(--presets "" --extra "$c"); else sel=(--presets "$c"); fi
+        timeout "${QTIME:-330}" python bench/converters.py cost "${sel[@]}" --compile "$c" \
+          --iters 1 --student-iters 1 --device "${CDEVICE:-cuda}" >"/tmp/conv-w-${#pids[@]}.log" 2>&1 &
         pids+=($!)
       done
     fi
     wait "${pids[@]}"
     { tail -n 4 /tmp/conv-q*.log /tmp/conv-s*.log /tmp/conv-w-*.log
       python bench/converters.py merge quality /tmp/conv-q*.json --out "$OUT/converters-quality.json"
-      python bench/converters.py merge sweep /tmp/conv-s*.json --out "$OUT/converters-sweep.json"
+      [[ ${#sgroups[@]} -gt 0 ]] && python bench/converters.py merge sweep /tmp/conv-s*.json \
+        --out "$OUT/converters-sweep.json"
     } >"$OUT/converters-train.log" 2>&1; tail -n 40 "$OUT/converters-train.log"
-    step converters-cost python bench/converters.py cost --compile "$cc" --device "${CDEVICE:-cuda}" \
-      --iters "${CITERS:-20}" ${CCOST_ARGS:-} --out "$OUT/converters-cost.json" ;;
+    [[ ${CCOST:-1} == 1 ]] && step converters-cost python bench/converters.py cost --presets "${CPRESETS-*}" "${cextra[@]}" \
+      --compile "$cc" --device "${CDEVICE:-cuda}" --iters "${CITERS:-20}" ${CCOST_ARGS:-} \
+      --out "$OUT/converters-cost.json" ;;
   codecs)  # issue 15: raw fp16 against the codecs (CODECS, default fp8z,fp8,int8) in one run, on a
     # store extracted from held-out-by-source footage (FOOTAGE: `python bench/footage.py --out
     # build/footage` on the dev host, carried) with the full-size random-weight models

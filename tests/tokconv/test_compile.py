@@ -13,10 +13,16 @@ DESIGNS = ["baseline_interp_linear", "convmix_small", "perceiver_small", "ssm_sm
            "tokenlearner_small"]
 
 
-@pytest.mark.parametrize("name", DESIGNS)
-def test_compiled_forward_and_backward_equal_eager(name):
+# A's and D's cheap decode (factored skip, shared decode) too
+CASES = [(n, {}) for n in DESIGNS] + [
+    ("perceiver_small", {"skip_rank": 4, "shared_decode": True}),
+    ("tokenlearner_small", {"skip_rank": 4, "shared_decode": True})]
+
+
+@pytest.mark.parametrize("name,kw", CASES, ids=lambda v: ",".join(v) if isinstance(v, dict) else v)
+def test_compiled_forward_and_backward_equal_eager(name, kw):
     torch.manual_seed(0)
-    eager = create_converter(name, student=TINY_STUDENT, targets=TINY_TARGETS).train()
+    eager = create_converter(name, student=TINY_STUDENT, targets=TINY_TARGETS, **kw).train()
     compiled = copy.deepcopy(eager)
     compiled.compile()
     x = torch.randn(2, TINY_STUDENT.tokens, TINY_STUDENT.dim)
@@ -37,4 +43,6 @@ def test_compiled_forward_and_backward_equal_eager(name):
     assert sorted(grad_c) == sorted(grad_e)
     for k, g in grad_e.items():
         assert g is not None and grad_c[k] is not None, k
-        torch.testing.assert_close(grad_c[k], g, rtol=1e-3, atol=1e-5, msg=k)
+        # weight gradients sum over every token: fp32 rounding scales with their largest entry
+        atol = 1e-5 + 1e-6 * float(g.abs().max())
+        torch.testing.assert_close(grad_c[k], g, rtol=1e-3, atol=atol, msg=k)

@@ -179,7 +179,7 @@ def test_tokenlearner_summaries_are_softmax_weighted_sums_of_the_tokens():
     model = create_converter("tokenlearner_small", student=TINY_STUDENT,
                              targets=TINY_TARGETS).double().eval()
     x = torch.randn(2, TINY_STUDENT.tokens, TINY_STUDENT.dim, dtype=torch.float64)
-    z, _, _ = model.encode(x)
+    z = model.encode(x)[0]
     h = model.in_proj(model.in_norm(x)) + model.in_pos(TINY_STUDENT.grid)
     w = model.select(model.select_norm(h)).softmax(dim=1)            # (B, Ns, K): over the tokens
     expect = torch.einsum("bnk,bnd->bkd", w, h)

@@ -21,9 +21,8 @@ The designs, one file each (presets ``<design>_base`` / ``<design>_small``):
 * D ``tokenlearner_*`` (tokenlearner.py): K softmax-weighted summaries of the tokens, summary
   self-attention, query decode.
 
-A and D decode with ``QueryDecodeMixin``: each output token's query is the coordinate query of
-its place on the target grid + a target embedding + the student's local features resampled to
-that place, and it cross-attends to the trunk's memory (latents, summaries).
+A and D decode with ``QueryDecodeMixin`` (query_decode.py): coordinate queries + the student's
+local features cross-attend to the trunk's memory (latents, summaries), + an output skip.
 ``self.resample[name]`` (``GridResample``) maps the student grid to target ``name``'s: separable
 interpolation matrices held as non-persistent buffers (they follow ``.to()``, TorchScript sees
 constants), a mean over the tokens for a global target.
@@ -47,7 +46,7 @@ import torch
 from torch import nn
 
 from ..deficiency import LowRankLinear, mask_tokens, nuclear_norm
-from ..layers import GridResample, make_projection
+from ..layers import GridResample
 from ..targets import STUDENT, TEACHERS, TargetSpec, specs_to_dict
 
 
@@ -127,47 +126,10 @@ class Converter(nn.Module):
         """Deficiency terms: "selection" from the last forward (designs with selection or
         attention weights), "nuclear" from the low-rank projections (when ``rank`` is set)."""
         reg = dict(self._reg)
-        low_rank = [m for m in self.modules() if isinstance(m, LowRankLinear)]
+        low_rank = [m for m in self.modules() if isinstance(m, LowRankLinear) and m.deficiency]
         if low_rank:
             reg["nuclear"] = torch.stack([nuclear_norm(m) for m in low_rank]).sum()
         return reg
-
-
-class QueryDecodeMixin:
-    """``decode`` for designs that read a memory (latents, token summaries) with queries; needs
-    ``queries``, ``target_embed``, ``decoder`` (cross-attention) and ``out``. The trunk state is
-    (memory (B, M, d_mem), local (B, Ns, d)): each target token's query is its coordinate query
-    + the target embedding + ``local`` resampled to its position (mean-pooled for a global
-    target), so the decoder adds global context to what the student says at that place
-    (Perceiver IO's content-carrying output queries). The state's third part (``skip_paths``,
-    or None) adds a full-width linear map of the student, resampled, to every output."""
-
-    def decode(self, state, name: str) -> torch.Tensor:
-        memory, local, skip = state
-        grid = self.targets[name].grid
-        q = self.queries(grid) + self.target_embed[name] + self.resample[name](local)
-        out = self.out[name](self.decoder(q, memory))                        # (B, Nt, Dt)
-        if skip is not None:
-            out = out + self.resample[name](skip[str(self.targets[name].dim)])
-        return out
-
-    def skip_paths(self, x: torch.Tensor) -> dict[str, torch.Tensor] | None:
-        """Normalised student tokens (B, Ns, Ds) -> {str(Dt): (B, Ns, Dt)} through ``skip``, one
-        map per target width, shared by the targets of that width; None without ``skip``."""
-        if self.skip is None:
-            return None
-        return {d: proj(x) for d, proj in self.skip.items()}
-
-
-def skip_projections(student_dim: int, targets: dict[str, TargetSpec], rank: int | None,
-                     enabled: bool) -> nn.ModuleDict | None:
-    """The query decoders' output skip: Ds -> Dt per distinct target width (low rank with
-    ``rank``), so a full-width linear map of the student reaches every output (the design
-    document's output alignment affine); its resampled result is added to the decoder's."""
-    if not enabled:
-        return None
-    return nn.ModuleDict({str(d): make_projection(student_dim, d, rank=rank)
-                          for d in sorted({s.dim for s in targets.values()})})
 
 
 class TargetOutput(nn.Module):

@@ -15,8 +15,8 @@ student says at that place (Perceiver IO builds its optical-flow queries from th
 the same way): with position-only queries every output token had to be rebuilt from 256
 latents, and held-out fidelity fell far below the floor (issue 18).
 With ``skip`` (the presets) a shared full-width linear map of the normalised student
-(Ds -> Dt, per target width) is resampled to each target grid and added to the output: the
-decoder's rank-``d_dec`` output alone lost TimeSformer to the floor's full-rank map (issue 18).
+(Ds -> Dt, per target width) is resampled to each target grid and added to the output;
+``skip_rank`` and ``shared_decode`` make the decode cheaper (query_decode.py).
 In training the encode attention weights (latents over student tokens) of the first
 ``SELECTION_CLIPS`` clips are computed explicitly and their normalised entropy is recorded as the
 "selection" regulariser (an estimate of the batch mean; the outputs always use SDPA's kernels).
@@ -30,15 +30,8 @@ from ..deficiency import selection_penalty
 from ..layers import AttentionBlock, CoordQueries, make_projection
 from ..registry import register_converter
 from ..targets import STUDENT, TargetSpec
-from .base import (
-    Converter,
-    QueryDecodeMixin,
-    build_preset,
-    param_budget,
-    skip_projections,
-    target_embeddings,
-    target_outputs,
-)
+from .base import Converter, build_preset, param_budget
+from .query_decode import QueryDecodeMixin
 
 SELECTION_CLIPS = 2  # clips whose encode attention weights estimate the selection regulariser
 
@@ -49,7 +42,8 @@ class PerceiverConverter(QueryDecodeMixin, Converter):
                  d_lat: int = 384, d_dec: int = 256, depth: int = 1, heads: int = 6,
                  dec_heads: int = 4, mlp_ratio: float = 2.0, query_hidden: int = 256,
                  pos_hidden: int = 128, drop_path: float = 0.0, track_attention: bool = True,
-                 skip: bool = False):
+                 skip: bool = False, skip_rank: int | None = None,
+                 shared_decode: bool = False):
         super().__init__(student=student, targets=targets, rank=rank, mask_ratio=mask_ratio)
         self.track_attention = track_attention
         self.in_norm = nn.LayerNorm(student.dim)
@@ -62,14 +56,13 @@ class PerceiverConverter(QueryDecodeMixin, Converter):
             for _ in range(depth)])
         self.local = nn.Linear(d_lat, d_dec)
         self.queries = CoordQueries(dim=d_dec, hidden=query_hidden)
-        self.target_embed = target_embeddings(d_dec, self.targets)
         self.decoder = AttentionBlock(dim=d_dec, kv_dim=d_lat, num_heads=dec_heads,
                                       mlp_ratio=mlp_ratio)
-        self.out = target_outputs(d_dec, self.targets)
-        self.skip = skip_projections(student.dim, self.targets, rank, skip)
+        self.init_decode(d_dec=d_dec, rank=rank, skip=skip, skip_rank=skip_rank,
+                         shared_decode=shared_decode)
 
     def encode(self, x: torch.Tensor):
-        """-> (latents (B, n_lat, d_lat), local (B, Ns, d_dec), skip_paths or None)."""
+        """-> decode_state(latents (B, n_lat, d_lat), local (B, Ns, d_dec), xn (B, Ns, Ds))."""
         xn = self.in_norm(x)
         h = self.in_proj(xn) + self.in_pos(self.student.grid)              # (B, Ns, d_lat)
         lat = self.encoder(self.latents, h)
@@ -78,7 +71,7 @@ class PerceiverConverter(QueryDecodeMixin, Converter):
             self.add_regulariser("selection", selection_penalty(w, "entropy"))
         for blk in self.blocks:
             lat = blk(lat)
-        return lat, self.local(h), self.skip_paths(xn)
+        return self.decode_state(lat, self.local(h), xn)
 
 
 @register_converter

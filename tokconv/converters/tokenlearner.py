@@ -11,7 +11,8 @@
       -> per-target output affine                                       (B, Nt, Dt)
 
 With ``skip`` (the presets) a shared full-width linear map of the normalised student is
-resampled to each target grid and added to the output (as in perceiver.py).
+resampled to each target grid and added to the output (as in perceiver.py); ``skip_rank`` and
+``shared_decode`` as there (query_decode.py).
 The normalised entropy of each summary's selection weights over the student tokens is recorded
 as the "selection" regulariser (low entropy = each summary picks few tokens).
 """
@@ -24,15 +25,8 @@ from ..deficiency import selection_penalty
 from ..layers import AttentionBlock, CoordQueries, Mlp, make_projection
 from ..registry import register_converter
 from ..targets import STUDENT, TargetSpec
-from .base import (
-    Converter,
-    QueryDecodeMixin,
-    build_preset,
-    param_budget,
-    skip_projections,
-    target_embeddings,
-    target_outputs,
-)
+from .base import Converter, build_preset, param_budget
+from .query_decode import QueryDecodeMixin
 
 
 class TokenLearnerConverter(QueryDecodeMixin, Converter):
@@ -42,7 +36,8 @@ class TokenLearnerConverter(QueryDecodeMixin, Converter):
                  heads: int = 6, mlp_ratio: float = 2.0, d_dec: int | None = None,
                  dec_heads: int | None = None, dec_mlp_ratio: float = 1.0,
                  query_hidden: int = 256, pos_hidden: int = 128, drop_path: float = 0.0,
-                 skip: bool = False):
+                 skip: bool = False, skip_rank: int | None = None,
+                 shared_decode: bool = False):
         super().__init__(student=student, targets=targets, rank=rank, mask_ratio=mask_ratio)
         self.in_norm = nn.LayerNorm(student.dim)
         self.in_proj = make_projection(student.dim, dim, rank=rank)
@@ -55,11 +50,10 @@ class TokenLearnerConverter(QueryDecodeMixin, Converter):
         d_dec = d_dec or dim
         self.local = nn.Linear(dim, d_dec)
         self.queries = CoordQueries(dim=d_dec, hidden=query_hidden)
-        self.target_embed = target_embeddings(d_dec, self.targets)
         self.decoder = AttentionBlock(dim=d_dec, kv_dim=dim, num_heads=dec_heads or heads,
                                       mlp_ratio=dec_mlp_ratio)
-        self.out = target_outputs(d_dec, self.targets)
-        self.skip = skip_projections(student.dim, self.targets, rank, skip)
+        self.init_decode(d_dec=d_dec, rank=rank, skip=skip, skip_rank=skip_rank,
+                         shared_decode=shared_decode)
 
     def selection_weights(self, h: torch.Tensor) -> torch.Tensor:
         """(B, Ns, d) embedded tokens -> (B, K, Ns) weights, softmax over the tokens."""
@@ -68,7 +62,7 @@ class TokenLearnerConverter(QueryDecodeMixin, Converter):
         return self.select(self.select_norm(h)).transpose(1, 2).softmax(dim=-1)
 
     def encode(self, x: torch.Tensor):
-        """-> (summaries (B, K, d), local (B, Ns, d_dec), skip_paths or None)."""
+        """-> decode_state(summaries (B, K, d), local (B, Ns, d_dec), xn (B, Ns, Ds))."""
         xn = self.in_norm(x)
         h = self.in_proj(xn) + self.in_pos(self.student.grid)   # (B, Ns, d)
         w = self.selection_weights(h)                                         # (B, K, Ns)
@@ -76,7 +70,7 @@ class TokenLearnerConverter(QueryDecodeMixin, Converter):
         z = w @ h                                                             # (B, K, d)
         for blk in self.blocks:
             z = blk(z)
-        return z, self.local(h), self.skip_paths(xn)
+        return self.decode_state(z, self.local(h), xn)
 
 
 @register_converter

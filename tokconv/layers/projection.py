@@ -11,10 +11,14 @@ from torch import nn
 class LowRankLinear(nn.Module):
     """y = x V U^T + b with V: (in, rank), U: (out, rank); (..., in) -> (..., out).
 
-    ``weight`` gives the dense (out, in) product for inspection and the nuclear-norm penalty."""
+    ``weight`` gives the dense (out, in) product for inspection and the nuclear-norm penalty;
+    ``deficiency=False`` marks a factorisation kept for cost only (converters leave it out of
+    the nuclear-norm term)."""
 
-    def __init__(self, in_features: int, out_features: int, *, rank: int, bias: bool = True):
+    def __init__(self, in_features: int, out_features: int, *, rank: int, bias: bool = True,
+                 deficiency: bool = True):
         super().__init__()
+        self.deficiency = deficiency
         if not 1 <= rank <= min(in_features, out_features):
             raise ValueError(f"LowRankLinear: rank {rank} must be in "
                              f"[1, min({in_features}, {out_features})]")
