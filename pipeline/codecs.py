@@ -109,8 +109,12 @@ def _scaled_encode(x: torch.Tensor, code_dtype: torch.dtype, qmax: float, roundi
     """(B, N, D) -> (B, 4*D + N*D) uint8: per-(clip, channel) float32 scales, then the codes."""
     if x.dim() != 3:
         raise ValueError(f"codec encode: expected (B, N, D) features, got shape {tuple(x.shape)}")
-    # absmax in the input dtype (exact); NaN and Inf reach it: checking the (B, D) scales suffices
-    scale = (x.abs().amax(dim=1).float() / qmax).clamp_min_(_TINY)
+    # absmax in the input dtype (exact); NaN and Inf reach it: checking the (B, D) scales suffices.
+    # A tensor divisor: CUDA divides by a Python scalar through its reciprocal (1 ulp off the
+    # host's scales); tensor by tensor is correctly rounded on both, so every device writes the
+    # same bytes
+    absmax = x.abs().amax(dim=1).float()
+    scale = torch.div(absmax, torch.full_like(absmax, qmax)).clamp_min_(_TINY)
     if not bool(torch.isfinite(scale).all()):
         raise ValueError("codec encode: non-finite values (NaN/Inf) in the features: a scale would "
                          "spread them over the whole channel")
