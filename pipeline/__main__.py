@@ -138,10 +138,18 @@ def run_job(job: JobConfig, stages: list[str] | None = None) -> dict:
     if held is not None:  # another run of this job, store or model is under way: not an error
         return _skipped(job, storage, held)
     try:
-        return _run_stages(job, stages, storage, lease)
-    finally:
-        if lease is not None:
-            lease.release()
+        results = _run_stages(job, stages, storage, lease)
+    except BaseException:
+        if lease is not None:  # the stage's error is the one to report (the storage may be gone)
+            try:
+                lease.release()
+            except Exception as e:  # noqa: BLE001
+                print(f"[lease] could not release the job's leases: {error_line(e)}",
+                      file=sys.stderr, flush=True)
+        raise
+    if lease is not None:
+        lease.release()
+    return results
 
 
 def _skipped(job: JobConfig, storage: Storage, held: Held) -> dict:

@@ -139,6 +139,25 @@ def _from_storage(e: BaseException) -> bool:
                                          for c in type(e).__mro__)
 
 
+def storage_cause(e: BaseException) -> BaseException | None:
+    """The storage client's error inside ``e`` or its wrappers (``__cause__``/``__context__``, and
+    Ray's: a task error's ``cause``, Ray Train's ``worker_failures`` and ``controller_failure``),
+    or None."""
+    todo, seen = [e], set()
+    while todo:
+        x = todo.pop(0)
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if _from_storage(x) and not isinstance(x, StorageError):
+            return x
+        failures = getattr(x, "worker_failures", None)
+        todo += list(failures.values()) if isinstance(failures, dict) else []
+        todo += [getattr(x, a, None) for a in ("controller_failure", "cause")]
+        todo += [x.__cause__, x.__context__]
+    return None
+
+
 @contextlib.contextmanager
 def storage_errors(what: str, url: str):
     """Re-raise an error of a storage client inside the block as ``StorageError("<what> <url>:

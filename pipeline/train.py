@@ -54,7 +54,7 @@ from tokconv.targets import TargetSpec, specs_from_dict, specs_to_dict
 from .artifacts import ModelRegistry, job_run_dir, write_trained
 from .config import JobConfig, TrainConfig
 from .featurestore import FeatureStore
-from .storage import Storage
+from .storage import Storage, StorageError, error_reason, storage_cause
 from .train_plan import plan_blocks
 
 # worker-side progress: Ray Train's worker log handler prints each record once on the driver
@@ -310,7 +310,13 @@ def train_stage(tc: TrainConfig, storage: Storage, *, store: FeatureStore,
                                                resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=run_config)
     t_fit = time.time()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # a storage fault: one line naming the run and the cause
+        cause = storage_cause(e)
+        if cause is None:
+            raise
+        raise StorageError(f"training run {storage.url(run_rel)}: {error_reason(cause)}") from e
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} finished without a checkpoint")
     last_rel = _rel(storage, result.checkpoint.path)

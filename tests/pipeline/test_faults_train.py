@@ -117,3 +117,45 @@ def test_killed_worker_and_flaky_checkpoint_uploads_in_a_cli_job(ray_cluster, s3
             state = torch.load(os.path.join(d, TRAIN_STATE), weights_only=False)
         assert state["progress"]["step"] == int(name[5:]), name
     assert train["checkpoint"] == f"s3://{bucket}/p/{run_rel}/step-{STEPS:08d}"
+
+
+FEW = {"retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 1,
+       "read_timeout": 20}
+
+
+@pytest.mark.timeout(420)
+def test_endpoint_down_mid_training_fails_in_one_line_and_a_rerun_resumes(ray_cluster, s3_server,
+                                                                         tmp_path, capsys):
+    """The run's storage on S3 behind the proxy, which goes down right after the checkpoint of
+    step 3 was uploaded: the job fails (exit 1) in one line naming the run's s3:// URL and the
+    cause, and the job's leases, which it could not release, stay until they expire (a short
+    ``lease.ttl_s`` here). With the endpoint back, the same job (waiting for them) resumes its
+    unfinished run from step 3, its last checkpoint, and completes: steps 1..12 logged once
+    each."""
+    from pipeline.__main__ import main
+    bucket = s3_server.make_bucket("ftd")
+    direct = Storage(f"s3://{bucket}/p", s3_server.storage_options)
+    make_tiny_store(direct)
+    run_rel = "runs/fd/train/fd-000"
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        opts = {**s3_server.storage_options, "endpoint_url": proxy.endpoint_url,
+                "config_kwargs": FEW}
+        job_file = tmp_path / "job.yaml"
+        job_file.write_text(yaml.safe_dump(_job_dict("fd", direct.root_url, opts)))
+        proxy.down_after(rf"^PUT [^?]*/{run_rel}/checkpoint_manager_snapshot\.json", 1)
+        rc = main(["run", str(job_file), "--stages", "train", "lease.ttl_s=8"])
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert rc == 1 and len(lines) == 1, err[-3000:]
+        assert lines[0].startswith(f"error: job fd, stage train: StorageError: training run "
+                                   f"s3://{bucket}/p/{run_rel}: endpoint unreachable: "), lines
+        assert proxy.endpoint_url in lines[0], lines  # botocore's cause names the endpoint
+        assert "[lease] could not release the job's leases" in err
+        proxy.start()
+        rc = main(["run", str(job_file), "--stages", "train", "lease.wait_s=90"])
+        out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    assert "[lease] skipped" not in out
+    train = direct.read_json("runs/fd/summary.json")["stages"]["train"]
+    assert train["metrics"]["resumed_from_step"] == 3 and train["metrics"]["step"] == STEPS, train
+    assert _steps(direct, run_rel) == list(range(1, STEPS + 1))

@@ -85,3 +85,32 @@ def test_storage_errors_name_the_url_and_the_cause(tmp_path, s3_server):
     with pytest.raises(StorageNotFoundError, match="does not exist"), \
             storage_errors("writing to", gone.url()):
         gone.write_bytes("a.json", b"{}")
+
+
+def test_storage_cause_finds_the_client_error_inside_wrappers():
+    """``storage_cause`` opens exception chains and Ray Train's wrappers (``worker_failures``,
+    ``controller_failure``) down to the storage client's own error; None when there is none."""
+    from botocore.exceptions import EndpointConnectionError
+
+    from pipeline.storage import StorageError, storage_cause
+    root = EndpointConnectionError(endpoint_url="http://127.0.0.1:9/b/k")
+
+    class Controller(Exception):
+        controller_failure = None
+
+    class Group(Exception):
+        worker_failures = None
+
+    try:
+        try:
+            raise root
+        except EndpointConnectionError as e:
+            raise RuntimeError("upload failed") from e
+    except RuntimeError as e:
+        group = Group("group")
+        group.worker_failures = {0: ValueError("other"), 1: e}
+    ctl = Controller("controller")
+    ctl.controller_failure = group
+    assert storage_cause(ctl) is root
+    assert storage_cause(ValueError("no storage here")) is None
+    assert storage_cause(StorageError("ours: already one line")) is None  # never re-wrapped
