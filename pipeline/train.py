@@ -291,7 +291,7 @@ def train_stage(tc: TrainConfig, storage: Storage, *, store: FeatureStore,
         storage.write_json(posixpath.join(run_rel, "run.json"),
                            {"run": run_name, "signature": signature, "warm_start": warm})
     runs_dir = storage.path(run_dir, "train")
-    storage.fs.makedirs(runs_dir, exist_ok=True)
+    storage.makedirs(runs_dir)
     run_config = ray.train.RunConfig(
         name=run_name, storage_path=runs_dir,
         storage_filesystem=storage.pyarrow_filesystem() if storage.protocol != "file" else None,

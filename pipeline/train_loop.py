@@ -374,7 +374,7 @@ def save_best(storage: Storage, run_rel: str, module: _TrainModule, prog: Progre
     old = storage.read_json(posixpath.join(run_rel, "best.json"), default=None)
     with tempfile.TemporaryDirectory() as tmp:
         save_model_dir(module.converter, module.head, tmp)
-        storage.fs.makedirs(storage.path(rel), exist_ok=True)
+        storage.makedirs(storage.path(rel))
         for f in os.listdir(tmp):
             storage.fs.put_file(os.path.join(tmp, f), storage.path(rel, f))
     storage.write_json(posixpath.join(run_rel, "best.json"),
