@@ -24,6 +24,7 @@ import pytest
 import torch
 import yaml
 from fault_proxy import FaultProxy, Rule
+from test_faults_extract import _remove_bucket
 from test_train import _in_thread, _kill_a_worker_once
 from tiny_features import make_tiny_store
 
@@ -124,14 +125,16 @@ FEW = {"retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 1,
 
 
 @pytest.mark.timeout(420)
-def test_endpoint_down_mid_training_fails_in_one_line_and_a_rerun_resumes(ray_cluster, s3_server,
+def test_storage_lost_mid_training_fails_in_one_line_and_a_rerun_resumes(ray_cluster, s3_server,
                                                                          tmp_path, capsys):
     """The run's storage on S3 behind the proxy, which goes down right after the checkpoint of
     step 3 was uploaded: the job fails (exit 1) in one line naming the run's s3:// URL and the
     cause, and the job's leases, which it could not release, stay until they expire (a short
     ``lease.ttl_s`` here). With the endpoint back, the same job (waiting for them) resumes its
     unfinished run from step 3, its last checkpoint, and completes: steps 1..12 logged once
-    each."""
+    each. Then another job on that store, its bucket removed right after its step-3 checkpoint:
+    one line naming its run's s3:// URL and "does not exist", the bucket not re-created by the
+    run's writes, and a re-run refused before any work (exit 3) naming what is missing."""
     from pipeline.__main__ import main
     bucket = s3_server.make_bucket("ftd")
     direct = Storage(f"s3://{bucket}/p", s3_server.storage_options)
@@ -154,8 +157,23 @@ def test_endpoint_down_mid_training_fails_in_one_line_and_a_rerun_resumes(ray_cl
         proxy.start()
         rc = main(["run", str(job_file), "--stages", "train", "lease.wait_s=90"])
         out = capsys.readouterr().out
-    assert rc == 0, out[-3000:]
-    assert "[lease] skipped" not in out
-    train = direct.read_json("runs/fd/summary.json")["stages"]["train"]
-    assert train["metrics"]["resumed_from_step"] == 3 and train["metrics"]["step"] == STEPS, train
-    assert _steps(direct, run_rel) == list(range(1, STEPS + 1))
+        assert rc == 0, out[-3000:]
+        assert "[lease] skipped" not in out
+        train = direct.read_json("runs/fd/summary.json")["stages"]["train"]
+        assert train["metrics"]["resumed_from_step"] == 3 and train["metrics"]["step"] == STEPS
+        assert _steps(direct, run_rel) == list(range(1, STEPS + 1))
+
+        # another job on the same store: the bucket removed right after its step-3 checkpoint
+        job_file.write_text(yaml.safe_dump(_job_dict("fb", direct.root_url, opts)))
+        proxy.on_answer(r"^PUT [^?]*/runs/fb/train/fb-000/checkpoint_manager_snapshot\.json", 1,
+                        lambda: _remove_bucket(s3_server, bucket))
+        rc = main(["run", str(job_file), "--stages", "train", "lease.ttl_s=8"])
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert rc == 1 and len(lines) == 1, err[-3000:]
+        assert lines[0].startswith(f"error: job fb, stage train: StorageError: training run "
+                                   f"s3://{bucket}/p/runs/fb/train/fb-000: does not exist ("), lines
+        assert not s3_server.fs().exists(bucket)  # not re-created by the run's own writes
+        rc = main(["run", str(job_file), "--stages", "train"])  # nothing left to train on
+        err = capsys.readouterr().err
+    assert rc == 3 and f"s3://{bucket}/p" in err and "does not exist" in err, err[-2000:]
