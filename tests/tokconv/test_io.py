@@ -111,3 +111,29 @@ def test_errors(tmp_path):
         save_converter(torch.nn.Linear(2, 2), tmp_path)
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_converter(tmp_path / "missing")
+
+
+def test_a_saved_converter_reloads_after_its_presets_defaults_change(tmp_path, monkeypatch):
+    """config.json holds every constructor argument (class defaults too), so a preset whose
+    defaults change later (a release re-sizing it) still rebuilds the saved module bit for bit."""
+    from tokconv import registry
+    from tokconv.converters.base import build_preset
+    from tokconv.converters.perceiver import PerceiverConverter
+    model = create_converter("perceiver_small", student=STUDENT, targets=TARGETS, n_lat=8,
+                             d_lat=32, d_dec=16).eval()
+    assert {"drop_path", "track_attention", "skip", "heads"} <= set(model.config["kwargs"])
+    save_converter(model, tmp_path)
+
+    def resized(*, student=STUDENT, targets=None, **kwargs):  # a later release's defaults
+        return build_preset(PerceiverConverter, "perceiver_small", student=student,
+                            targets=targets, defaults={"n_lat": 16, "d_lat": 64, "d_dec": 32,
+                                                       "skip": False, "heads": 2},
+                            overrides=kwargs)
+    monkeypatch.setitem(registry._CONVERTERS, "perceiver_small", resized)
+    assert create_converter("perceiver_small", student=STUDENT,
+                            targets=TARGETS).config["kwargs"]["skip"] is False
+    loaded = load_converter(tmp_path)
+    x = torch.randn(2, STUDENT.tokens, STUDENT.dim)
+    with torch.no_grad():
+        want, got = model(x), loaded(x)
+    assert all(torch.equal(want[k], got[k]) for k in want)

@@ -40,6 +40,7 @@ parameter budget (counted for the three mission targets together); tests check i
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -162,8 +163,12 @@ def build_preset(cls: type[Converter], name: str, *, student: TargetSpec = STUDE
     targets = dict(targets or TEACHERS)
     kwargs = {**defaults, **{k: v for k, v in overrides.items() if v is not None}}
     model = cls(student=student, targets=targets, **kwargs)
+    # every constructor argument, defaults included: a saved model rebuilds the same module after
+    # a preset's defaults change (tokconv.io passes them all back as overrides)
+    full = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+            if k not in ("self", "student", "targets") and p.default is not inspect.Parameter.empty}
     model.config = {"name": name, "student": student.to_dict(), "targets": specs_to_dict(targets),
-                    "kwargs": kwargs}
+                    "kwargs": {**full, **kwargs}}
     return model
 
 
