@@ -146,7 +146,7 @@ class ExtractConfig(_Strict):
     log_stats: bool = Field(
         False, description="print Ray Data's per-operator stats and the model actors' start-up")
     codec: str | dict[str, str] = Field(
-        "raw", description="stored codec: raw, fp8, int8, or {column: codec, default: codec}")
+        "raw", description="stored codec: raw, fp8, fp8z, int8, or {column: codec, default: codec}")
 
     @field_validator("codec")
     @classmethod
