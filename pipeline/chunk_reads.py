@@ -201,3 +201,12 @@ class BufferRing:
 
     def give(self, buf: dict, event=None) -> None:
         self._free.put((buf, event))
+
+
+def read_file_rows(path: str, pages: list, rows: np.ndarray, out: np.ndarray) -> None:
+    """``read_rows`` on the file at ``path`` (opened and closed here)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        read_rows(fd, pages, rows, out)
+    finally:
+        os.close(fd)

@@ -23,8 +23,6 @@
 """
 from __future__ import annotations
 
-import itertools
-import os
 import queue
 import threading
 from collections import deque
@@ -37,8 +35,9 @@ import pyarrow.parquet as pq
 import torch
 
 from . import codecs, columns
-from .chunk_reads import BufferRing, ChunkIndex, read_rows
+from .chunk_reads import BufferRing, ChunkIndex, read_file_rows
 from .featurestore import FeatureStore
+from .prefetch import Batches, put_unless_stopped, read_ahead
 from .train_plan import LABEL, rank_segments
 
 
@@ -126,7 +125,7 @@ class ClipReader:
                 for p, c in out]
 
     # ------------------------------------------------------------ batches
-    def batches(self, epoch: int, start: int = 0) -> _Batches:
+    def batches(self, epoch: int, start: int = 0) -> Batches:
         """Batches ``start``.. of ``epoch`` (a resume passes the position it stopped at). Reading
         starts at the call, not at the first ``next``: a worker asks before building its model."""
         per_window = self.window // self.batch_size
@@ -136,7 +135,7 @@ class ClipReader:
         loader = threading.Thread(target=self._load, args=(wins, q, stop), daemon=True,
                                   name="clip-loader")
         loader.start()
-        return _Batches(self._yield(wins, start % per_window, q), q, stop, loader)
+        return Batches(self._yield(wins, start % per_window, q), q, stop, loader)
 
     def _yield(self, wins: list[_Window], skip: int, q: queue.Queue) -> Iterator[dict]:
         nxt = self._upload(self._get(q)) if wins else None
@@ -216,7 +215,7 @@ class ClipReader:
             plans, reads = self._plan_reads(wins)
             with ThreadPoolExecutor(self.read_ahead, thread_name_prefix="clip-read") as readers, \
                     ThreadPoolExecutor(self.read_ahead, thread_name_prefix="clip-copy") as copiers:
-                blocks = _read_ahead(readers, self._read_segment, reads, self.read_ahead)
+                blocks = read_ahead(readers, self._read_segment, reads, self.read_ahead)
                 last, stored, pending = None, {}, deque()
                 for win, plan in zip(wins, plans):
                     if plan is None:
@@ -229,7 +228,7 @@ class ClipReader:
                         item, copies = pending.popleft()
                         for f in copies:
                             f.result()
-                        if not _put(q, item, stop):
+                        if not put_unless_stopped(q, item, stop):
                             return
         except BaseException as e:  # noqa: BLE001  (re-raised in the consumer)
             q.put(e)
@@ -249,7 +248,7 @@ class ClipReader:
                     for f in [pool.submit(*task) for task in self._direct_tasks(win, out)]:
                         f.result()
                     item = ("host", win, out, ring, buf)
-                if not _put(q, item, stop):
+                if not put_unless_stopped(q, item, stop):
                     return
 
     def _direct_tasks(self, win: _Window, out: dict) -> Iterator[tuple]:
@@ -270,7 +269,7 @@ class ClipReader:
                 for n in self.layouts:
                     for c in range(0, len(rows), 8):
                         dst = out[n][off + c:off + min(c + 8, len(rows))].numpy()
-                        yield _read_direct, path, pages[n], rows[c:c + 8], dst
+                        yield read_file_rows, path, pages[n], rows[c:c + 8], dst
             off += len(rows)
 
     def _arrow_part(self, out: dict, off: int, s: int, a: int, z: int) -> None:
@@ -369,64 +368,3 @@ class ClipReader:
         for name, t in self._host.items():
             torch.index_select(data[name], 0, data["_rows"], out=t[lo:hi])
         self._host_has[lo:hi] = True
-
-
-class _Batches:
-    """An epoch's batches (an iterator) with its loader thread, stopped at the end, at ``close()``
-    or when dropped."""
-
-    def __init__(self, gen: Iterator[dict], q: queue.Queue, stop: threading.Event,
-                 loader: threading.Thread):
-        self.gen, self.q, self.stop, self.loader = gen, q, stop, loader
-
-    def __iter__(self) -> _Batches:
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        try:
-            return next(self.gen)
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        self.gen.close()
-        self.stop.set()
-        while self.loader.is_alive():
-            try:
-                self.q.get(timeout=0.1)
-            except queue.Empty:
-                pass
-        self.loader.join()
-
-    __del__ = close
-
-
-def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
-    """Hand ``item`` over unless ``stop`` is set first; whether it was."""
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=0.1)
-            return True
-        except queue.Full:
-            pass
-    return False
-
-
-def _read_direct(path: str, pages: list, rows: np.ndarray, out: np.ndarray) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        read_rows(fd, pages, rows, out)
-    finally:
-        os.close(fd)
-
-
-def _read_ahead(pool: ThreadPoolExecutor, fn, keys: list, depth: int) -> Iterator:
-    """fn(key) for each key, in order, with ``depth`` calls in flight on ``pool``."""
-    it = iter(keys)
-    futures = deque(pool.submit(fn, k) for k in itertools.islice(it, depth))
-    while futures:
-        result = futures.popleft().result()
-        for k in itertools.islice(it, 1):
-            futures.append(pool.submit(fn, k))
-        yield result
