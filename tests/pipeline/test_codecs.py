@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tiny_features import SPECS, make_tiny_store
 
 from pipeline import codecs
-from pipeline.config import ConfigError, JobConfig, load_job
+from pipeline.config import ConfigError, load_job
 from pipeline.featurestore import FeatureStore
 from pipeline.storage import Storage
 
@@ -216,25 +216,27 @@ def test_extract_codec_is_validated_at_load():
 
 @pytest.mark.integration
 def test_smoke_job_with_an_fp8_store_trains_and_evaluates_through_the_cli(tmp_path):
-    """extract.codec=fp8 through the CLI: the store records fp8, holds about half the bytes of the
-    raw values, trains (the training reader decodes the fp8 rows on the training device) and
+    """extract.codec={student: fp8z, default: fp8} through the CLI: the store records each
+    column's codec, holds at most about half the bytes of the raw values, trains (the training
+    reader decodes the rows on the training device, pyarrow decompressing fp8z's chunks) and
     evaluates; then a re-encode to raw gives the same statistics."""
     env = {"RAY_AUTH_MODE": "disabled", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
     run = subprocess.run([sys.executable, "-m", "pipeline", "run", "jobs/smoke.yaml",
-                          "extract.codec=fp8", f"storage.url={tmp_path}", "train.epochs=1",
+                          "extract.codec={student: fp8z, default: fp8}", f"storage.url={tmp_path}",
+                          "train.epochs=1",
                           "--stages", "extract,train,evaluate"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
                          check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     store = tmp_path / "features" / "features"
     meta = json.loads((store / "meta.json").read_text())
-    assert meta["codec"] == {"student": "fp8", "videomae": "fp8", "timesformer": "fp8",
+    assert meta["codec"] == {"student": "fp8z", "videomae": "fp8", "timesformer": "fp8",
                              "vivit": "raw"}
     commits = [json.loads(p.read_text()) for p in (store / "commits").glob("*.json")]
-    assert commits and all(r["tensors"]["student"]["codec"] == "fp8" for r in commits)
+    assert commits and all(r["tensors"]["student"]["codec"] == "fp8z" for r in commits)
     raw_bytes = sum(2 * np.prod(v["shape"]) for v in meta["tensors"].values())
     per_clip = sum(r["bytes"] for r in commits) / sum(r["rows"] for r in commits)
-    assert 0.49 < per_clip / raw_bytes < 0.53
+    assert 0.3 < per_clip / raw_bytes < 0.5  # fp8 is 0.5 + its scales; zstd takes the student below
     metrics = json.loads((tmp_path / "runs" / "smoke" / "eval" / "metrics.json").read_text())
     assert metrics["clips"] >= 1 and -1 <= metrics["mean_cosine"] <= 1
     assert np.isfinite(metrics["mean_r2"])
@@ -320,28 +322,3 @@ def test_the_training_reader_gives_an_fp8z_store_the_fp8_stores_batches(tmp_path
         assert len(a) == len(b) == 6
         for x, y in zip(a, b):
             assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-
-
-@pytest.mark.integration
-def test_an_fp8z_store_trains_and_evaluates_end_to_end(ray_cluster, tmp_path):
-    """A raw store re-encoded to fp8z, then the train stage (Ray Train, streamed from the store:
-    cache none) and the evaluate stage on it: every step taken, finite loss and fidelity."""
-    from pipeline.evaluate import run_evaluate
-    from pipeline.reencode import reencode
-    from pipeline.train import run_train
-
-    storage = Storage(str(tmp_path))
-    raw = make_tiny_store(storage, n_train=16, n_val=8, shard_clips=8)
-    reencode(raw, FeatureStore(storage, "features-fp8z"), "fp8z", log=lambda _: None)
-    job = JobConfig.model_validate({
-        "name": "z", "store": "features-fp8z", "storage": {"url": storage.root_url},
-        "train": {"epochs": 2, "batch_size": 4, "num_workers": 1, "cpus_per_worker": 0.5,
-                  "warm_start": False, "cache": "none", "head": {"hidden": 16}},
-        "evaluate": {"batch_size": 4, "floor": "off", "report_html": False}})
-    trained = run_train(job, storage)
-    assert trained["metrics"]["step"] == 8 and np.isfinite(trained["metrics"]["loss"])
-    summary = run_evaluate(job, storage)
-    metrics = storage.read_json("runs/z/eval/metrics.json")
-    assert summary["clips"] == metrics["clips"] == 8
-    assert -1 <= metrics["mean_cosine"] <= 1 and np.isfinite(metrics["mean_r2"])
-    assert set(metrics["targets"]) == {"videomae", "timesformer", "vivit"}

@@ -1,5 +1,5 @@
 """The leaderboard on the smoke run's store (conftest's ``smoke_run``: a real extraction of the
-sample videos with the tiny backbones, on the moto S3 endpoint): three presets trained through the
+sample videos with the tiny backbones, on the moto S3 endpoint): two presets trained through the
 CLI with one budget on Ray Train, ranked by the metric, every figure equal to that preset's own
 metrics.json in the JSON, the CSV and the page (opened in a real headless Chromium: formatted
 numbers, decodable Pareto plots, no network request); a re-run trains and evaluates nothing.
@@ -24,8 +24,8 @@ from pipeline.fmt import FORMATTERS
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "jobs" / "smoke.yaml"
+# two presets (each costs a Ray Train run in CI): the floor and a design
 PRESETS = {"baseline_interp_linear": {},
-           "convmix_small": {"dim": 32, "hidden": 64, "out_hidden": 64},
            "tokenlearner_small": {"dim": 32, "num_tokens": 8, "select_hidden": 32, "heads": 2}}
 
 
@@ -60,7 +60,7 @@ def test_ranked_by_the_metric_with_each_presets_own_numbers(board, smoke_run):
     b, own, d, _ = board
     rows = b["rows"]
     assert [r["preset"] for r in rows] == sorted(PRESETS, key=lambda p: -own[p]["mean_cosine"])
-    assert [r["rank"] for r in rows] == [1, 2, 3] and b["metric"] == "mean_cosine"
+    assert [r["rank"] for r in rows] == [1, 2] and b["metric"] == "mean_cosine"
     assert b["higher_is_better"] is True and b["split"] == "val" and b["store"] == "features"
     assert b["budget"]["epochs"] == 2 and b["budget"]["warm_start"] is False
     for r in rows:
