@@ -33,7 +33,7 @@ from .artifacts import job_run_dir
 from .checks import PreflightError, preflight
 from .config import STAGES, ConfigError, JobConfig, format_config, load_job
 from .lease import Held, JobLease
-from .storage import Storage, mask_secrets, utc_now
+from .storage import Storage, first_line, mask_secrets, utc_now, wrapped_errors
 
 # stage name -> (module, runner); runners take (job, storage) and return a JSON-able summary
 STAGE_RUNNERS = {
@@ -90,9 +90,7 @@ def error_line(e: BaseException) -> str:
     where = f"stage {stage}: " if stage else ""
     inner, wrappers = e, []
     for _ in range(10):  # RayTaskError.cause, WorkerGroupError.worker_failures, ControllerError
-        failures = getattr(inner, "worker_failures", None)
-        nxt = next(iter(failures.values()), None) if isinstance(failures, dict) else None
-        nxt = nxt or getattr(inner, "cause", None) or getattr(inner, "controller_failure", None)
+        nxt = next(iter(wrapped_errors(inner)), None)
         if nxt is None and any(c.__name__ == "UserCodeException" for c in type(inner).__mro__):
             # Ray Data's "UDF failed to process a data block", raised from the UDF's error: that
             # error is lost on the way from the worker, its traceback text is kept by the wrapper
@@ -104,8 +102,7 @@ def error_line(e: BaseException) -> str:
             break
         wrappers.append(inner)
         inner = nxt
-    text = next((ln.strip() for ln in str(inner).splitlines() if ln.strip()), "")
-    return f"{where}{type(inner).__name__}: {text}"
+    return f"{where}{type(inner).__name__}: {first_line(inner)}"
 
 
 # "pipeline.storage.StorageError: writing a shard ...": an exception line of a traceback

@@ -105,11 +105,25 @@ def url_problem(url: str) -> str | None:
 
 # ------------------------------------------------------------------------------------ errors
 
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of ``e``'s message, stripped ('' when there is none)."""
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+
+
+def wrapped_errors(e: BaseException) -> list[BaseException]:
+    """The errors ``e`` wraps the way Ray does, in this order: Ray Train's ``worker_failures`` (by
+    rank), a task error's ``cause``, Ray Train's ``controller_failure``."""
+    failures = getattr(e, "worker_failures", None)
+    out = list(failures.values()) if isinstance(failures, dict) else []
+    return out + [x for a in ("cause", "controller_failure")
+                  if isinstance(x := getattr(e, a, None), BaseException)]
+
+
 def error_reason(e: BaseException) -> str:
     """A storage error as a short cause: missing credentials, an unreachable endpoint, access
     denied, or the error's own first line."""
     kinds = {c.__name__ for c in type(e).__mro__}
-    text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    text = first_line(e)
     if "NoCredentialsError" in kinds or "PartialCredentialsError" in kinds:
         return (f"no credentials ({text}): set key/secret in the options, AWS_ACCESS_KEY_ID/"
                 f"AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role")
@@ -140,9 +154,8 @@ def _from_storage(e: BaseException) -> bool:
 
 
 def storage_cause(e: BaseException) -> BaseException | None:
-    """The storage client's error inside ``e`` or its wrappers (``__cause__``/``__context__``, and
-    Ray's: a task error's ``cause``, Ray Train's ``worker_failures`` and ``controller_failure``),
-    or None."""
+    """The storage client's error inside ``e`` or its wrappers (``__cause__``/``__context__`` and
+    Ray's, ``wrapped_errors``), or None."""
     todo, seen = [e], set()
     while todo:
         x = todo.pop(0)
@@ -151,10 +164,7 @@ def storage_cause(e: BaseException) -> BaseException | None:
         seen.add(id(x))
         if _from_storage(x) and not isinstance(x, StorageError):
             return x
-        failures = getattr(x, "worker_failures", None)
-        todo += list(failures.values()) if isinstance(failures, dict) else []
-        todo += [getattr(x, a, None) for a in ("controller_failure", "cause")]
-        todo += [x.__cause__, x.__context__]
+        todo += [*wrapped_errors(x), x.__cause__, x.__context__]
     return None
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import ray.train
 
-from .storage import Storage, utc_now
+from .storage import Storage, first_line, utc_now
 
 FAILURES = "failures.json"
 _log = logging.getLogger(__name__)
@@ -29,8 +29,7 @@ def describe(e: BaseException) -> str:
     """``Type: first line``, and the health check's own failure (the dead actor) when there is
     one."""
     def first(x: BaseException) -> str:
-        text = next((ln.strip() for ln in str(x).splitlines() if ln.strip()), "")
-        return f"{type(x).__name__}: {text}"
+        return f"{type(x).__name__}: {first_line(x)}"
     cause = getattr(e, "health_check_failure", None)
     return f"{first(e)} ({first(cause)})" if isinstance(cause, BaseException) else first(e)
 

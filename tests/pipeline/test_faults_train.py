@@ -124,6 +124,17 @@ FEW = {"retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 1,
        "read_timeout": 20}
 
 
+def _failed_training(job_file, capsys) -> tuple[str, str]:
+    """Run the job's train stage (short leases: a failed run cannot release them), which must fail
+    with exit 1 and one ``error:`` line; that line and the whole stderr."""
+    from pipeline.__main__ import main
+    rc = main(["run", str(job_file), "--stages", "train", "lease.ttl_s=8"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc == 1 and len(lines) == 1, err[-3000:]
+    return lines[0], err
+
+
 @pytest.mark.timeout(420)
 def test_storage_lost_mid_training_fails_in_one_line_and_a_rerun_resumes(ray_cluster, s3_server,
                                                                          tmp_path, capsys):
@@ -146,13 +157,10 @@ def test_storage_lost_mid_training_fails_in_one_line_and_a_rerun_resumes(ray_clu
         job_file = tmp_path / "job.yaml"
         job_file.write_text(yaml.safe_dump(_job_dict("fd", direct.root_url, opts)))
         proxy.down_after(rf"^PUT [^?]*/{run_rel}/checkpoint_manager_snapshot\.json", 1)
-        rc = main(["run", str(job_file), "--stages", "train", "lease.ttl_s=8"])
-        err = capsys.readouterr().err
-        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-        assert rc == 1 and len(lines) == 1, err[-3000:]
-        assert lines[0].startswith(f"error: job fd, stage train: StorageError: training run "
-                                   f"s3://{bucket}/p/{run_rel}: endpoint unreachable: "), lines
-        assert proxy.endpoint_url in lines[0], lines  # botocore's cause names the endpoint
+        line, err = _failed_training(job_file, capsys)
+        assert line.startswith(f"error: job fd, stage train: StorageError: training run "
+                               f"s3://{bucket}/p/{run_rel}: endpoint unreachable: "), line
+        assert proxy.endpoint_url in line, line  # botocore's cause names the endpoint
         assert "[lease] could not release the job's leases" in err
         proxy.start()
         rc = main(["run", str(job_file), "--stages", "train", "lease.wait_s=90"])
@@ -167,12 +175,9 @@ def test_storage_lost_mid_training_fails_in_one_line_and_a_rerun_resumes(ray_clu
         job_file.write_text(yaml.safe_dump(_job_dict("fb", direct.root_url, opts)))
         proxy.on_answer(r"^PUT [^?]*/runs/fb/train/fb-000/checkpoint_manager_snapshot\.json", 1,
                         lambda: _remove_bucket(s3_server, bucket))
-        rc = main(["run", str(job_file), "--stages", "train", "lease.ttl_s=8"])
-        err = capsys.readouterr().err
-        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-        assert rc == 1 and len(lines) == 1, err[-3000:]
-        assert lines[0].startswith(f"error: job fb, stage train: StorageError: training run "
-                                   f"s3://{bucket}/p/runs/fb/train/fb-000: does not exist ("), lines
+        line, _ = _failed_training(job_file, capsys)
+        assert line.startswith(f"error: job fb, stage train: StorageError: training run "
+                               f"s3://{bucket}/p/runs/fb/train/fb-000: does not exist ("), line
         assert not s3_server.fs().exists(bucket)  # not re-created by the run's own writes
         rc = main(["run", str(job_file), "--stages", "train"])  # nothing left to train on
         err = capsys.readouterr().err
