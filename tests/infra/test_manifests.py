@@ -221,9 +221,12 @@ def test_job_clusters_hold_what_the_job_asks_for(where, spec):
         g["maxReplicas"] * int(lim.get("nvidia.com/gpu", 0)) for g, lim in zip(groups, limits)
     )
     if train.use_gpu:
-        # num_workers=auto: one per GPU of the autoscaler's maximum (pipeline.train)
-        wanted = gpus if train.num_workers == "auto" else train.num_workers
-        assert 1 <= wanted <= gpus, f"{where}: {train.num_workers} GPU workers, {gpus} GPUs"
+        # num_workers=auto takes one worker per GPU of the autoscaler's maximum
+        # (pipeline.train.resolve_num_workers), so the cluster must offer at least one
+        assert gpus >= 1, f"{where}: a GPU job on a cluster with no GPUs"
+        if train.num_workers != "auto":
+            assert 1 <= train.num_workers <= gpus, (
+                f"{where}: {train.num_workers} GPU workers, {gpus} GPUs")
         assert all(
             train.cpus_per_worker <= int(lim["cpu"]) for lim in limits if "nvidia.com/gpu" in lim
         )
